@@ -1,0 +1,1 @@
+"""The `farm` command line: sits on top of every package; nothing imports it."""

@@ -1,0 +1,190 @@
+"""The experiment state machine: every status change goes through here, as compare-and-set.
+
+    proposed -> invalid | queued
+    queued   -> running                      (a worker's claim)
+    running  -> succeeded | crashed | timed_out | refused   (a worker's report, with its one result)
+    running  -> queued                       (the reaper: heartbeat stale, retries left)
+    running  -> lost                         (the reaper: retries spent)
+    succeeded: decision None -> keep | discard (the scheduler's policy)
+
+Each function locks the row (SELECT ... FOR UPDATE on Postgres; SQLite transactions begin
+IMMEDIATE, see farm/db.py), checks the expected state, writes, and returns False when another
+process got there first. Callers own the transaction (use farm.db.session_scope).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from farm.db import as_utc, db_now
+from farm.models import (
+    Decision,
+    Experiment,
+    ExperimentStatus,
+    Result,
+    Worker,
+    utcnow,
+)
+
+S = ExperimentStatus
+
+ALLOWED: dict[ExperimentStatus, frozenset[ExperimentStatus]] = {
+    S.proposed: frozenset({S.invalid, S.queued}),
+    S.queued: frozenset({S.running}),
+    S.running: frozenset({S.succeeded, S.crashed, S.timed_out, S.refused, S.queued, S.lost}),
+    S.succeeded: frozenset(),
+    S.crashed: frozenset(),
+    S.timed_out: frozenset(),
+    S.refused: frozenset(),
+    S.lost: frozenset(),
+    S.invalid: frozenset(),
+}
+
+OUTCOMES = frozenset({S.succeeded, S.crashed, S.timed_out, S.refused})
+
+
+class IllegalTransition(ValueError):
+    pass
+
+
+def _locked(session: Session, experiment_id: int) -> Experiment | None:
+    stmt = select(Experiment).where(Experiment.id == experiment_id).with_for_update()
+    # populate_existing: never trust a stale identity-map copy when deciding a race
+    return session.execute(stmt.execution_options(populate_existing=True)).scalar_one_or_none()
+
+
+def transition(session: Session, experiment_id: int, to: ExperimentStatus, *,
+               expect: Iterable[ExperimentStatus], **values: Any) -> bool:
+    """Move an experiment to `to` if its current status is one of `expect`; False otherwise."""
+    expect = frozenset(expect)
+    bad = [s for s in expect if to not in ALLOWED[s]]
+    if bad:
+        raise IllegalTransition(f"{', '.join(s.value for s in bad)} -> {to.value} is not a legal transition")
+    exp = _locked(session, experiment_id)
+    if exp is None or exp.status not in expect:
+        return False
+    exp.status = to
+    for key, value in values.items():
+        setattr(exp, key, value)
+    session.flush()
+    return True
+
+
+def mark_queued(session: Session, experiment_id: int) -> bool:
+    return transition(session, experiment_id, S.queued, expect={S.proposed}, queued_at=utcnow())
+
+
+def mark_invalid(session: Session, experiment_id: int, reason: str) -> bool:
+    return transition(session, experiment_id, S.invalid, expect={S.proposed}, status_reason=reason,
+                      finished_at=utcnow())
+
+
+def claim(session: Session, experiment_id: int, worker_id: str) -> bool:
+    """queued -> running for this worker. A duplicate delivery or a lost race returns False."""
+    ok = transition(session, experiment_id, S.running, expect={S.queued}, worker_id=worker_id,
+                    started_at=utcnow(), heartbeat_at=utcnow(), progress=0.0, current_loss=None)
+    if ok:
+        session.execute(update(Worker).where(Worker.id == worker_id)
+                        .values(current_experiment_id=experiment_id, last_heartbeat=utcnow()))
+    return ok
+
+
+def heartbeat(session: Session, experiment_id: int, worker_id: str, *, progress: float | None = None,
+              current_loss: float | None = None) -> bool:
+    """Stamp the experiment and its worker with the database clock; False if the claim was lost."""
+    values: dict[str, Any] = {"heartbeat_at": utcnow()}
+    if progress is not None:
+        values["progress"] = progress
+    if current_loss is not None:
+        values["current_loss"] = current_loss
+    res = session.execute(
+        update(Experiment)
+        .where(Experiment.id == experiment_id, Experiment.worker_id == worker_id,
+               Experiment.status == S.running)
+        .values(**values))
+    session.execute(update(Worker).where(Worker.id == worker_id).values(last_heartbeat=utcnow()))
+    return bool(getattr(res, "rowcount", 0))
+
+
+def record_result(session: Session, experiment_id: int, worker_id: str, outcome: ExperimentStatus,
+                  **result_fields: Any) -> bool:
+    """running -> outcome and the experiment's one Result, atomically.
+
+    Refused when the experiment is no longer running under this worker (it was reaped and
+    re-queued, or another delivery already reported): exactly one result per experiment.
+    """
+    if outcome not in OUTCOMES:
+        raise IllegalTransition(f"{outcome.value} is not a run outcome")
+    exp = _locked(session, experiment_id)
+    if exp is None or exp.status != S.running or exp.worker_id != worker_id:
+        return False
+    exp.status = outcome
+    exp.finished_at = utcnow()
+    exp.progress = 100.0 if outcome == S.succeeded else exp.progress
+    exp.status_reason = result_fields.get("reason")
+    session.add(Result(experiment_id=experiment_id, worker_id=worker_id, outcome=outcome, **result_fields))
+    session.execute(update(Worker).where(Worker.id == worker_id, Worker.current_experiment_id == experiment_id)
+                    .values(current_experiment_id=None, last_heartbeat=utcnow()))
+    try:
+        session.flush()
+    except IntegrityError:  # a result already exists: the unique key is the last line of defence
+        session.rollback()
+        return False
+    return True
+
+
+def set_decision(session: Session, experiment_id: int, decision: Decision) -> bool:
+    exp = _locked(session, experiment_id)
+    if exp is None or exp.status != S.succeeded or exp.decision is not None:
+        return False
+    exp.decision = decision
+    exp.decided_at = utcnow()
+    session.flush()
+    return True
+
+
+def reap_stale(session: Session, *, interval: float, max_retries: int) -> list[tuple[int, ExperimentStatus]]:
+    """Running experiments whose heartbeat is older than 2 x interval (database clock): re-queue
+    them while retries remain, else mark them lost. Returns (id, new status) for each one reaped."""
+    now = db_now(session)
+    cutoff = now - timedelta(seconds=2 * interval)
+    stale = session.execute(
+        select(Experiment.id).where(Experiment.status == S.running, Experiment.heartbeat_at < cutoff)
+    ).scalars().all()
+    reaped: list[tuple[int, ExperimentStatus]] = []
+    for exp_id in stale:
+        exp = _locked(session, exp_id)
+        if exp is None or exp.status != S.running or exp.heartbeat_at is None or as_utc(exp.heartbeat_at) >= cutoff:
+            continue
+        attempt = {"worker_id": exp.worker_id, "started_at": _iso(exp.started_at),
+                   "last_heartbeat": _iso(exp.heartbeat_at), "reaped_at": now.isoformat(),
+                   "progress": exp.progress}
+        exp.attempts = [*(exp.attempts or []), attempt]
+        if exp.worker_id:
+            session.execute(update(Worker).where(Worker.id == exp.worker_id,
+                                                 Worker.current_experiment_id == exp.id)
+                            .values(current_experiment_id=None))
+        if exp.retry_count < max_retries:
+            exp.status = S.queued
+            exp.retry_count += 1
+            exp.worker_id = None
+            exp.queued_at = now
+            exp.progress = None
+            reaped.append((exp.id, S.queued))
+        else:
+            exp.status = S.lost
+            exp.status_reason = f"worker lost {exp.retry_count + 1} times (heartbeat older than {2 * interval:g}s)"
+            exp.finished_at = now
+            reaped.append((exp.id, S.lost))
+    session.flush()
+    return reaped
+
+
+def _iso(value: Any) -> str | None:
+    return as_utc(value).isoformat() if value is not None else None

@@ -1,0 +1,1 @@
+"""The scheduler: proposals, validation, policy and git lineage."""

@@ -1,0 +1,38 @@
+"""The CLI answers bad input with one clear line, never a traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+
+def _farm(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    full = {k: v for k, v in os.environ.items() if not k.startswith("FARM_") or k.startswith("FARM_TEST_")}
+    full.update(env)
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True,
+                          env=full, timeout=120)
+
+
+def test_unreachable_database_is_one_line_with_masked_password(tmp_path):
+    r = _farm("db", "upgrade", FARM_HOME=str(tmp_path),
+              FARM_DATABASE_URL="postgresql+psycopg://farm:s3cret@127.0.0.1:1/nope")
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert "127.0.0.1:1/nope" in lines[0] and "s3cret" not in r.stderr and "***" in lines[0]
+    assert "Traceback" not in r.stderr
+
+
+def test_negative_heartbeat_refused_at_startup(tmp_path):
+    r = _farm("db", "current", FARM_HOME=str(tmp_path), FARM_HEARTBEAT_INTERVAL="-1")
+    assert r.returncode != 0
+    assert "FARM_HEARTBEAT_INTERVAL" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_db_upgrade_on_embedded_default(tmp_path):
+    r = _farm("db", "upgrade", FARM_HOME=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "farm.db").exists()
+    r = _farm("db", "current", FARM_HOME=str(tmp_path))
+    assert r.stdout.strip() == "0001"

@@ -1,0 +1,1 @@
+"""Celery GPU workers: claim, run in a sandbox, report."""
