@@ -1,0 +1,222 @@
+"""Turning an edit into a candidate: apply it, validate it, and record it before any GPU time.
+
+Every proposer (LLM, mutation, a person's patch through the API, repairs and replays) ends here,
+so every candidate is validated the same way: the edit applies; only editable files change; each
+Python file compiles; the content is new for the program (exact duplicates never run twice).
+An edit that fails any check is stored as an `invalid` experiment with its reason, so the LLM is
+shown it next time and nothing failed is forgotten.
+
+Edit formats: SEARCH/REPLACE blocks, a unified diff, or whole files.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from farm.models import Experiment, ExperimentRole, ExperimentStatus, Program
+from farm.templates import files_digest
+
+MAX_FILE_BYTES = 512_000
+
+
+class EditError(ValueError):
+    """The edit cannot be applied or breaks a rule; the message is the reason shown to people and LLMs."""
+
+
+@dataclass
+class Edit:
+    """What a proposer produced, in any one of the three formats."""
+
+    search_replace: str | None = None
+    unified_diff: str | None = None
+    files: dict[str, str] = field(default_factory=dict)
+
+
+_BLOCK = re.compile(
+    r"(?:^|\n)(?P<name>[^\n<>=]*?)\s*\n?(?:```[^\n]*\n)?<{5,9} SEARCH[^\n]*\n(?P<search>.*?)\n?={5,9}[^\n]*\n"
+    r"(?P<replace>.*?)\n?>{5,9} REPLACE[^\n]*", re.S)
+
+
+def parse_search_replace(text: str, default_file: str | None = None) -> list[tuple[str, str, str]]:
+    """(file, search, replace) triples from SEARCH/REPLACE blocks; the file name precedes each block."""
+    blocks: list[tuple[str, str, str]] = []
+    for m in _BLOCK.finditer(text):
+        name = m.group("name").strip().strip("`*: ").split()[-1] if m.group("name").strip() else ""
+        name = name or (blocks[-1][0] if blocks else default_file or "")
+        if not name:
+            raise EditError("a SEARCH/REPLACE block does not name its file")
+        blocks.append((name, m.group("search"), m.group("replace")))
+    if not blocks and ("<<<<<<< SEARCH" in text or ">>>>>>> REPLACE" in text):
+        raise EditError("malformed SEARCH/REPLACE block (expected <<<<<<< SEARCH / ======= / >>>>>>> REPLACE)")
+    return blocks
+
+
+def apply_search_replace(base: dict[str, str], text: str, default_file: str | None = None) -> dict[str, str]:
+    blocks = parse_search_replace(text, default_file)
+    if not blocks:
+        raise EditError("no SEARCH/REPLACE block found")
+    out = dict(base)
+    for i, (name, search, replace) in enumerate(blocks, 1):
+        if name not in out:
+            raise EditError(f"block {i} edits {name!r}, which is not an editable file")
+        body = out[name]
+        if search.strip() == "":
+            raise EditError(f"block {i} has an empty SEARCH section")
+        count = body.count(search)
+        if count == 0:
+            # tolerate trailing-whitespace differences, a common LLM slip
+            stripped = "\n".join(line.rstrip() for line in search.splitlines())
+            body_stripped = "\n".join(line.rstrip() for line in body.splitlines())
+            if body_stripped.count(stripped) == 1:
+                body, search = body_stripped + ("\n" if body.endswith("\n") else ""), stripped
+                count = 1
+            else:
+                raise EditError(f"block {i}: SEARCH text not found in {name}")
+        if count > 1:
+            raise EditError(f"block {i}: SEARCH text matches {count} places in {name}; include more context")
+        out[name] = body.replace(search, replace, 1)
+    return out
+
+
+def apply_unified_diff(base: dict[str, str], diff: str) -> dict[str, str]:
+    """Apply a unified diff (git or plain `diff -u` style) with `git apply` in a scratch folder."""
+    if not diff.strip():
+        raise EditError("empty patch")
+    with tempfile.TemporaryDirectory(prefix="farm-apply-") as tmp:
+        root = Path(tmp)
+        for name, text in base.items():
+            p = root / name
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_text(text, encoding="utf-8")
+        patch = diff if diff.endswith("\n") else diff + "\n"
+        for strip in ("1", "0"):
+            r = subprocess.run(["git", "apply", f"-p{strip}", "--recount", "--whitespace=nowarn",
+                                "--unsafe-paths", "--directory=.", "-"], input=patch, cwd=root,
+                               capture_output=True, text=True, timeout=30)
+            if r.returncode == 0:
+                break
+        else:
+            reason = (r.stderr.strip().splitlines() or ["patch does not apply"])[-1]
+            raise EditError(f"patch does not apply: {reason.removeprefix('error: ')}")
+        out: dict[str, str] = {}
+        for p in sorted(root.rglob("*")):
+            if p.is_file():
+                out[p.relative_to(root).as_posix()] = p.read_text(encoding="utf-8")
+        return out
+
+
+def apply_edit(base: dict[str, str], edit: Edit, default_file: str | None = None) -> dict[str, str]:
+    if edit.files:
+        out = dict(base)
+        out.update(edit.files)
+        return out
+    if edit.unified_diff:
+        return apply_unified_diff(base, edit.unified_diff)
+    if edit.search_replace:
+        return apply_search_replace(base, edit.search_replace, default_file)
+    raise EditError("the proposal contains no edit")
+
+
+def check_files(base: dict[str, str], new: dict[str, str], editable: list[str]) -> None:
+    """Raise EditError unless only editable files changed, each is sane, and Python compiles."""
+    changed = {n for n in set(base) | set(new) if base.get(n) != new.get(n)}
+    if not changed:
+        raise EditError("the edit changes nothing")
+    fixed = sorted(changed - set(editable))
+    if fixed:
+        raise EditError(f"the edit touches non-editable file(s): {', '.join(fixed)}")
+    for name in sorted(changed):
+        if name not in new:
+            raise EditError(f"the edit deletes {name}")
+        text = new[name]
+        if len(text.encode()) > MAX_FILE_BYTES:
+            raise EditError(f"{name} is larger than {MAX_FILE_BYTES} bytes")
+        if "\0" in text:
+            raise EditError(f"{name} contains a NUL byte")
+        if name.endswith(".py"):
+            try:
+                compile(text, name, "exec", dont_inherit=True)
+            except SyntaxError as exc:
+                raise EditError(f"{name} does not compile: {exc.msg} (line {exc.lineno})") from None
+            except ValueError as exc:
+                raise EditError(f"{name} does not compile: {exc}") from None
+
+
+def content_hash(files: dict[str, str]) -> str:
+    return files_digest(files)
+
+
+def unified_diff(base: dict[str, str], new: dict[str, str]) -> str:
+    parts: list[str] = []
+    for name in sorted(set(base) | set(new)):
+        a, b = base.get(name, ""), new.get(name, "")
+        if a != b:
+            parts.extend(difflib.unified_diff(a.splitlines(keepends=True), b.splitlines(keepends=True),
+                                              fromfile=f"a/{name}", tofile=f"b/{name}"))
+    text = "".join(parts)
+    return text if not text or text.endswith("\n") else text + "\n"
+
+
+def find_duplicate(session: Session, program_id: int, digest: str) -> int | None:
+    return session.execute(
+        select(Experiment.id).where(Experiment.program_id == program_id, Experiment.content_hash == digest,
+                                    Experiment.replicate_of.is_(None),
+                                    Experiment.role != ExperimentRole.baseline)
+    ).scalars().first()
+
+
+def record_proposal(session: Session, program: Program, *, parent_commit: str, base_files: dict[str, str],
+                    edit: Edit, proposer_kind: str, description: str, rationale: str = "",
+                    seed: int = 0, repair_of: int | None = None,
+                    role: ExperimentRole = ExperimentRole.candidate) -> Experiment:
+    """Validate an edit against `base_files` and store it as `proposed` (valid) or `invalid` (with reason).
+
+    Never raises for a bad edit: the reason lands in `status_reason`. The caller commits; a valid
+    proposal is then committed to git and queued by the scheduler.
+    """
+    editable = list(program.editable_files)
+    files: dict[str, str] = {}
+    digest: str | None = None
+    reason: str | None = None
+    try:
+        new = apply_edit(base_files, edit, default_file=editable[0] if editable else None)
+        check_files(base_files, new, editable)
+        files = {n: new[n] for n in editable if n in new}
+        digest = content_hash(files)
+        dup = find_duplicate(session, program.id, digest)
+        if dup is not None:
+            reason = f"duplicate of experiment {dup}"
+    except EditError as exc:
+        reason = str(exc)
+    exp = Experiment(program_id=program.id, role=role, parent_commit=parent_commit, files=files,
+                     diff=unified_diff(base_files, files) if files else (edit.unified_diff or edit.search_replace
+                                                                         or "")[:100_000],
+                     content_hash=None if reason else digest, proposer_kind=proposer_kind,
+                     description=(description or "").strip()[:2000] or "(no description)",
+                     rationale=(rationale or "").strip()[:8000], seed=seed, repair_of=repair_of,
+                     hw_class=program.hw_class,
+                     status=ExperimentStatus.invalid if reason else ExperimentStatus.proposed,
+                     status_reason=reason)
+    try:
+        with session.begin_nested():
+            session.add(exp)
+            session.flush()
+    except IntegrityError:  # another process stored the same content a moment ago
+        dup = find_duplicate(session, program.id, digest or "")
+        exp = Experiment(program_id=program.id, role=role, parent_commit=parent_commit, files={},
+                         diff=exp.diff, content_hash=None, proposer_kind=proposer_kind,
+                         description=exp.description, rationale=exp.rationale, seed=seed, repair_of=repair_of,
+                         hw_class=program.hw_class, status=ExperimentStatus.invalid,
+                         status_reason=f"duplicate of experiment {dup}")
+        session.add(exp)
+        session.flush()
+    return exp

@@ -1,0 +1,88 @@
+"""Research programs: creating one, and reading its current head.
+
+A program's git branch is created by the scheduler (the only writer of the farm repository); until
+then `head_commit` is empty and the head files are the template's editable files.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from farm.models import Experiment, Program, ProgramStatus
+from farm.templates import editable_files, fixed_digest, template_dir
+
+# hardware profiles the harness knows, with the default time budget (seconds of training)
+PROFILES: dict[str, dict[str, Any]] = {
+    "cpu": {"time_budget": 20.0, "hw_class": "cpu"},
+    "h100": {"time_budget": 300.0, "hw_class": "gpu.h100"},
+}
+
+DEFAULT_POLICY: dict[str, Any] = {
+    "kind": "confirm",  # confirm | greedy
+    "baseline_runs": 2,  # head re-runs that measure the noise floor
+    "k_sigma": 2.0,  # a candidate must beat the head by max(k x sigma, min_delta)
+    "min_delta": 0.0,
+    "confirm_runs": 1,  # extra seeds for a promising candidate
+    "min_val_bpb": 0.3,  # sanity floor: lower is held for confirmation, never kept on one run
+    "max_jump": 0.1,  # an improvement larger than this is held for confirmation
+    "max_repairs": 2,
+}
+
+
+class ProgramError(ValueError):
+    pass
+
+
+def slugify(name: str) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:80]
+    if not slug:
+        raise ProgramError("the program name must contain a letter or digit")
+    return slug
+
+
+def unique_slug(session: Session, name: str) -> str:
+    base = slugify(name)
+    slug, n = base, 1
+    while session.execute(select(Program.id).where(Program.slug == slug)).first() is not None:
+        n += 1
+        slug = f"{base}-{n}"
+    return slug
+
+
+def create_program(session: Session, *, name: str, instructions: str, profile: str = "cpu",
+                   time_budget: float | None = None, hw_class: str | None = None,
+                   editable: list[str] | None = None, proposer: dict[str, Any] | None = None,
+                   policy: dict[str, Any] | None = None, stop_rules: dict[str, Any] | None = None,
+                   weight: float = 1.0, template: str = "default") -> Program:
+    if profile not in PROFILES:
+        raise ProgramError(f"unknown profile {profile!r}; known: {', '.join(PROFILES)}")
+    template_dir(template)
+    editable = list(editable or ["train.py"])
+    editable_files(template, editable)  # raises if a name is not in the template
+    merged_policy = {**DEFAULT_POLICY, **(policy or {})}
+    if merged_policy["kind"] not in ("confirm", "greedy"):
+        raise ProgramError("policy.kind must be 'confirm' or 'greedy'")
+    slug = unique_slug(session, name)
+    program = Program(
+        name=name.strip(), slug=slug, instructions=instructions, template=template,
+        template_digest=fixed_digest(template, editable), editable_files=editable, profile=profile,
+        hw_class=hw_class or PROFILES[profile]["hw_class"],
+        time_budget=float(time_budget or PROFILES[profile]["time_budget"]),
+        proposer=dict(proposer or {}), policy=merged_policy, stop_rules=dict(stop_rules or {}),
+        weight=weight, status=ProgramStatus.active, branch=f"research/{slug}")
+    session.add(program)
+    session.flush()
+    return program
+
+
+def head_files(session: Session, program: Program) -> dict[str, str]:
+    """The editable files at the program's current head."""
+    if program.head_experiment_id is not None:
+        exp = session.get(Experiment, program.head_experiment_id)
+        if exp is not None and exp.files:
+            return dict(exp.files)
+    return editable_files(program.template, list(program.editable_files))

@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+import pytest
+
+from farm.candidates import (
+    Edit,
+    EditError,
+    apply_edit,
+    apply_search_replace,
+    apply_unified_diff,
+    check_files,
+    content_hash,
+    parse_search_replace,
+    unified_diff,
+)
+
+BASE = {"train.py": "LR = 0.1  # learning rate\nDEPTH = 4\n\nprint(LR, DEPTH)\n"}
+
+
+def test_search_replace_applies():
+    text = "train.py\n<<<<<<< SEARCH\nLR = 0.1  # learning rate\n=======\nLR = 0.2  # learning rate\n>>>>>>> REPLACE\n"
+    out = apply_search_replace(BASE, text)
+    assert out["train.py"].startswith("LR = 0.2")
+
+
+def test_search_replace_in_code_fence_and_default_file():
+    text = "```python\n<<<<<<< SEARCH\nDEPTH = 4\n=======\nDEPTH = 5\n>>>>>>> REPLACE\n```"
+    assert "DEPTH = 5" in apply_search_replace(BASE, text, default_file="train.py")["train.py"]
+
+
+@pytest.mark.parametrize("text,msg", [
+    ("train.py\n<<<<<<< SEARCH\nnope\n=======\nx\n>>>>>>> REPLACE", "not found"),
+    ("prepare.py\n<<<<<<< SEARCH\nLR\n=======\nx\n>>>>>>> REPLACE", "not an editable file"),
+    ("<<<<<<< SEARCH\nLR = 0.1\n>>>>>>> REPLACE", "malformed"),
+    ("just prose, no edits", "no SEARCH/REPLACE"),
+])
+def test_search_replace_errors(text, msg):
+    with pytest.raises(EditError, match=msg):
+        apply_search_replace(BASE, text, default_file="train.py")
+
+
+def test_ambiguous_search_refused():
+    base = {"train.py": "x = 1\nx = 1\n"}
+    with pytest.raises(EditError, match="matches 2 places"):
+        apply_search_replace(base, "train.py\n<<<<<<< SEARCH\nx = 1\n=======\nx = 2\n>>>>>>> REPLACE")
+
+
+def test_unified_diff_roundtrip():
+    new = {"train.py": BASE["train.py"].replace("DEPTH = 4", "DEPTH = 6")}
+    diff = unified_diff(BASE, new)
+    assert "-DEPTH = 4" in diff and "+DEPTH = 6" in diff
+    assert apply_unified_diff(BASE, diff) == new
+
+
+def test_unified_diff_that_does_not_apply():
+    diff = "--- a/train.py\n+++ b/train.py\n@@ -1,1 +1,1 @@\n-LR = 9.9\n+LR = 1.0\n"
+    with pytest.raises(EditError, match="does not apply"):
+        apply_unified_diff(BASE, diff)
+
+
+def test_whole_file_and_checks():
+    new = apply_edit(BASE, Edit(files={"train.py": "print('hi')\n"}))
+    check_files(BASE, new, ["train.py"])
+    with pytest.raises(EditError, match="does not compile"):
+        check_files(BASE, {"train.py": "def (:\n"}, ["train.py"])
+    with pytest.raises(EditError, match="non-editable"):
+        check_files({**BASE, "prepare.py": "a"}, {**BASE, "prepare.py": "b"}, ["train.py"])
+    with pytest.raises(EditError, match="changes nothing"):
+        check_files(BASE, dict(BASE), ["train.py"])
+
+
+def test_content_hash_is_order_independent():
+    a = {"a.py": "1", "b.py": "2"}
+    assert content_hash(a) == content_hash(dict(reversed(list(a.items()))))
+    assert content_hash(a) != content_hash({"a.py": "1", "b.py": "3"})
+
+
+def test_parse_multiple_blocks_same_file():
+    text = ("train.py\n<<<<<<< SEARCH\nLR = 0.1\n=======\nLR = 0.3\n>>>>>>> REPLACE\n"
+            "<<<<<<< SEARCH\nDEPTH = 4\n=======\nDEPTH = 2\n>>>>>>> REPLACE\n")
+    assert [b[0] for b in parse_search_replace(text)] == ["train.py", "train.py"]
