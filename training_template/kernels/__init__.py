@@ -54,6 +54,8 @@ def _available_backend() -> str | None:
         return None
     if _FLAG == "interpret":
         return "interpret"
+    if os.environ.get("TRITON_INTERPRET", "") == "1":
+        return None  # every kernel would run in the (CPU, Python) interpreter: slower than the references
     return "cuda" if torch.cuda.is_available() else None
 
 

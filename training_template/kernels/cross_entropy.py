@@ -148,14 +148,15 @@ def reduce_losses(loss_rows: torch.Tensor, n_valid: torch.Tensor | None, reducti
 class SoftcapCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, softcap: float, ignore_index: int,
-                reduction: str, inplace_backward: bool, block_v: int | None) -> torch.Tensor:
+                reduction: str, inplace_backward: bool, block_v: int | None, grad_enabled: bool) -> torch.Tensor:
         l2 = logits.reshape(-1, logits.shape[-1])
         if l2.stride(-1) != 1:
             l2 = l2.contiguous()
         t = targets.reshape(-1)
         n_valid, inv = valid_count_scale(t, ignore_index) if reduction == "mean" else (None, None)
         grad = None
-        if ctx.needs_input_grad[0]:
+        # needs_input_grad is True even under torch.no_grad(), hence grad_enabled from the caller
+        if ctx.needs_input_grad[0] and grad_enabled:
             grad = l2 if inplace_backward else torch.empty_like(l2)
             # mean folds 1/n_valid in now; sum and none are rescaled by grad_output in backward
             scale = inv if reduction == "mean" else torch.ones(1, dtype=torch.float32, device=l2.device)
@@ -175,7 +176,7 @@ class SoftcapCrossEntropyFunction(torch.autograd.Function):
     def backward(ctx, grad_output: torch.Tensor):
         (grad,) = ctx.saved_tensors
         grad = softcap_ce_scale_grad(grad, grad_output.float(), ctx.block_v)
-        return grad.view(ctx.logits_shape), None, None, None, None, None, None
+        return grad.view(ctx.logits_shape), None, None, None, None, None, None, None
 
 
 def softcap_cross_entropy_triton(logits: torch.Tensor, targets: torch.Tensor, softcap: float,
@@ -184,7 +185,7 @@ def softcap_cross_entropy_triton(logits: torch.Tensor, targets: torch.Tensor, so
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     return SoftcapCrossEntropyFunction.apply(logits, targets, softcap, ignore_index, reduction,
-                                             inplace_backward, block_v)
+                                             inplace_backward, block_v, torch.is_grad_enabled())
 
 
 def supported(logits: torch.Tensor, targets: torch.Tensor) -> bool:

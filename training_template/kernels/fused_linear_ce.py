@@ -85,13 +85,15 @@ def _loss_and_grads(x2, w_c, t, softcap, ignore_index, scale, need_dx, need_dw, 
 class LinearSoftcapCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float,
-                ignore_index: int, reduction: str, chunk_size: int | None, block_v: int | None) -> torch.Tensor:
+                ignore_index: int, reduction: str, chunk_size: int | None, block_v: int | None, grad_enabled: bool) -> torch.Tensor:
         cdt = _matmul_dtype(x, weight)
         x2 = x.reshape(-1, x.shape[-1])
         t = targets.reshape(-1)
         n_rows = x2.shape[0]
         chunk = chunk_size or default_chunk_rows(n_rows, x2.shape[1], weight.shape[0])
-        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # needs_input_grad is True even under torch.no_grad() (eval), hence grad_enabled from the caller
+        need_dx = ctx.needs_input_grad[0] and grad_enabled
+        need_dw = ctx.needs_input_grad[1] and grad_enabled
         n_valid, inv = valid_count_scale(t, ignore_index) if reduction == "mean" else (None, None)
         ctx.meta = (x.shape, cdt, softcap, ignore_index, reduction, chunk, block_v)
         with torch.autocast(x.device.type, enabled=False):
@@ -124,7 +126,7 @@ class LinearSoftcapCrossEntropyFunction(torch.autograd.Function):
                                             need_dx, need_dw, chunk, block_v, cdt, weight.dtype)
         if dx is not None:
             dx = dx.view(x_shape)
-        return dx, dw, None, None, None, None, None, None
+        return dx, dw, None, None, None, None, None, None, None
 
 
 def linear_softcap_cross_entropy_triton(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -134,7 +136,7 @@ def linear_softcap_cross_entropy_triton(x: torch.Tensor, weight: torch.Tensor, t
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     return LinearSoftcapCrossEntropyFunction.apply(x, weight, targets, softcap, ignore_index, reduction,
-                                                   chunk_size, block_v)
+                                                   chunk_size, block_v, torch.is_grad_enabled())
 
 
 def supported(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> bool:
