@@ -161,11 +161,12 @@ class SoftcapCrossEntropyFunction(torch.autograd.Function):
             # mean folds 1/n_valid in now; sum and none are rescaled by grad_output in backward
             scale = inv if reduction == "mean" else torch.ones(1, dtype=torch.float32, device=l2.device)
             loss_rows = softcap_ce_rows(l2, t, softcap, ignore_index, grad=grad, scale=scale, block_v=block_v)
-            ctx.save_for_backward(grad)
             if inplace_backward and l2.data_ptr() == logits.data_ptr():
                 # The caller's logits now hold the gradient: bump their version so autograd refuses
-                # any other node that saved them, instead of silently reading the gradient.
+                # any other node that saved them, instead of silently reading the gradient. The buffer
+                # is kept as a plain attribute: saving a view of a dirtied input is refused by autograd.
                 torch.autograd.graph.increment_version(logits)
+            ctx.grad = grad
         else:
             loss_rows = softcap_ce_rows(l2, t, softcap, ignore_index, block_v=block_v)
         ctx.logits_shape = logits.shape
@@ -174,7 +175,7 @@ class SoftcapCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        (grad,) = ctx.saved_tensors
+        grad, ctx.grad = ctx.grad, None
         grad = softcap_ce_scale_grad(grad, grad_output.float(), ctx.block_v)
         return grad.view(ctx.logits_shape), None, None, None, None, None, None, None
 
