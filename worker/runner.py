@@ -149,7 +149,9 @@ def hidden_paths(ctx: WorkerContext) -> tuple[Path, ...]:
         out += [db, Path(f"{db}-wal"), Path(f"{db}-shm")]
     out += [Path.cwd() / ".env"]
     out += [Path(p) for p in os.environ.get("FARM_SANDBOX_HIDE", "").split(":") if p]
-    return tuple(p for p in out if p.exists() and not _needed_by_python(p, ctx.python))
+    keep = [p for p in out if p.exists() and not _needed_by_python(p, ctx.python)]
+    # a path inside another hidden directory is already gone (mounting over it would leave a name)
+    return tuple(p for p in keep if not any(q != p and q in p.parents for q in keep))
 
 
 def _read_result(path: Path) -> str | None:
