@@ -8,6 +8,11 @@ run the suite through `make test`.
 from __future__ import annotations
 
 import os
+
+# Before anything imports triton: the kernel tests run Triton's interpreter in this process
+# (tests/unit/kernels/conftest.py explains why the order matters). Harmless elsewhere: no CUDA here.
+os.environ["TRITON_INTERPRET"] = "1"
+
 import subprocess
 import uuid
 from collections.abc import Iterator

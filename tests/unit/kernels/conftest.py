@@ -8,9 +8,9 @@ What has to happen before what (checked against triton 3.9's source and by exper
   * launches also read the variable (a lazy gluon import asserts on it), so it must stay set.
 Hence: TRITON_INTERPRET=1 is set here, first, and left set for the session; the kernels are loaded as a
 *private copy* of the package (own module name, FARM_KERNELS=interpret) so their decorators run now,
-whatever other tests imported earlier. If triton.language was nevertheless imported before this file
-by another test, this process cannot interpret kernels: the tests here are then skipped in-process and
-test_kernels_dispatch.py::test_interpreter_suite_in_fresh_process reruns this folder in a subprocess.
+whatever other tests imported earlier. The root tests/conftest.py sets the variable before any test
+module imports triton, and test_kernels_dispatch.py::test_interpreter_active_in_this_process fails if
+that order is ever broken.
 """
 
 import os
@@ -67,11 +67,10 @@ def pytest_collection_modifyitems(config, items):
     if INTERPRETER_STATE == "ok":
         return
     reason = ("triton is not installed: the Triton kernels cannot be interpreted" if INTERPRETER_STATE == "no-triton"
-              else "triton.language was imported before TRITON_INTERPRET=1; "
-                   "test_interpreter_suite_in_fresh_process reruns these tests in a subprocess")
+              else "triton.language was imported before TRITON_INTERPRET=1 was set (see tests/conftest.py)")
     for item in items:
         if HERE in Path(str(item.fspath)).resolve().parents and not item.get_closest_marker("any_process"):
-            item.add_marker(pytest.mark.skip(reason=reason))
+            item.add_marker(pytest.mark.xfail(reason=reason, run=False, strict=True))
 
 
 def pytest_configure(config):
