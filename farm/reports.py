@@ -138,7 +138,7 @@ def progress_image(session: Session, program: Program, fmt: str = "png") -> byte
     fig = progress_figure(rows, f"{program.name}: {len(rows)} runs")
     buf = io.BytesIO()
     with matplotlib.rc_context({"svg.hashsalt": "researchfarm", "svg.fonttype": "none"}):
-        fig.savefig(buf, format=fmt, metadata={"Date": None} if fmt == "svg" else {"Software": None})  # type: ignore[attr-defined]
+        fig.savefig(buf, format=fmt, metadata={"Date": None} if fmt == "svg" else {"Software": None})
     return buf.getvalue()
 
 
