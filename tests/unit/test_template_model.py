@@ -70,8 +70,10 @@ def test_model_is_causal_and_shapes_are_right(train_defs):
     assert loss.item() == pytest.approx(reference.item(), rel=1e-4)
     # the harness's causality probe accepts it
     rows = torch.randint(0, 257, (4, 33)).numpy()
+    kept = rows.copy()
     assert train_defs["prepare"].check_causal.__module__ == "prepare"
     prepare.check_causal(model, rows, torch.device("cpu"), tol=1e-5)
+    assert (rows == kept).all(), "the causality probe must not perturb the caller's rows (it once did)"
 
 
 def test_sliding_window_masks_far_tokens(train_defs):
