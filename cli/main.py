@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import db, scheduler, worker
+from cli import db, export, leaderboard, scheduler, serve, status, submit, token, worker
 from cli.errors import run_guarded
 
 app = typer.Typer(help="researchfarm: an LLM-driven training research farm.", no_args_is_help=True,
@@ -12,6 +12,12 @@ app = typer.Typer(help="researchfarm: an LLM-driven training research farm.", no
 app.add_typer(db.app, name="db")
 app.command("scheduler")(scheduler.run)
 app.command(name="worker")(worker.worker)
+app.add_typer(token.app, name="token")
+app.command("submit")(submit.submit)
+app.command("status")(status.status)
+app.command("leaderboard")(leaderboard.leaderboard)
+app.command("export")(export.export)
+app.command("api")(serve.api)
 
 
 @app.callback()
