@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import typer
 
-from cli import db
+from cli import db, demo, up
 from cli.errors import run_guarded
 
 app = typer.Typer(help="researchfarm: an LLM-driven training research farm.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
 app.add_typer(db.app, name="db")
+app.command("up")(up.up)
+app.command("demo")(demo.demo)
 
 
 @app.callback()
