@@ -47,10 +47,6 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-
 HARNESS_VERSION = 1
 EXIT_ENV, EXIT_FAIL, EXIT_DATA, EXIT_REJECTED = 2, 3, 4, 5
 LOSS_LIMIT = 100.0  # a training loss above this (or NaN) is a divergence: FAIL at once
@@ -168,6 +164,7 @@ def _env_number(name: str, kind: type, default):
 def _decide_profile() -> Profile:
     name = os.environ.get("FARM_PROFILE", "").strip().lower()
     if not name:
+        import torch  # only here, when no profile is named: the one device query, decided once
         name = "h100" if torch.cuda.is_available() else "cpu"
     if name not in PROFILES:
         _die(EXIT_ENV, f"prepare: unknown FARM_PROFILE {name!r}; choose one of {sorted(PROFILES)}")
@@ -185,6 +182,11 @@ RESULT_PATH = Path(os.environ.get("FARM_RESULT_PATH") or "result.json")
 CORPUS = os.environ.get("FARM_CORPUS", "").strip() or "bible"
 DEVICE_NAME = os.environ.get("FARM_DEVICE", "").strip() or PROFILE.device
 MAX_SEQ_LEN = PROFILE.seq_len
+
+# The heavy imports come after the nonce and the environment are settled, so a bad setup fails in milliseconds.
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 
 def pick(**values):

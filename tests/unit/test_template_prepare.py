@@ -1,0 +1,306 @@
+"""Unit tests of the training template's harness (training_template/prepare.py): bpb arithmetic, packing,
+tokenizers, splits, the nonce/digest contract, the harness checksum and the clock's fast fail."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+TEMPLATE = Path(__file__).resolve().parents[2] / "training_template"
+sys.path.insert(0, str(TEMPLATE))
+
+import prepare  # noqa: E402
+
+
+def _python(code: str, env: dict | None = None, pass_fds=()) -> subprocess.CompletedProcess:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("FARM_")}
+    full_env.update({"FARM_PROFILE": "cpu"}, **(env or {}))
+    return subprocess.run([sys.executable, "-c", code], cwd=TEMPLATE, env=full_env, capture_output=True,
+                          text=True, timeout=60, pass_fds=pass_fds)
+
+
+# ----- bits per byte -----
+
+def test_bpb_matches_a_hand_computed_case():
+    # Uniform logits over 4 tokens: every target costs ln 4 nats. Token bytes: 0 (special), 1, 2, 3.
+    logits = torch.zeros(1, 2, 4)
+    token_bytes = torch.tensor([0, 1, 2, 3])
+    nats, nbytes = prepare.bpb_terms(logits, torch.tensor([[1, 3]]), token_bytes)
+    assert nats == pytest.approx(2 * math.log(4))
+    assert nbytes == 4
+    assert prepare.bits_per_byte(nats, nbytes) == pytest.approx(2 * 2 / 4)  # 2 tokens x 2 bits / 4 bytes
+
+
+def test_bpb_with_a_peaked_distribution():
+    logits = torch.tensor([[[2.0, 0.0, 0.0]]])  # p(token 0) = e^2 / (e^2 + 2)
+    nats, nbytes = prepare.bpb_terms(logits, torch.tensor([[0]]), torch.tensor([3, 1, 1]))
+    expected = -math.log(math.exp(2) / (math.exp(2) + 2))
+    assert nats == pytest.approx(expected)
+    assert prepare.bits_per_byte(nats, nbytes) == pytest.approx(expected / (math.log(2) * 3))
+
+
+def test_special_tokens_count_neither_nats_nor_bytes():
+    logits = torch.randn(2, 3, 5)
+    token_bytes = torch.tensor([0, 1, 2, 1, 4])
+    targets = torch.tensor([[0, 1, 0], [4, 0, 2]])
+    nats, nbytes = prepare.bpb_terms(logits, targets, token_bytes)
+    keep = targets != 0
+    manual = torch.nn.functional.cross_entropy(logits[keep], targets[keep], reduction="sum")
+    assert nats == pytest.approx(float(manual), rel=1e-5)
+    assert nbytes == 1 + 4 + 2
+
+
+def test_padded_vocab_logits_use_the_real_vocab_only():
+    logits = torch.zeros(1, 1, 6)
+    logits[..., 4:] = 50.0  # padding columns the harness must ignore
+    nats, _ = prepare.bpb_terms(logits, torch.tensor([[1]]), torch.tensor([0, 1, 1, 1]))
+    assert nats == pytest.approx(math.log(4))
+
+
+def test_summary_block_format():
+    result = {"val_bpb": 0.9979, "training_seconds": 300.06, "total_seconds": 325.94, "peak_vram_mb": 45060.2,
+              "mfu_percent": 39.8, "total_tokens_m": 499.6, "num_steps": 953, "num_params_m": 50.3, "depth": 8}
+    assert prepare.format_summary(result) == (
+        "---\n"
+        "val_bpb:          0.997900\n"
+        "training_seconds: 300.1\n"
+        "total_seconds:    325.9\n"
+        "peak_vram_mb:     45060.2\n"
+        "mfu_percent:      39.80\n"
+        "total_tokens_M:   499.6\n"
+        "num_steps:        953\n"
+        "num_params_M:     50.3\n"
+        "depth:            8\n")
+
+
+# ----- packing -----
+
+def _docs(n: int, seed: int, bos: int = 0, max_len: int = 90) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    # doc k = BOS, then k*1000 + 1, k*1000 + 2, ...: every token says which document and position it is
+    return [np.array([bos] + [k * 1000 + j for j in range(1, int(rng.integers(1, max_len)))]) for k in range(n)]
+
+
+def test_packing_rows_start_with_bos_and_lose_only_the_crop():
+    docs = _docs(300, seed=0)
+    row_len = 33
+    stats: dict = {}
+    rows = list(prepare.pack_rows(iter(docs), row_len, buffer_docs=16, stats=stats))
+    assert rows and all(len(r) == row_len and r[0] == 0 for r in rows)
+    seen = set()
+    for row in rows:
+        starts = np.flatnonzero(row == 0)
+        for a, b in zip(starts, list(starts[1:]) + [row_len], strict=True):
+            segment = row[a + 1:b]
+            k = int(segment[0]) // 1000 if len(segment) else None
+            if k is None:
+                continue  # a document cropped to its BOS alone
+            assert k not in seen, "a document was used twice"
+            seen.add(k)
+            assert list(segment) == list(docs[k][1:1 + len(segment)]), "segments are document prefixes"
+    total = sum(len(d) for d in docs)
+    assert stats["used"] == len(rows) * row_len
+    assert stats["used"] + stats["cropped"] + stats["left_over"] == total
+
+
+def test_packing_without_long_documents_crops_little():
+    docs = _docs(500, seed=1, max_len=20)
+    stats: dict = {}
+    rows = list(prepare.pack_rows(iter(docs), 65, buffer_docs=100, stats=stats))
+    assert len(rows) > 50
+    assert stats["cropped"] < 0.02 * stats["used"]
+
+
+def test_chunked_documents_start_with_bos_and_keep_every_token():
+    tokens = np.arange(1, 301, dtype=np.uint16)
+    pieces = prepare.chunk_document(tokens, bos_id=0, seq_len=128)
+    assert [len(p) for p in pieces] == [129, 129, 45]
+    assert all(p[0] == 0 for p in pieces)
+    assert np.array_equal(np.concatenate([p[1:] for p in pieces]), tokens)
+
+
+# ----- tokenizers -----
+
+SAMPLES = ["In the beginning God created the heaven and the earth.", "naïve café — 日本語 🙂\n\n  spaced  out\t",
+           "Numbers 12345 and symbols #!?$ (parens)", ""]
+
+
+def test_byte_tokenizer_round_trip():
+    tok = prepare.ByteTokenizer()
+    tb = tok.token_bytes()
+    for text in SAMPLES:
+        ids = tok.encode(text)
+        assert tok.decode(ids) == text
+        assert int(tb[ids].sum()) == len(text.encode("utf-8"))
+    assert tb[tok.bos_id] == 0 and tok.vocab_size == 257
+
+
+def test_bpe_tokenizer_round_trip_on_a_small_corpus(tmp_path):
+    texts = [text for _, (_, text) in zip(range(60), prepare.bible_documents(), strict=False)]
+    tok = prepare.BPETokenizer.train(iter(texts), vocab_size=400)
+    assert tok.vocab_size == 400 and tok.bos_id is not None
+    tb = tok.token_bytes()
+    assert tb[tok.bos_id] == 0
+    for text in SAMPLES + texts[:3]:
+        ids = tok.encode(text)
+        assert tok.decode(ids) == text
+        assert int(tb[ids].sum()) == len(text.encode("utf-8")), "token bytes add up to the text's bytes"
+    assert len(tok.encode(texts[0])) < 0.6 * len(texts[0].encode())  # it learned merges
+    tok.save(tmp_path)
+    again = prepare.load_tokenizer(tmp_path)
+    assert again.encode(texts[1]) == tok.encode(texts[1])
+
+
+# ----- splits -----
+
+def test_splits_are_disjoint_deterministic_and_sized():
+    keys = {"train": set(), "val": set(), "test": set()}
+    for key, _ in prepare.bible_documents():
+        keys[prepare.split_of(key)].add(key)
+    assert not (keys["train"] & keys["val"]) and not (keys["train"] & keys["test"])
+    assert not (keys["val"] & keys["test"])
+    n = sum(len(v) for v in keys.values())
+    assert n == 1189  # chapters of the King James Bible
+    assert 0.03 * n < len(keys["val"]) < 0.08 * n and 0.03 * n < len(keys["test"]) < 0.08 * n
+    assert all(prepare.split_of(k) == "val" for k in keys["val"])
+
+
+def test_built_cache_has_disjoint_splits_and_needs_no_network(tmp_path, monkeypatch):
+    def no_network(*args, **kwargs):
+        raise AssertionError("the default corpus must not touch the network")
+    monkeypatch.setattr(prepare.urllib.request, "urlopen", no_network)
+    path = prepare.build_cache(prepare.PROFILES["cpu"], "bible", tmp_path / "data", tmp_path / "cache",
+                               log=lambda _: None)
+    data = prepare.Data(path)
+    docs = {}
+    for split in prepare.SPLITS:
+        tokens, offsets = data.split(split)
+        assert offsets[-1] == len(tokens) > 0
+        assert all(tokens[o] == data.bos_id for o in offsets[:-1])
+        docs[split] = {bytes(tokens[a:b]) for a, b in zip(offsets[:-1], offsets[1:], strict=True)}
+    # Chapters are split by key (test above); the Bible repeats some passages word for word (2 Kings 19 and
+    # Isaiah 37), so a few 128-byte pieces recur across splits, never more than that.
+    assert len(docs["train"] & docs["test"]) < 0.02 * len(docs["test"])
+    assert len(docs["val"] & docs["test"]) < 0.02 * len(docs["test"])
+    assert len(prepare.eval_rows("val")) == prepare.PROFILES["cpu"].eval_tokens // 128
+
+
+# ----- nonce, digest, checksum -----
+
+def test_result_digest_is_hmac_of_canonical_json():
+    import hashlib
+    import hmac
+    payload = {"val_bpb": 1.25, "b": [1, 2], "nonce": "ab12", "digest": "ignored"}
+    canonical = json.dumps({"b": [1, 2], "nonce": "ab12", "val_bpb": 1.25}, sort_keys=True, separators=(",", ":"))
+    expected = hmac.new(b"ab12", canonical.encode(), hashlib.sha256).hexdigest()
+    assert prepare.result_digest(payload, "ab12") == expected
+    assert prepare.result_digest(payload, "") != expected
+
+
+def test_nonce_is_read_from_the_fd_then_fd_and_env_are_gone():
+    read_fd, write_fd = os.pipe()
+    os.write(write_fd, b"c0ffee42\n")
+    os.close(write_fd)
+    code = (
+        "import os, json, prepare\n"
+        f"fd = {read_fd}\n"
+        "try:\n    os.fstat(fd); closed = False\nexcept OSError:\n    closed = True\n"
+        "signed = prepare._sign({'x': 1})\n"
+        "print(json.dumps({'env': os.environ.get('FARM_NONCE_FD'), 'closed': closed, 'signed': signed}))\n")
+    proc = _python(code, {"FARM_NONCE_FD": str(read_fd)}, pass_fds=(read_fd,))
+    os.close(read_fd)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["env"] is None and out["closed"] is True
+    assert out["signed"]["nonce"] == "c0ffee42"
+    assert out["signed"]["digest"] == prepare.result_digest(out["signed"], "c0ffee42")
+
+
+def test_bad_nonce_fd_exits_2():
+    assert _python("import prepare", {"FARM_NONCE_FD": "987"}).returncode == 2
+
+
+def test_harness_checksum_detects_an_edited_harness(tmp_path):
+    copy = tmp_path / "tpl"
+    shutil.copytree(TEMPLATE, copy, ignore=shutil.ignore_patterns("__pycache__", "*.json"))
+    original = prepare.harness_checksum(TEMPLATE)
+    assert prepare.harness_checksum(copy) == original
+    (copy / "train.py").write_text("# the candidate's file may change freely\n")
+    assert prepare.harness_checksum(copy) == original
+    prep = copy / "prepare.py"
+    prep.write_text(prep.read_text().replace("LOSS_LIMIT = 100.0", "LOSS_LIMIT = 1e9"))
+    assert prepare.harness_checksum(copy) != original
+    shutil.copy(TEMPLATE / "prepare.py", prep)
+    (copy / "kernels" / "extra.py").write_text("x = 1\n")
+    assert prepare.harness_checksum(copy) != original
+
+
+# ----- clock -----
+
+def test_clock_progress_is_max_of_time_and_step_fractions(monkeypatch):
+    monkeypatch.setattr(prepare, "TIME_BUDGET", 1000.0)
+    monkeypatch.setattr(prepare, "MAX_STEPS", 4)
+    clock = prepare.Clock()
+    assert clock.progress == 0.0 and not clock.done
+    for _ in range(2):
+        clock.tick(10, 1.0)
+    assert clock.progress == pytest.approx(0.5)
+    for _ in range(2):
+        clock.tick(10, 1.0)
+    assert clock.done and clock.tokens == 40
+    monkeypatch.setattr(prepare, "TIME_BUDGET", 0.0)
+    assert prepare.Clock().done  # a zero budget evaluates the untrained model
+
+
+def test_clock_fails_fast_on_nan_with_exit_3():
+    proc = _python("import prepare\nc = prepare.Clock()\nc.tick(1, 2.0)\nc.tick(1, float('nan'))\nprint('survived')")
+    assert proc.returncode == 3
+    assert "FAIL" in proc.stdout and "survived" not in proc.stdout
+
+
+@pytest.mark.parametrize("loss", [float("nan"), float("inf"), 1e4, prepare.LOSS_LIMIT + 1])
+def test_clock_rejects_diverged_losses(loss, monkeypatch):
+    calls = []
+
+    def fake_die(code, message):
+        calls.append(code)
+        raise RuntimeError(message)
+
+    monkeypatch.setattr(prepare, "_die", fake_die)
+    clock = prepare.Clock()
+    clock.tick(1, 5.0)
+    with pytest.raises(RuntimeError, match="FAIL"):
+        clock.tick(1, loss)
+    assert calls == [3]
+
+
+def test_unknown_profile_exits_2():
+    assert _python("import prepare", {"FARM_PROFILE": "tpu"}).returncode == 2
+
+
+def test_pick_uses_the_active_profile():
+    assert prepare.PROFILE.name == "cpu"  # the test process has no CUDA and no FARM_PROFILE
+    assert prepare.pick(h100=8, cpu=2) == 2
+    with pytest.raises(KeyError):
+        prepare.pick(h100=8)
+
+
+def test_hyperparameters_are_one_line_each():
+    source = (TEMPLATE / "train.py").read_text()
+    section = source.split("# Hyperparameters")[1].split("# Setup")[0]
+    lines = [ln for ln in section.splitlines() if re.match(r"^[A-Z][A-Z0-9_]* =", ln)]
+    assert len(lines) >= 20
+    pattern = re.compile(r"^[A-Z][A-Z0-9_]* = (pick\([a-z0-9_]+=[^,()]+(, [a-z0-9_]+=[^,()]+)*\)|[^#]+?)  # \S.*$")
+    bad = [ln for ln in lines if not pattern.match(ln)]
+    assert not bad, bad
+    assert "USE_KERNELS = True" in section
