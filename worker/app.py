@@ -1,0 +1,39 @@
+"""The worker's Celery app: `celery -A worker.app worker -Q <queue> --pool solo -c 1 -n <name>`.
+
+Configuration is farm.broker's (JSON only, acks_late, prefetch 1, task_track_started, deliberate
+task_reject_on_worker_lost=False, a visibility timeout longer than any job); per-job soft/hard time
+limits travel on each message (farm.broker.publish_experiment). With `--pool solo` Celery does not
+enforce time limits itself, so the runner's own wall-clock kill (budget + allowances) is the limit
+that acts; the message limits sit above it for a prefork deployment.
+
+`farm worker` (cli/worker.py) sets FARM_WORKER_* and execs this.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from celery.signals import worker_init, worker_shutdown
+
+from farm.broker import make_celery
+from worker import tasks
+
+app = make_celery()
+tasks.register(app)
+
+
+def _on_worker_init(**_: Any) -> None:
+    from worker import lifecycle
+
+    lifecycle.start(prepare=os.environ.get("FARM_WORKER_PREPARE", "1") != "0")
+
+
+def _on_worker_shutdown(**_: Any) -> None:
+    from worker import lifecycle
+
+    lifecycle.stop()
+
+
+worker_init.connect(_on_worker_init, weak=False)
+worker_shutdown.connect(_on_worker_shutdown, weak=False)

@@ -1,0 +1,109 @@
+"""A worker process's life: start-up (identity, sandbox probe, data cache, `workers` row, reaper
+thread) and shutdown. Celery's worker signals call these (worker/app.py); tests and the benchmark
+call them directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+from farm.db import session_scope
+from farm.recovery import reap_and_requeue
+from farm.settings import Settings, get_settings
+from worker import identity
+from worker.runner import Limits, WorkerContext, child_env_base
+from worker.sandbox import probe
+from worker.workdir import template_dir
+
+log = logging.getLogger(__name__)
+
+_ctx: WorkerContext | None = None
+_stop = threading.Event()
+
+
+class StartupError(RuntimeError):
+    pass
+
+
+def build_context(settings: Settings | None = None) -> WorkerContext:
+    s = settings or get_settings()
+    ident = identity.detect()
+    s.home.mkdir(parents=True, exist_ok=True)
+    sandbox = probe(s.sandbox)
+    return WorkerContext(settings=s, identity=ident, sandbox=sandbox, limits=Limits.from_settings(s))
+
+
+def prepare_data(ctx: WorkerContext, profile: str | None = None, timeout: float = 3600.0) -> None:
+    """Run the template's `python prepare.py` once, outside the sandbox (it may download), so the
+    sandboxed runs find the data and tokenizer cache ready and can have it read-only."""
+    template = template_dir()
+    if not (template / "prepare.py").is_file():
+        raise StartupError(f"no prepare.py in the template at {template}")
+    profile = profile or ("cpu" if ctx.identity.gpu_index is None else "h100")
+    ctx.settings.logs_dir.mkdir(parents=True, exist_ok=True)
+    log_path = ctx.settings.logs_dir / f"prepare-{ctx.slug}.log"
+    with tempfile.TemporaryDirectory(prefix="farm-prepare-") as tmp:
+        work = Path(tmp) / "t"
+        shutil.copytree(template, work, ignore=shutil.ignore_patterns("__pycache__", "data"))
+        env = child_env_base(ctx, profile=profile, workdir=work)
+        with open(log_path, "wb") as out:
+            proc = subprocess.run([ctx.python, "prepare.py"], cwd=work, env=env, stdout=out,
+                                  stderr=subprocess.STDOUT, timeout=timeout, check=False)
+    if proc.returncode != 0:
+        tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
+        raise StartupError(f"prepare.py failed with exit code {proc.returncode}: {' | '.join(tail)} "
+                           f"(log: {log_path})")
+
+
+def _reaper_loop(ctx: WorkerContext, every: float) -> None:
+    while not _stop.wait(every):
+        try:
+            reap_and_requeue(settings=ctx.settings)
+        except Exception as exc:  # noqa: BLE001 - the reaper must outlive database hiccups
+            log.warning("reaper: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+
+
+def start(settings: Settings | None = None, *, prepare: bool = True, reaper: bool = True) -> WorkerContext:
+    """Everything a worker does before it takes its first job."""
+    global _ctx
+    ctx = build_context(settings)
+    if not ctx.sandbox.ok:
+        banner = "!" * 78
+        msg = (f"\n{banner}\nWORKER {ctx.worker_id}: SANDBOX NOT AVAILABLE ({ctx.sandbox.describe()}).\n"
+               f"Candidates (LLM-written code) will run with this worker's access to the network and files.\n"
+               f"See docs/workers.md to grant bubblewrap what it needs.\n{banner}")
+        log.error(msg)
+        print(msg, file=sys.stderr, flush=True)
+    else:
+        log.info("worker %s: sandbox %s", ctx.worker_id, ctx.sandbox.describe())
+    if prepare:
+        prepare_data(ctx)
+    with session_scope() as s:
+        identity.register(s, ctx.identity, sandbox=ctx.sandbox.describe(), sandbox_ok=ctx.sandbox.ok)
+    if reaper:
+        _stop.clear()
+        threading.Thread(target=_reaper_loop, args=(ctx, ctx.settings.heartbeat_interval), daemon=True,
+                         name="reaper").start()
+    _ctx = ctx
+    return ctx
+
+
+def context() -> WorkerContext:
+    """The started worker's context (started on first use where no signal ran start())."""
+    return _ctx if _ctx is not None else start()
+
+
+def stop() -> None:
+    _stop.set()
+    if _ctx is not None:
+        try:
+            with session_scope() as s:
+                identity.mark_stopped(s, _ctx.worker_id)
+        except Exception as exc:  # noqa: BLE001 - shutting down anyway
+            log.warning("could not mark worker stopped: %s", exc)

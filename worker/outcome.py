@@ -1,0 +1,199 @@
+"""Judge a finished run: succeeded, crashed, timed_out or refused, with a reason and the metrics.
+
+Pure functions over what the runner collected (exit code, why the worker killed it, the tail of
+the output, the result file, the harness checksums), so every rule is unit-tested without a run.
+
+Trust rules: the signed JSON is the result; the printed `---` summary must agree with it; a summary
+with no valid signed JSON is a forgery; a harness that changed during the run voids everything.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import signal
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from farm.harness import digest_ok
+from farm.models import ExperimentStatus
+
+S = ExperimentStatus
+
+# result JSON key -> Result column
+METRIC_FIELDS = {
+    "val_bpb": "val_bpb", "test_bpb": "test_bpb", "training_seconds": "training_seconds",
+    "total_seconds": "total_seconds", "startup_seconds": "startup_seconds", "eval_seconds": "eval_seconds",
+    "peak_vram_mb": "peak_vram_mb", "mfu_percent": "mfu_percent", "total_tokens_m": "total_tokens_m",
+    "num_steps": "num_steps", "num_params_m": "num_params_m", "depth": "depth",
+}
+INT_FIELDS = {"num_steps", "depth"}
+TAIL_LINES = 50
+
+# the template's exit codes (training_template/prepare.py)
+EXIT_REASONS = {2: "bad environment", 3: "training failed (NaN or exploding loss)", 4: "data unavailable",
+                5: "model rejected by the harness"}
+_EXC_LINE = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Warning)|KeyboardInterrupt)\b(:.*)?$")
+_OOM = re.compile(r"MemoryError|out of memory|OutOfMemoryError|Cannot allocate memory|std::bad_alloc",
+                  re.IGNORECASE)
+_SUMMARY_LINE = re.compile(r"^([A-Za-z_]+):\s+(\S+)\s*$")
+
+
+@dataclass
+class RunFacts:
+    exit_code: int | None  # None: still running when killed
+    killed: str | None = None  # "timeout" | "memory" | None
+    tail: Sequence[str] = ()
+    result_text: str | None = None
+    nonce: str = ""
+    harness_before: str = ""
+    harness_after: str = ""
+    expected: dict[str, Any] = field(default_factory=dict)  # profile, seed, ... the run was given
+    wall_limit: float = 0.0
+    memory_limit_mb: float = 0.0
+    peak_rss_mb: float = 0.0
+
+
+@dataclass
+class Outcome:
+    status: ExperimentStatus
+    reason: str | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    result: dict[str, Any] | None = None  # the parsed result JSON, when valid
+
+
+def parse_summary(lines: Sequence[str]) -> dict[str, str] | None:
+    """The key: value lines of the LAST `---` block (a line printed earlier is not the summary)."""
+    start = None
+    for i in range(len(lines) - 1, -1, -1):
+        if lines[i].strip() == "---":
+            start = i
+            break
+    if start is None:
+        return None
+    out: dict[str, str] = {}
+    for line in lines[start + 1:]:
+        m = _SUMMARY_LINE.match(line.strip())
+        if m:
+            out[m.group(1)] = m.group(2)
+    return out or None
+
+
+def forged_summary_lines(lines: Sequence[str]) -> bool:
+    """Does the output contain a summary-looking `val_bpb:` line at all?"""
+    return any(line.strip().startswith("val_bpb:") for line in lines)
+
+
+def crash_reason(lines: Sequence[str], exit_code: int | None) -> str:
+    """The final line of the last traceback (or exception line), else a FAIL line, else the exit."""
+    clean = [ln.rstrip() for ln in lines if ln.strip()]
+    for line in reversed(clean):
+        if _EXC_LINE.match(line) and not line.startswith(" "):
+            return line[:500]
+    for line in reversed(clean):
+        if line.startswith(("FAIL", "prepare:")):
+            return line[:500]
+    if exit_code is not None and exit_code < 0:
+        try:
+            return f"killed by {signal.Signals(-exit_code).name}"
+        except ValueError:
+            return f"killed by signal {-exit_code}"
+    base = f"exit code {exit_code}"
+    if exit_code in EXIT_REASONS:
+        base += f" ({EXIT_REASONS[exit_code]})"
+    return base + (f": {clean[-1][:300]}" if clean else "")
+
+
+def is_oom(lines: Sequence[str], exit_code: int | None) -> bool:
+    return any(_OOM.search(ln) for ln in lines[-TAIL_LINES:]) or exit_code in (-9, 137)
+
+
+def _summary_agrees(summary: dict[str, str], result: dict[str, Any]) -> str | None:
+    """None if the printed summary matches the signed result, else what differs."""
+    pairs = {"val_bpb": ("val_bpb", 1e-6), "num_steps": ("num_steps", 0.5),
+             "training_seconds": ("training_seconds", 0.051)}
+    for key, (rkey, tol) in pairs.items():
+        if key not in summary:
+            if key == "val_bpb":
+                return "the summary has no val_bpb line"
+            continue
+        try:
+            printed = float(summary[key])
+            signed = float(result[rkey])
+        except (KeyError, TypeError, ValueError):
+            return f"summary {key} is not comparable with the signed result"
+        if not abs(printed - signed) <= tol + 1e-9 * abs(signed):
+            return f"printed {key} {summary[key]} disagrees with the signed result ({signed})"
+    return None
+
+
+def _metrics(result: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, column in METRIC_FIELDS.items():
+        value = result.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        out[column] = int(value) if key in INT_FIELDS else float(value)
+    device = result.get("device") or result.get("gpu_name")
+    if isinstance(device, str):
+        out["gpu_name"] = device[:200]
+    return out
+
+
+def verify_result(text: str | None, nonce: str, expected: dict[str, Any],
+                  harness: str) -> tuple[dict[str, Any] | None, str | None]:
+    """(result, None) if the JSON is well-formed, signed with this run's nonce and consistent with
+    the run's settings; (None, why) otherwise."""
+    if not text:
+        return None, "no result file"
+    try:
+        result = json.loads(text)
+    except ValueError:
+        return None, "result file is not JSON"
+    if not isinstance(result, dict):
+        return None, "result file is not a JSON object"
+    if not nonce or result.get("nonce") != nonce or not digest_ok(result, nonce):
+        return None, "result is not signed with this run's nonce (forged result)"
+    if result.get("status", "ok") != "ok":
+        return None, f"result status is {result.get('status')!r}"
+    val = result.get("val_bpb")
+    if isinstance(val, bool) or not isinstance(val, (int, float)) or not math.isfinite(val) or val <= 0:
+        return None, f"val_bpb {val!r} is not a positive finite number"
+    for key in ("profile", "seed"):
+        if key in expected and key in result and str(result[key]) != str(expected[key]):
+            return None, f"result {key} {result[key]!r} is not the run's {expected[key]!r}"
+    sha = result.get("harness_sha256")
+    if sha is not None and harness and sha != harness:
+        return None, "result names a different harness checksum"
+    return result, None
+
+
+def judge(f: RunFacts) -> Outcome:
+    if f.harness_after and f.harness_before and f.harness_after != f.harness_before:
+        return Outcome(S.refused, "the harness (prepare.py / kernels) was modified during the run")
+    if f.killed == "timeout":
+        return Outcome(S.timed_out, f"killed at the wall-clock limit of {f.wall_limit:.0f}s")
+    if f.killed == "memory":
+        return Outcome(S.crashed, f"out of memory: the run used {f.peak_rss_mb:.0f} MB, over the worker's "
+                                  f"limit of {f.memory_limit_mb:.0f} MB (killed)")
+    tail = list(f.tail)
+    summary = parse_summary(tail)
+    if f.exit_code != 0:
+        reason = crash_reason(tail, f.exit_code)
+        if is_oom(tail, f.exit_code) and not reason.lower().startswith("out of memory"):
+            reason = f"out of memory: {reason}"
+        return Outcome(S.crashed, reason)
+    result, why = verify_result(f.result_text, f.nonce, f.expected, f.harness_before)
+    if result is None:
+        if f.result_text or summary is not None or forged_summary_lines(tail):
+            return Outcome(S.refused, f"{why}; the printed summary is ignored" if summary or
+                           forged_summary_lines(tail) else why)
+        return Outcome(S.crashed, "exited 0 without a result (did train.py call the harness's finish()?)")
+    if summary is None:
+        return Outcome(S.refused, "signed result but no `---` summary on stdout")
+    disagreement = _summary_agrees(summary, result)
+    if disagreement:
+        return Outcome(S.refused, disagreement)
+    return Outcome(S.succeeded, None, _metrics(result), result)

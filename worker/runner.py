@@ -1,0 +1,305 @@
+"""One experiment, from claim to result: the logic behind the Celery task.
+
+    claim (queued -> running, compare-and-set; a duplicate delivery stops here)
+    materialise a fresh workdir (template + candidate files; refusals happen here)
+    run `python train.py` in the sandbox, heartbeating with progress and loss
+    judge the outcome (worker/outcome.py) and record it with its one Result row
+
+The candidate's failures are results (crashed / timed_out / refused), never exceptions: the worker
+lives on. Infrastructure errors propagate; the job's heartbeat then goes stale and the reaper
+re-queues it, counting the retry.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import secrets
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
+
+from farm import states
+from farm.db import session_scope
+from farm.harness import harness_checksum
+from farm.models import Experiment, ExperimentStatus
+from farm.recovery import EVAL_ALLOWANCE
+from farm.settings import Settings
+from worker.identity import Identity
+from worker.outcome import TAIL_LINES, Outcome, RunFacts, judge
+from worker.progress import Progress
+from worker.sandbox import Mounts, Sandbox
+from worker.supervise import ChildRun, rlimit_prefix, supervise
+from worker.workdir import Refused, materialise, template_dir
+
+log = logging.getLogger(__name__)
+
+# variables a training process may need from the worker's environment; nothing else crosses over
+ENV_PASSTHROUGH = ("CUDA_VISIBLE_DEVICES", "CUDA_HOME", "CUDA_PATH", "LD_LIBRARY_PATH", "NVIDIA_VISIBLE_DEVICES",
+                   "NVIDIA_DRIVER_CAPABILITIES", "TORCH_CUDA_ARCH_LIST", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
+                   "TRITON_INTERPRET", "CC", "CXX", "FARM_CORPUS", "FARM_MAX_STEPS", "FARM_DEVICE")
+RESULT_MAX_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class Limits:
+    startup_allowance: float
+    eval_allowance: float
+    memory_mb: float
+    log_cap_bytes: int
+    file_size_mb: float
+
+    def wall_limit(self, budget: float) -> float:
+        return budget + self.startup_allowance + self.eval_allowance
+
+    @classmethod
+    def from_settings(cls, s: Settings, env: dict[str, str] | None = None) -> Limits:
+        e = os.environ if env is None else env
+        memory = float(s.worker_memory_mb)
+        if memory <= 0:  # default: half the machine's memory
+            memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**20 / 2
+        return cls(startup_allowance=s.startup_allowance,
+                   eval_allowance=float(e.get("FARM_EVAL_ALLOWANCE", EVAL_ALLOWANCE)),
+                   memory_mb=memory,
+                   log_cap_bytes=int(float(e.get("FARM_LOG_CAP_MB", "32")) * 2**20),
+                   file_size_mb=float(e.get("FARM_FILE_SIZE_MB", "8192")))
+
+
+@dataclass
+class WorkerContext:
+    settings: Settings
+    identity: Identity
+    sandbox: Sandbox
+    limits: Limits
+    python: str = field(default_factory=lambda: sys.executable)
+
+    @property
+    def worker_id(self) -> str:
+        return self.identity.worker_id
+
+    @property
+    def slug(self) -> str:
+        return re.sub(r"[^A-Za-z0-9_.-]", "_", self.worker_id)
+
+    @property
+    def compile_cache(self) -> Path:
+        return self.settings.cache_dir / "compile" / self.slug
+
+    @property
+    def template_cache(self) -> Path:
+        return self.settings.cache_dir / "template"
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    files: dict[str, Any]
+    editable: list[str]
+    seed: int
+    budget: float
+    profile: str
+    template: str
+    template_digest: str | None
+    retry: int
+    hw_class: str
+
+
+def child_env_base(ctx: WorkerContext, *, profile: str, workdir: Path) -> dict[str, str]:
+    """A scrubbed environment: what torch needs and the farm's data locations; no credentials."""
+    env = {k: os.environ[k] for k in ENV_PASSTHROUGH if k in os.environ}
+    env.update({
+        "PATH": f"{Path(ctx.python).parent}:/usr/local/bin:/usr/bin:/bin",
+        "HOME": str(workdir), "TMPDIR": "/tmp", "LANG": "C.UTF-8",
+        "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONNOUSERSITE": "1",
+        "FARM_PROFILE": profile,
+        "FARM_DATA_DIR": str(ctx.settings.data_dir), "FARM_CACHE_DIR": str(ctx.template_cache),
+        "TORCHINDUCTOR_CACHE_DIR": str(ctx.compile_cache / "inductor"),
+        "TRITON_CACHE_DIR": str(ctx.compile_cache / "triton"),
+    })
+    return env
+
+
+def child_env(ctx: WorkerContext, job: Job, workdir: Path, nonce_fd: int) -> dict[str, str]:
+    """The run's environment: the base plus the FARM_* run variables of this job."""
+    env = child_env_base(ctx, profile=job.profile, workdir=workdir)
+    env.update({"FARM_TIME_BUDGET": f"{job.budget:g}", "FARM_SEED": str(job.seed),
+                "FARM_RESULT_PATH": str(workdir / "result.json"), "FARM_NONCE_FD": str(nonce_fd)})
+    return env
+
+
+def _needed_by_python(p: Path, python: str) -> bool:
+    needed = [Path(sys.prefix), Path(sys.base_prefix), Path(os.path.realpath(python))]
+    return any(n == p or p in n.parents for n in needed)
+
+
+def hidden_paths(ctx: WorkerContext) -> tuple[Path, ...]:
+    """What the candidate must not see: the farm home (database, broker, repo, logs, other
+    workdirs), the SQLite file wherever it lives, the broker folder, `.env` files, and any
+    FARM_SANDBOX_HIDE entries (colon-separated)."""
+    s = ctx.settings
+    out: list[Path] = [s.home, s.broker_dir]
+    if s.db_url.startswith("sqlite:///"):
+        db = Path(s.db_url.removeprefix("sqlite:///"))
+        out += [db, Path(f"{db}-wal"), Path(f"{db}-shm")]
+    out += [Path.cwd() / ".env"]
+    out += [Path(p) for p in os.environ.get("FARM_SANDBOX_HIDE", "").split(":") if p]
+    return tuple(p for p in out if p.exists() and not _needed_by_python(p, ctx.python))
+
+
+def _read_result(path: Path) -> str | None:
+    try:
+        if path.is_file() and not path.is_symlink():
+            with open(path, "rb") as f:
+                return f.read(RESULT_MAX_BYTES).decode("utf-8", errors="replace")
+    except OSError:
+        pass
+    return None
+
+
+def load_job(experiment_id: int) -> Job:
+    with session_scope() as s:
+        exp = s.get(Experiment, experiment_id)
+        if exp is None:
+            raise LookupError(f"experiment {experiment_id} vanished")
+        p = exp.program
+        return Job(id=exp.id, files=dict(exp.files or {}), editable=list(p.editable_files or ["train.py"]),
+                   seed=exp.seed, budget=float(p.time_budget), profile=p.profile, template=p.template,
+                   template_digest=p.template_digest, retry=exp.retry_count, hw_class=exp.hw_class)
+
+
+def _heartbeat(ctx: WorkerContext, job_id: int) -> Any:
+    def tick(progress: Progress) -> bool:
+        try:
+            with session_scope() as s:
+                return states.heartbeat(s, job_id, ctx.worker_id, progress=progress.percent,
+                                        current_loss=progress.loss)
+        except SQLAlchemyError as exc:  # a database hiccup is not a lost claim: keep training
+            log.warning("heartbeat for experiment %s failed: %s", job_id, str(exc).splitlines()[0])
+            return True
+    return tick
+
+
+@dataclass
+class Execution:
+    outcome: Outcome
+    child: ChildRun | None = None
+    timings: dict[str, Any] = field(default_factory=dict)
+    log_path: Path | None = None
+
+
+def execute(ctx: WorkerContext, job: Job) -> Execution:
+    """Materialise, run and judge one claimed job (no database writes except heartbeats)."""
+    t0 = time.perf_counter()
+    s = ctx.settings
+    token = secrets.token_hex(3)
+    workdir = s.workdirs / f"{ctx.slug}-e{job.id}-r{job.retry}-{token}"
+    log_path = s.logs_dir / f"experiment-{job.id}-r{job.retry}.log"
+    s.workdirs.mkdir(parents=True, exist_ok=True)
+    try:
+        try:
+            wd = materialise(template_dir(job.template), workdir, job.files, job.editable,
+                             expected_digest=job.template_digest)
+        except Refused as exc:
+            return Execution(Outcome(ExperimentStatus.refused, str(exc)),
+                             timings={"setup_seconds": time.perf_counter() - t0})
+        for d in (ctx.compile_cache / "inductor", ctx.compile_cache / "triton", ctx.template_cache,
+                  s.data_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        nonce = secrets.token_hex(32)
+        rfd, wfd = os.pipe()
+        try:
+            os.write(wfd, (nonce + "\n").encode())
+        finally:
+            os.close(wfd)
+        try:
+            mounts = Mounts(workdir=workdir, writable=(ctx.compile_cache,),
+                            readonly=(s.data_dir, ctx.template_cache),
+                            readonly_in_workdir=wd.readonly_paths(), hidden=hidden_paths(ctx))
+            argv = [*rlimit_prefix(ctx.limits.memory_mb, address_space=job.profile == "cpu",
+                                   file_size_mb=ctx.limits.file_size_mb),
+                    *ctx.sandbox.wrap([ctx.python, "train.py"], mounts)]
+            env = child_env(ctx, job, workdir, rfd)
+            wall_limit = ctx.limits.wall_limit(job.budget)
+            t_spawn = time.perf_counter()
+            child = supervise(argv, env=env, cwd=workdir, log_path=log_path, wall_limit=wall_limit,
+                              memory_mb=ctx.limits.memory_mb, log_cap=ctx.limits.log_cap_bytes,
+                              pass_fds=(rfd,), on_tick=_heartbeat(ctx, job.id),
+                              tick_every=s.heartbeat_interval)
+        finally:
+            os.close(rfd)
+        t_done = time.perf_counter()
+        facts = RunFacts(exit_code=child.exit_code, killed=child.killed, tail=child.tail,
+                         result_text=_read_result(workdir / "result.json"), nonce=nonce,
+                         harness_before=wd.harness_sha256, harness_after=harness_checksum(workdir),
+                         expected={"profile": job.profile, "seed": job.seed}, wall_limit=wall_limit,
+                         memory_limit_mb=ctx.limits.memory_mb, peak_rss_mb=child.peak_rss_mb)
+        outcome = judge(facts)
+        timings = {"setup_seconds": t_spawn - t0, "child_seconds": child.wall_seconds,
+                   "judge_seconds": time.perf_counter() - t_done, "peak_rss_mb": round(child.peak_rss_mb, 1),
+                   "log_bytes": child.log_bytes, "log_truncated": child.log_truncated,
+                   "wall_limit": wall_limit, "sandbox": ctx.sandbox.method}
+        if outcome.result:
+            for key in ("startup_seconds", "training_seconds", "eval_seconds", "total_seconds"):
+                if isinstance(outcome.result.get(key), (int, float)):
+                    timings[key] = outcome.result[key]
+        return Execution(outcome, child, timings, log_path)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _record(ctx: WorkerContext, job: Job, ex: Execution) -> bool:
+    o = ex.outcome
+    tail = "\n".join((ex.child.tail if ex.child else [])[-TAIL_LINES:])
+    fields: dict[str, Any] = dict(o.metrics)
+    fields.update(exit_code=ex.child.exit_code if ex.child else None, reason=o.reason,
+                  hw_class=job.hw_class, timings=ex.timings, log_tail=tail)
+    if "gpu_name" not in fields and ctx.identity.gpu_name:
+        fields["gpu_name"] = ctx.identity.gpu_name
+    for attempt in range(6):
+        try:
+            with session_scope() as s:
+                return states.record_result(s, job.id, ctx.worker_id, o.status, **fields)
+        except OperationalError as exc:  # the run is done and can't be redone: retry the write
+            if attempt == 5:
+                raise
+            log.warning("recording experiment %s failed (%s); retrying", job.id, str(exc).splitlines()[0])
+            time.sleep(min(8.0, 0.5 * 2**attempt))
+    return False
+
+
+@dataclass
+class RunReport:
+    experiment_id: int
+    status: str  # "ignored" when the claim failed, else the outcome's status
+    reason: str | None = None
+    timings: dict[str, Any] = field(default_factory=dict)
+
+
+def run_experiment(experiment_id: int, ctx: WorkerContext) -> RunReport:
+    t0 = time.perf_counter()
+    with session_scope() as s:
+        claimed = states.claim(s, experiment_id, ctx.worker_id)
+    if not claimed:
+        log.info("experiment %s is not queued (duplicate delivery or already claimed): ignored", experiment_id)
+        return RunReport(experiment_id, "ignored")
+    t_claimed = time.perf_counter()
+    job = load_job(experiment_id)
+    t_loaded = time.perf_counter()
+    ex = execute(ctx, job)
+    ex.timings["claim_seconds"] = t_claimed - t0
+    ex.timings["setup_seconds"] = ex.timings.get("setup_seconds", 0.0) + (t_loaded - t_claimed)
+    # everything from claim to here that was not the training process (the result write follows)
+    ex.timings["overhead_seconds"] = time.perf_counter() - t0 - ex.timings.get("child_seconds", 0.0)
+    recorded = _record(ctx, job, ex)
+    if not recorded:
+        log.warning("experiment %s: result discarded, the claim was lost (reaped and re-queued?)", experiment_id)
+        return RunReport(experiment_id, "discarded", ex.outcome.reason, ex.timings)
+    log.info("experiment %s: %s%s (%.2fs overhead)", experiment_id, ex.outcome.status.value,
+             f" ({ex.outcome.reason})" if ex.outcome.reason else "", ex.timings["overhead_seconds"])
+    return RunReport(experiment_id, ex.outcome.status.value, ex.outcome.reason, ex.timings)

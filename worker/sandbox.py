@@ -1,0 +1,120 @@
+"""The sandbox a candidate's training process runs in.
+
+A candidate is code an LLM wrote; it must not reach the farm's state. Methods, best first:
+
+  bwrap    bubblewrap: own network, PID, IPC and UTS namespaces (no loopback services, and every
+           process the candidate forks dies with the sandbox); the root filesystem read-only;
+           the farm home, database and broker folders hidden under empty tmpfs mounts; only its
+           workdir (and the compile cache) writable; the harness files read-only inside the
+           workdir; all capabilities dropped, so even as root it cannot undo a mount.
+  unshare  `unshare -n` (root) or `unshare -rn`: network isolation only (no filesystem isolation).
+  none     nothing: the worker runs, but says so loudly at start-up and in `workers.sandbox_ok`.
+
+`probe()` decides once at start-up by running a real sandboxed `true`; only `bwrap` counts as ok.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+METHODS = ("bwrap", "unshare", "none")
+
+
+@dataclass(frozen=True)
+class Mounts:
+    """What the sandbox exposes besides the read-only root filesystem."""
+
+    workdir: Path
+    writable: tuple[Path, ...] = ()  # bound read-write (the compile cache)
+    readonly: tuple[Path, ...] = ()  # bound read-only on top of hidden paths (data, cache)
+    readonly_in_workdir: tuple[Path, ...] = ()  # harness files: read-only inside the workdir
+    hidden: tuple[Path, ...] = ()  # replaced by empty tmpfs (dirs) or /dev/null (files)
+
+
+@dataclass(frozen=True)
+class Sandbox:
+    method: str
+    ok: bool
+    detail: str
+
+    def describe(self) -> str:
+        return f"{self.method}: {self.detail}"
+
+    def wrap(self, argv: Sequence[str], mounts: Mounts) -> list[str]:
+        if self.method == "bwrap":
+            return bwrap_argv(argv, mounts)
+        if self.method == "unshare":
+            return [*unshare_prefix(), *argv]
+        return list(argv)
+
+
+def unshare_prefix() -> list[str]:
+    return ["unshare", "-n"] if os.geteuid() == 0 else ["unshare", "-rn"]
+
+
+def bwrap_argv(argv: Sequence[str], m: Mounts) -> list[str]:
+    cmd = ["bwrap", "--die-with-parent", "--new-session",
+           "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
+           "--cap-drop", "ALL",
+           "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
+    # parents before children, so a later mount is never hidden by an earlier tmpfs
+    for p in sorted({Path(p) for p in m.hidden}, key=lambda p: len(p.parts)):
+        if p.is_dir():
+            cmd += ["--tmpfs", str(p)]
+        elif p.exists():
+            cmd += ["--ro-bind", "/dev/null", str(p)]
+    for p in m.readonly:
+        if p.exists():
+            cmd += ["--ro-bind", str(p), str(p)]
+    for p in m.writable:
+        cmd += ["--bind", str(p), str(p)]
+    cmd += ["--bind", str(m.workdir), str(m.workdir)]
+    for p in m.readonly_in_workdir:
+        if p.exists():
+            cmd += ["--ro-bind", str(p), str(p)]
+    cmd += ["--chdir", str(m.workdir), "--", *argv]
+    return cmd
+
+
+def _try(cmd: list[str]) -> tuple[bool, str]:
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return False, str(exc)
+    if proc.returncode != 0:
+        return False, (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
+    return True, proc.stdout.strip()
+
+
+def probe(requested: str = "auto", scratch: Path | None = None) -> Sandbox:
+    """Find the best sandbox this host allows by running `true` in it (or `requested` only)."""
+    tried: list[str] = []
+    if requested in ("auto", "bwrap"):
+        if shutil.which("bwrap"):
+            base = Path(scratch or "/tmp")
+            ok, why = _try(bwrap_argv(["true"], Mounts(workdir=base)))
+            if ok:
+                who = "root without capabilities" if os.geteuid() == 0 else f"uid {os.geteuid()}"
+                return Sandbox("bwrap", True, f"bubblewrap: no network, own PID namespace, farm home "
+                                              f"hidden, read-only root, as {who}")
+            tried.append(f"bwrap failed ({why})")
+        else:
+            tried.append("bwrap not installed")
+        if requested == "bwrap":
+            return Sandbox("none", False, "; ".join(tried))
+    if requested in ("auto", "unshare"):
+        if shutil.which("unshare"):
+            ok, why = _try([*unshare_prefix(), "true"])
+            if ok:
+                return Sandbox("unshare", False, "; ".join([*tried, "network namespace only (unshare): "
+                                                            "the candidate can read the filesystem"]))
+            tried.append(f"unshare failed ({why})")
+        else:
+            tried.append("unshare not installed")
+    return Sandbox("none", False, "; ".join([*tried, "NO SANDBOX: candidates run with the worker's "
+                                              "network and filesystem access"]))

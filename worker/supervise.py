@@ -1,0 +1,215 @@
+"""Run one child process under the worker's limits and watch it until it ends.
+
+The child gets its own session (process group); output is streamed to a log file capped in size
+(a candidate that floods stdout must not fill the disk) while the last lines stay in memory for
+the summary and the crash reason. The supervisor kills the whole tree at the wall-clock limit,
+when the tree's resident memory passes the limit, or when `on_tick` says the claim was lost.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from worker.progress import Progress
+
+TAIL_KEEP = 400  # lines kept in memory (the summary and the traceback live at the end)
+LINE_MAX = 4000  # characters kept of one line
+POLL = 0.1
+MEMORY_POLL = 0.25
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+@dataclass
+class ChildRun:
+    exit_code: int | None = None
+    killed: str | None = None  # "timeout" | "memory" | "claim_lost"
+    wall_seconds: float = 0.0
+    peak_rss_mb: float = 0.0
+    log_bytes: int = 0
+    log_truncated: bool = False
+    tail: list[str] = field(default_factory=list)
+    progress: Progress = field(default_factory=Progress)
+
+
+class _Reader(threading.Thread):
+    """Drains the child's output: log file up to `cap` bytes, the tail in memory, progress parsing."""
+
+    def __init__(self, fd: int, log_path: Path, cap: int, progress: Progress) -> None:
+        super().__init__(daemon=True, name="child-output")
+        self.fd, self.cap, self.progress = fd, cap, progress
+        self.log = open(log_path, "wb")  # noqa: SIM115 - closed in run()
+        self.written = 0
+        self.truncated = False
+        self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_KEEP)
+        self.lock = threading.Lock()
+        self._partial = b""
+
+    def _line(self, raw: bytes) -> None:
+        text = raw[:LINE_MAX].decode("utf-8", errors="replace").rstrip()
+        if not text:
+            return
+        with self.lock:
+            self.tail.append(text)
+        if len(raw) < 512:
+            self.progress.feed(text)
+
+    def run(self) -> None:
+        try:
+            while True:
+                try:
+                    chunk = os.read(self.fd, 1 << 16)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                if self.written < self.cap:
+                    room = self.cap - self.written
+                    self.log.write(chunk[:room])
+                    self.written += min(room, len(chunk))
+                    if len(chunk) > room:
+                        self.truncated = True
+                        self.log.write(f"\n[farm: log truncated at {self.cap} bytes; the rest of the output "
+                                       f"was discarded]\n".encode())
+                        self.log.flush()
+                data = self._partial + chunk
+                parts = data.replace(b"\r", b"\n").split(b"\n")
+                self._partial = parts.pop()
+                if len(self._partial) > LINE_MAX * 4:  # a line with no end: keep its start only
+                    self._line(self._partial)
+                    self._partial = b""
+                for raw in parts:
+                    self._line(raw)
+            if self._partial:
+                self._line(self._partial)
+        finally:
+            self.log.close()
+            os.close(self.fd)
+
+    def lines(self) -> list[str]:
+        with self.lock:
+            return list(self.tail)
+
+
+def tree_pids(root: int) -> list[int]:
+    """root and all its descendants (from /proc)."""
+    children: dict[int, list[int]] = collections.defaultdict(list)
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                stat = f.read()
+            ppid = int(stat.rsplit(b")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children[ppid].append(int(entry.name))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, ()))
+    return out
+
+
+def tree_rss_mb(root: int) -> float:
+    total = 0
+    for pid in tree_pids(root):
+        try:
+            with open(f"/proc/{pid}/statm", "rb") as f:
+                total += int(f.read().split()[1]) * _PAGE
+        except (OSError, ValueError, IndexError):
+            continue
+    return total / 2**20
+
+
+def kill_tree(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the child's process group and every descendant still found under it."""
+    pids = tree_pids(proc.pid)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def rlimit_prefix(memory_mb: float, *, address_space: bool, file_size_mb: float) -> list[str]:
+    """prlimit(1) in front of the command: a file-size cap always, an address-space cap on CPU
+    (CUDA maps huge virtual ranges, so GPU runs rely on the resident-memory watchdog alone)."""
+    if not shutil.which("prlimit"):
+        return []
+    cmd = ["prlimit", f"--fsize={int(file_size_mb * 2**20)}"]
+    if address_space and memory_mb > 0:
+        # headroom: torch reserves far more address space than it touches; the RSS watchdog is
+        # the real limit, this one only stops an allocation burst between two samples
+        cmd.append(f"--as={int((memory_mb * 2 + 4096) * 2**20)}")
+    return [*cmd, "--"]
+
+
+def supervise(argv: Sequence[str], *, env: dict[str, str], cwd: Path, log_path: Path, wall_limit: float,
+              memory_mb: float, log_cap: int, pass_fds: Sequence[int] = (),
+              on_tick: Callable[[Progress], bool] | None = None, tick_every: float = 5.0) -> ChildRun:
+    """Start argv and watch it to the end. `on_tick(progress)` runs every `tick_every` seconds
+    (heartbeat); returning False kills the child (the claim was lost)."""
+    run = ChildRun()
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+    proc = subprocess.Popen(list(argv), cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True, pass_fds=tuple(pass_fds),
+                            close_fds=True)
+    assert proc.stdout is not None
+    reader = _Reader(os.dup(proc.stdout.fileno()), log_path, log_cap, run.progress)
+    proc.stdout.close()
+    reader.start()
+    next_tick = start + tick_every
+    next_mem = start
+    try:
+        while True:
+            code = proc.poll()
+            if code is not None:
+                run.exit_code = code
+                break
+            now = time.monotonic()
+            if now - start > wall_limit:
+                run.killed = "timeout"
+                break
+            if memory_mb > 0 and now >= next_mem:
+                next_mem = now + MEMORY_POLL
+                rss = tree_rss_mb(proc.pid)
+                run.peak_rss_mb = max(run.peak_rss_mb, rss)
+                if rss > memory_mb:
+                    run.killed = "memory"
+                    break
+            if on_tick is not None and now >= next_tick:
+                next_tick = now + tick_every
+                if not on_tick(run.progress):
+                    run.killed = "claim_lost"
+                    break
+            time.sleep(POLL)
+    finally:
+        # always: whatever the candidate forked must not outlive the run
+        kill_tree(proc)
+        try:
+            code = proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            code = None
+        if run.exit_code is None and run.killed is None:
+            run.exit_code = code
+        run.wall_seconds = time.monotonic() - start
+        reader.join(timeout=10)
+    run.tail = reader.lines()
+    run.log_bytes = reader.written
+    run.log_truncated = reader.truncated
+    return run

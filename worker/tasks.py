@@ -1,0 +1,45 @@
+"""The worker's one Celery task, thin: validate the payload (an experiment id), hand it to
+worker.runner. Infrastructure errors before the claim are retried with backoff; a training failure
+is a result, never a retry."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Celery, Task
+from sqlalchemy.exc import OperationalError
+
+from farm.broker import RUN_TASK
+from farm.db import DatabaseUnavailable
+
+log = logging.getLogger(__name__)
+
+
+def parse_experiment_id(payload: Any) -> int | None:
+    if isinstance(payload, bool):
+        return None
+    if isinstance(payload, int):
+        return payload if payload > 0 else None
+    if isinstance(payload, str) and payload.strip().isdigit():
+        return int(payload.strip()) or None
+    return None
+
+
+def run_experiment(self: Task[Any, Any], experiment_id: Any) -> str:
+    from worker import lifecycle, runner
+
+    exp_id = parse_experiment_id(experiment_id)
+    if exp_id is None:
+        log.error("dropping a message with an invalid experiment id: %r", experiment_id)
+        return "invalid"
+    try:
+        return runner.run_experiment(exp_id, lifecycle.context()).status
+    except (OperationalError, DatabaseUnavailable) as exc:
+        # the database is away: a job that ran has reported already or will be reaped;
+        # a job not yet claimed is simply tried again later
+        raise self.retry(exc=exc, countdown=min(60, 2 ** (self.request.retries + 1))) from exc
+
+
+def register(app: Celery) -> None:
+    app.task(name=RUN_TASK, bind=True, acks_late=True, ignore_result=True, max_retries=8)(run_experiment)
