@@ -162,6 +162,10 @@ def dashboard_url(settings: Settings) -> str:
 class ChildSpec:
     name: str
     args: list[str]  # arguments of the `farm` command, e.g. ["worker", "--cpu"]
+    command: list[str] | None = None  # a whole command line instead (tests)
+
+    def argv(self) -> list[str]:
+        return list(self.command) if self.command else [sys.executable, "-m", "cli.main", *self.args]
 
 
 @dataclass
@@ -268,7 +272,7 @@ class Farm:
             child.log = open(self.settings.logs_dir / f"{child.spec.name}.log", "a", buffering=1)  # noqa: SIM115
         child.log.write(f"\n===== farm up: starting {child.spec.name} at {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         child.proc = subprocess.Popen(
-            [sys.executable, "-m", "cli.main", *child.spec.args], cwd=str(ROOT), env=self.env,
+            child.spec.argv(), cwd=str(ROOT), env=self.env,
             stdin=subprocess.DEVNULL, stdout=child.log, stderr=subprocess.STDOUT,
             start_new_session=True)  # own session and process group: the terminal's Ctrl-C is ours
         child.starts += 1
