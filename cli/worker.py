@@ -1,0 +1,64 @@
+"""`farm worker --gpu N` / `farm worker --cpu`: start one worker process (one per GPU or CPU slot).
+
+Sets the worker's identity in the environment, pins CUDA_VISIBLE_DEVICES, then execs a Celery
+worker (`--pool solo -c 1`: one job at a time; the training runs in its own process anyway) on the
+hardware class's queue. The Celery process itself probes the sandbox, prepares the data cache,
+registers in `workers` and starts its reaper thread (worker/lifecycle.py) before taking jobs.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+
+import typer
+
+from cli.errors import fail
+
+app = typer.Typer(help="Run a worker.")
+
+
+def celery_argv(queue: str, node: str, loglevel: str) -> list[str]:
+    return [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "-Q", queue, "--pool", "solo",
+            "-c", "1", "-n", node, "--without-gossip", "--without-mingle", "--loglevel", loglevel]
+
+
+@app.command()
+def worker(
+    gpu: int = typer.Option(None, "--gpu", help="GPU index to pin (CUDA_VISIBLE_DEVICES)"),
+    cpu: bool = typer.Option(False, "--cpu", help="a cpu-profile worker (no GPU)"),
+    slot: int = typer.Option(0, "--slot", help="CPU slot number, when several cpu workers share a host"),
+    hw_class: str = typer.Option("", "--hw-class", help="queue/hardware class (default: from the GPU name, "
+                                                        "or `cpu`)"),
+    name: str = typer.Option("", "--name", help="worker id (default: HOST:gpuN or HOST:cpuN)"),
+    prepare: bool = typer.Option(True, "--prepare/--no-prepare", help="run the template's prepare.py first"),
+    loglevel: str = typer.Option("INFO", "--loglevel"),
+) -> None:
+    """Consume this hardware class's queue, one experiment at a time."""
+    from worker.identity import hw_class_of, query_gpu
+
+    if (gpu is None) == (not cpu):
+        fail("choose exactly one of --gpu N or --cpu")
+    env = dict(os.environ)
+    host = socket.gethostname()
+    if gpu is not None:
+        info = query_gpu(gpu)
+        if not info:
+            fail(f"no GPU {gpu} found (nvidia-smi --id={gpu} failed); use --cpu for the cpu profile")
+        env.update(CUDA_VISIBLE_DEVICES=str(gpu), FARM_WORKER_GPU=str(gpu))
+        cls = hw_class or hw_class_of(info["gpu_name"])
+        worker_id = name or f"{host}:gpu{gpu}"
+    else:
+        env.pop("FARM_WORKER_GPU", None)
+        env["CUDA_VISIBLE_DEVICES"] = ""  # a cpu worker never touches a GPU
+        env["FARM_WORKER_SLOT"] = str(slot)
+        cls = hw_class or "cpu"
+        worker_id = name or f"{host}:cpu{slot}"
+    env.update(FARM_WORKER_ID=worker_id, FARM_WORKER_HW_CLASS=cls, FARM_WORKER_PREPARE="1" if prepare else "0")
+    from farm.broker import queue_for
+
+    node = worker_id.replace(":", "-") + "@" + host
+    typer.echo(f"farm worker {worker_id}: queue {queue_for(cls)}", err=True)
+    argv = celery_argv(queue_for(cls), node, loglevel)
+    os.execve(argv[0], argv, env)
