@@ -1,0 +1,95 @@
+"""The dispatcher: decided once at import, overridable, importable without Triton or a GPU."""
+
+import json
+import sys
+
+import pytest
+import torch
+from kernel_helpers import REPO, run_python
+
+KERNEL_MODULES = ("rms_norm", "cross_entropy", "rotary", "relu_squared")
+
+
+def test_interpreted_copy_runs_interpreted_kernels(K):
+    assert K.backend() == "interpret" and K.enabled()
+    for name in KERNEL_MODULES:
+        module = sys.modules[f"{K.__name__}.{name}"]  # K.rms_norm is the public function
+        kernels = [v for k, v in vars(module).items() if k.startswith("_") and k.endswith("_kernel")]
+        assert kernels, name
+        for kernel in kernels:
+            assert type(kernel).__name__ == "InterpretedFunction", (name, type(kernel))
+
+
+def test_set_enabled_switches_every_op_to_the_reference(K):
+    x = torch.randn(4, 16, requires_grad=True)
+    assert "RMSNorm" in type(K.rms_norm(x).grad_fn).__name__
+    K.set_enabled(False)
+    assert K.backend() == "reference" and not K.enabled()
+    assert "RMSNorm" not in type(K.rms_norm(x).grad_fn).__name__
+    logits = torch.randn(3, 10, requires_grad=True)
+    loss = K.softcap_cross_entropy(logits, torch.tensor([1, 2, -1]), 15.0)
+    assert "SoftcapCrossEntropy" not in type(loss.grad_fn).__name__
+    K.set_enabled(True)
+    assert "RMSNorm" in type(K.rms_norm(x).grad_fn).__name__
+
+
+_PROBE = """
+import importlib.abc, json, sys, torch
+
+def probe():
+    import kernels
+    x = torch.randn(2, 3, 8)
+    out = dict(enabled=kernels.enabled(), backend=kernels.backend(),
+               cuda_initialized=torch.cuda.is_initialized(),
+               rms_ok=bool(torch.allclose(kernels.rms_norm(x), kernels.rms_norm_reference(x))),
+               triton_loaded="triton" in sys.modules)
+    try:
+        kernels.set_enabled(True)
+        out["set_enabled_true"] = "ok"
+    except RuntimeError as exc:
+        out["set_enabled_true"] = str(exc)
+    return out
+
+class NoTriton(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "triton" or name.startswith("triton."):
+            raise ImportError("triton blocked for this test")
+
+default = probe()
+# the same process again, as if triton were not installed: forget both packages, block triton
+for name in [m for m in sys.modules if m.split(".")[0] in ("kernels", "triton")]:
+    del sys.modules[name]
+sys.meta_path.insert(0, NoTriton())
+print(json.dumps(dict(default=default, no_triton=probe())))
+"""
+
+
+@pytest.mark.any_process
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only default")
+def test_import_on_cpu_picks_references_and_works_without_triton():
+    proc = run_python(_PROBE, {"FARM_KERNELS": None, "TRITON_INTERPRET": None})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    default, no_triton = out["default"], out["no_triton"]
+    # CPU without FARM_KERNELS: references, and importing touched no device
+    assert default["enabled"] is False and default["backend"] == "reference" and default["rms_ok"]
+    assert default["cuda_initialized"] is False
+    assert "CUDA is not available" in default["set_enabled_true"]
+    # without triton: still importable and working, pure torch
+    assert no_triton["triton_loaded"] is False
+    assert no_triton["enabled"] is False and no_triton["backend"] == "reference" and no_triton["rms_ok"]
+    assert "triton is not installed" in no_triton["set_enabled_true"]
+
+
+@pytest.mark.any_process
+def test_interpreter_suite_in_fresh_process():
+    """Fallback for a pytest process where triton.language was imported before TRITON_INTERPRET=1
+    (see conftest.py): rerun this folder in a fresh interpreter, where conftest comes first."""
+    tl = sys.modules.get("triton.language")
+    if tl is None or type(tl.sum).__name__ == "InterpretedFunction":
+        pytest.skip("the interpreter tests ran in this process")
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           "tests/unit/kernels"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-2000:]
