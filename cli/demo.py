@@ -27,7 +27,16 @@ from rich.table import Table
 from rich.text import Text
 
 from cli.errors import CLIError
-from cli.up import ROOT, Farm, StopSignal, child_specs, dashboard_url, port_in_use, prepare
+from cli.up import (
+    ROOT,
+    Farm,
+    StopSignal,
+    child_specs,
+    dashboard_url,
+    port_in_use,
+    prepare,
+    release_interrupted,
+)
 from farm.settings import Settings, get_settings, reset_settings_cache
 
 EXAMPLE_PROGRAM = ROOT / "docs" / "examples" / "program.md"
@@ -267,6 +276,7 @@ def run_demo(*, minutes: float, budget: float, out: Path, workers: int) -> int:
         interrupted = stop.requested
         console.print("stopping the farm" + (" (interrupted)" if interrupted else " (time is up)"))
         farm.stop(force=lambda: stop.forced)
+    release_interrupted(farm.worker_ids(), settings)  # tidy: nothing is left `running` in the demo's home
     snap = snapshot(program_id)
     paths, board = write_outputs(program_id, out)
     console.print(leaderboard_table(board))

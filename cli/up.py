@@ -163,6 +163,7 @@ class ChildSpec:
     name: str
     args: list[str]  # arguments of the `farm` command, e.g. ["worker", "--cpu"]
     command: list[str] | None = None  # a whole command line instead (tests)
+    worker_id: str | None = None  # the id `farm worker` registers under (HOST:cpuN / HOST:gpuN)
 
     def argv(self) -> list[str]:
         return list(self.command) if self.command else [sys.executable, "-m", "cli.main", *self.args]
@@ -177,14 +178,66 @@ class Child:
     starts: int = 0
 
 
+def gpu_ids(count: int) -> list[int]:
+    """The physical ids of the visible GPUs: `farm worker --gpu N` takes nvidia-smi's numbering,
+    so CUDA_VISIBLE_DEVICES=2,3 must give workers 2 and 3, not 0 and 1."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").replace(" ", "")
+    parts = [p for p in visible.split(",") if p]
+    if parts and all(p.isdigit() for p in parts):
+        return [int(p) for p in parts][:count]
+    return list(range(count))
+
+
 def child_specs(settings: Settings, *, cpu: bool, workers: int, gpus: int | None = None) -> list[ChildSpec]:
+    host = socket.gethostname()
     specs = [ChildSpec("api", ["api"]), ChildSpec("scheduler", ["scheduler"])]
     n_gpu = 0 if cpu else (visible_gpus() if gpus is None else gpus)
     if n_gpu:
-        specs += [ChildSpec(f"worker-gpu{i}", ["worker", "--gpu", str(i)]) for i in range(n_gpu)]
+        specs += [ChildSpec(f"worker-gpu{i}", ["worker", "--gpu", str(i)], worker_id=f"{host}:gpu{i}")
+                  for i in gpu_ids(n_gpu)]
     else:
-        specs += [ChildSpec(f"worker-cpu{i}", ["worker", "--cpu"]) for i in range(max(1, workers))]
+        specs += [ChildSpec(f"worker-cpu{i}", ["worker", "--cpu", "--slot", str(i)], worker_id=f"{host}:cpu{i}")
+                  for i in range(max(1, workers))]
     return specs
+
+
+def release_interrupted(worker_ids: set[str], settings: Settings | None = None) -> list[int]:
+    """Put the runs our (now dead) workers were in the middle of back in the queue, without
+    spending a retry: stopping the farm is not the candidate's fault. Call only once those
+    workers' process trees are gone. Returns the released experiment ids."""
+    from sqlalchemy import select, update
+
+    from farm.broker import publish_experiment
+    from farm.db import db_now, session_scope
+    from farm.models import Experiment, ExperimentStatus, Program, Worker, utcnow
+    from farm.recovery import job_time_limit
+
+    if not worker_ids:
+        return []
+    s = settings or get_settings()
+    jobs: list[tuple[int, str, float]] = []
+    with session_scope() as session:
+        now = db_now(session)
+        rows = session.execute(
+            select(Experiment).where(Experiment.status == ExperimentStatus.running,
+                                     Experiment.worker_id.in_(sorted(worker_ids)))
+            .with_for_update().execution_options(populate_existing=True)).scalars().all()
+        for exp in rows:
+            exp.attempts = [*(exp.attempts or []), {
+                "worker_id": exp.worker_id, "released_at": now.isoformat(), "progress": exp.progress,
+                "reason": "farm up stopped its worker; re-queued without counting a retry"}]
+            exp.status = ExperimentStatus.queued
+            exp.worker_id = None
+            exp.queued_at = now
+            exp.progress = None
+            exp.current_loss = None
+            budget = session.execute(select(Program.time_budget).where(Program.id == exp.program_id)).scalar_one()
+            jobs.append((exp.id, exp.hw_class, float(budget)))
+        session.execute(update(Worker).where(Worker.id.in_(sorted(worker_ids)))
+                        .values(current_experiment_id=None, stopped_at=utcnow()))
+    for exp_id, hw_class, budget in jobs:  # after the commit: a worker must find the row queued
+        publish_experiment(exp_id, hw_class, time_limit=job_time_limit(budget, s))
+    return [j[0] for j in jobs]
 
 
 def child_env(settings: Settings) -> dict[str, str]:
@@ -279,6 +332,9 @@ class Farm:
 
     def pids(self) -> dict[str, int]:
         return {c.spec.name: c.proc.pid for c in self.children if c.proc is not None and c.proc.poll() is None}
+
+    def worker_ids(self) -> set[str]:
+        return {c.spec.worker_id for c in self.children if c.spec.worker_id}
 
     def child(self, name: str) -> Child:
         for c in self.children:
@@ -460,6 +516,9 @@ def run_up(*, cpu: bool, workers: int, grace: float) -> int:
         while not stop.requested and farm.poll():
             time.sleep(0.5)
         codes = farm.stop(force=lambda: stop.forced)
+    released = release_interrupted(farm.worker_ids(), settings)
+    if released:
+        say(f"re-queued the interrupted run(s) {', '.join(map(str, released))}; they restart with the next `farm up`")
     if farm.failed:
         say(farm.failed, err=True)
         return 1

@@ -110,7 +110,8 @@ def test_children_one_worker_per_gpu_or_cpu_workers(settings: Settings) -> None:
     gpu1 = up.child_specs(settings, cpu=False, workers=1, gpus=3)[3]
     assert gpu1.args == ["worker", "--gpu", "1"]
     cpu = up.child_specs(settings, cpu=True, workers=2, gpus=3)
-    assert [c.args for c in cpu[2:]] == [["worker", "--cpu"], ["worker", "--cpu"]]
+    assert [c.args for c in cpu[2:]] == [["worker", "--cpu", "--slot", "0"], ["worker", "--cpu", "--slot", "1"]]
+    assert cpu[3].worker_id and cpu[3].worker_id.endswith(":cpu1")
     assert [c.name for c in up.child_specs(settings, cpu=False, workers=1, gpus=0)][2:] == ["worker-cpu0"]
 
 
@@ -174,3 +175,41 @@ def test_orphans_of_a_dead_child_are_killed(settings: Settings, tmp_path: Path,
     farm.poll()
     assert _wait(lambda: not _alive(grandchild), 5), "the orphaned grandchild kept running"
     farm.stop()
+
+
+def test_gpu_ids_follow_cuda_visible_devices(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert up.gpu_ids(2) == [2, 3]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert up.gpu_ids(3) == [0, 1, 2]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-1a2b")  # UUIDs: fall back to indices
+    assert up.gpu_ids(1) == [0]
+
+
+def test_interrupted_runs_are_released_without_spending_a_retry(migrated: Settings) -> None:
+    from farm.broker import reset_celery
+    from farm.db import session_scope
+    from farm.models import Experiment, ExperimentStatus, Worker
+    from farm.recovery import live_experiment_ids
+    from tests.factories import make_experiment, make_program
+
+    reset_celery()
+    with session_scope() as s:
+        s.add_all([Worker(id="h:cpu0", host="h", hw_class="cpu"), Worker(id="other:cpu0", host="other", hw_class="cpu")])
+        s.flush()
+        p = make_program(s)
+        mine = make_experiment(s, p, ExperimentStatus.running, worker_id="h:cpu0", retry_count=1, progress=40.0)
+        theirs = make_experiment(s, p, ExperimentStatus.running, worker_id="other:cpu0")
+        done = make_experiment(s, p, ExperimentStatus.succeeded, worker_id="h:cpu0")
+        ids = (mine.id, theirs.id, done.id)
+    try:
+        assert up.release_interrupted({"h:cpu0"}, migrated) == [ids[0]]
+    finally:
+        reset_celery()
+    with session_scope() as s:
+        m, t, d = (s.get(Experiment, i) for i in ids)
+        assert m is not None and t is not None and d is not None
+        assert m.status == ExperimentStatus.queued and m.retry_count == 1 and m.worker_id is None
+        assert m.attempts[-1]["reason"].startswith("farm up stopped its worker")
+        assert t.status == ExperimentStatus.running and d.status == ExperimentStatus.succeeded
+    assert ids[0] in (live_experiment_ids(migrated, {"cpu"}) or set())
