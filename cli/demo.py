@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +42,7 @@ from farm.settings import Settings, get_settings, reset_settings_cache
 
 EXAMPLE_PROGRAM = ROOT / "docs" / "examples" / "program.md"
 HOME_MARKER = ".farm-demo-home"
-STOP_GRACE = 5.0
+STOP_GRACE = 10.0  # an idle worker takes about 6 s to shut down on a loaded 2-core machine
 FINISHED = ("succeeded", "crashed", "timed_out", "refused", "lost", "invalid")
 
 
@@ -233,7 +234,8 @@ def leaderboard_table(board: list[dict[str, Any]]) -> Table:
 
 
 def run_demo(*, minutes: float, budget: float, out: Path, workers: int) -> int:
-    console = Console()
+    # without a terminal (CI, a pipe) rich would wrap at 80 columns; log lines read better wider
+    console = Console() if sys.stdout.isatty() else Console(width=160)
     out = out.expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     settings = demo_settings(out)
