@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import db, demo, export, leaderboard, serve, status, submit, token, up, worker
+from cli import db, demo, export, leaderboard, scheduler, serve, status, submit, token, up, worker
 from cli.errors import run_guarded
 
 app = typer.Typer(help="researchfarm: an LLM-driven training research farm.", no_args_is_help=True,
@@ -19,6 +19,7 @@ app.command("api")(serve.api)
 app.command(name="worker")(worker.worker)
 app.command("up")(up.up)
 app.command("demo")(demo.demo)
+app.command("scheduler")(scheduler.run)
 
 
 @app.callback()

@@ -184,10 +184,10 @@ def parse_answer(text: str, editable: list[str], current: dict[str, str]) -> Pro
 
 
 def _retryable() -> tuple[type[BaseException], ...]:
-    import litellm
+    from litellm import exceptions as ex
 
-    return (litellm.RateLimitError, litellm.Timeout, litellm.APIConnectionError, litellm.ServiceUnavailableError,
-            litellm.InternalServerError, litellm.BadGatewayError)
+    return (ex.RateLimitError, ex.Timeout, ex.APIConnectionError, ex.ServiceUnavailableError,
+            ex.InternalServerError, ex.BadGatewayError)
 
 
 def _usage(resp: Any) -> tuple[int, int]:

@@ -52,7 +52,7 @@ def _number(node: ast.expr) -> float | int | None:
             return None
         try:
             if isinstance(node.op, ast.Pow):
-                return a ** b if abs(b) < 64 else None  # type: ignore[no-any-return]
+                return a ** b if abs(b) < 64 else None
             if isinstance(node.op, ast.Mult):
                 return a * b
             if isinstance(node.op, ast.Div):
