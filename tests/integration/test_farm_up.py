@@ -22,6 +22,7 @@ from tests.integration.farmproc import (
     FarmProcess,
     child_running,
     clean_env,
+    descendants,
     free_port,
     logs_tail,
     wait_for,
@@ -75,16 +76,17 @@ def test_farm_up_survives_a_killed_worker_and_a_restart(tmp_path: Path) -> None:
 
         wait_for(lambda: n_succeeded() >= 1, 300, "the first experiment to finish", diag)
 
-        # ---- SIGKILL the worker in the middle of a run
-        def running_mid_run() -> int | None:
-            for eid, e in _experiments(db, program_id).items():
-                if e["status"] == "running" and (e["progress"] or 0) > 0:
-                    return eid
-            return None
+        # ---- SIGKILL the worker in the middle of a run: claimed, and its training process alive
+        def worker_mid_run() -> tuple[int, int] | None:
+            worker_pid = child_running(farm.pid, "worker")
+            if worker_pid is None or not descendants(worker_pid):
+                return None
+            running = [eid for eid, e in _experiments(db, program_id).items() if e["status"] == "running"]
+            if len(running) != 1 or not descendants(worker_pid):
+                return None
+            return running[0], worker_pid
 
-        victim = wait_for(running_mid_run, 300, "an experiment in the middle of its run", diag, poll=0.2)
-        worker_pid = child_running(farm.pid, "worker")
-        assert worker_pid, diag()
+        victim, worker_pid = wait_for(worker_mid_run, 300, "the worker in the middle of a run", diag, poll=0.2)
         os.kill(worker_pid, signal.SIGKILL)
         wait_for(lambda: "exited with code -9; restarting it" in farm.output(), 30,
                  "farm up to report and restart the killed worker", diag)
