@@ -81,7 +81,8 @@ def move_program(session: Session, *, program_id: int, action: str) -> tuple[boo
 
 
 def _counts(session: Session, column: Any, program_ids: Sequence[int] | None) -> dict[int, dict[str, int]]:
-    stmt = select(Experiment.program_id, column, func.count()).group_by(Experiment.program_id, column)
+    stmt = (select(Experiment.program_id, column, func.count()).where(column.is_not(None))
+            .group_by(Experiment.program_id, column))
     if program_ids is not None:
         stmt = stmt.where(Experiment.program_id.in_(program_ids))
     out: dict[int, dict[str, int]] = {}
@@ -89,6 +90,19 @@ def _counts(session: Session, column: Any, program_ids: Sequence[int] | None) ->
         if key is not None:
             out.setdefault(pid, {})[str(getattr(key, "value", key))] = int(n)
     return out
+
+
+def _best_of(session: Session, program_id: int) -> schemas.BestPublic | None:
+    row = session.execute(
+        select(Experiment.id, Experiment.commit_sha, Experiment.description, Result.val_bpb, Result.test_bpb)
+        .join(Result, Result.experiment_id == Experiment.id)
+        .where(Experiment.program_id == program_id, Experiment.decision == Decision.keep,
+               Result.val_bpb.is_not(None))
+        .order_by(Result.val_bpb.asc(), Experiment.id.asc()).limit(1)).one_or_none()
+    if row is None:
+        return None
+    return schemas.BestPublic(experiment_id=row.id, commit=row.commit_sha, val_bpb=row.val_bpb,
+                              test_bpb=row.test_bpb, description=row.description)
 
 
 def _best(session: Session, program_ids: Sequence[int] | None) -> dict[int, schemas.BestPublic]:
@@ -137,7 +151,7 @@ def program_detail(session: Session, *, program: Program) -> schemas.ProgramDeta
     return schemas.ProgramDetail(
         **_public(program), counts=_counts(session, Experiment.status, [pid]).get(pid, {}),
         decisions=_counts(session, Experiment.decision, [pid]).get(pid, {}),
-        best=_best(session, [pid]).get(pid), baseline_val_bpb=baseline_val_bpb(session, pid),
+        best=_best_of(session, pid), baseline_val_bpb=baseline_val_bpb(session, pid),
         instructions=program.instructions, root_commit=program.root_commit,
         head_experiment_id=program.head_experiment_id, noise_sigma=noise.sigma, noise_source=noise.source,
         llm_spend_usd=float(spend), llm_calls=int(calls), experiments_per_hour=float(per_hour))
@@ -200,9 +214,11 @@ def list_experiments(session: Session, *, program_id: int, status: Sequence[Expe
     col: Any = {"id": Experiment.id, "val_bpb": Result.val_bpb, "created_at": Experiment.created_at,
                 "finished_at": Experiment.finished_at}[sort]
     ordered = col.asc() if order == "asc" else col.desc()
+    if sort != "id":  # NULLS LAST on the never-null id would keep Postgres off the (program_id, id) index
+        ordered = ordered.nulls_last()
     stmt = (select(*LIST_COLUMNS).outerjoin(Result, Result.experiment_id == Experiment.id)
-                         .where(*where).order_by(ordered.nulls_last(), Experiment.id.desc())
-                         .limit(limit).offset(offset))
+            .where(*where).order_by(ordered, Experiment.id.desc())
+            .limit(limit).offset(offset))
     rows = session.execute(stmt).all()
     return schemas.ExperimentPage(items=_rows_to_public(session, program_id, rows), total=int(total),
                                   limit=limit, offset=offset)

@@ -81,11 +81,17 @@ def program_noise(session: Session, program_id: int) -> Noise:
     if sigma is not None:
         dof = latest.get("dof") if isinstance(latest, dict) else None
         return Noise(sigma=sigma, dof=int(dof) if isinstance(dof, int) else 0, source="decisions")
+    # only commits that were deliberately re-run (a baseline or a confirmation) can form a group:
+    # looking them up first keeps this an index walk instead of a pass over every run
+    keys = (select(run_commit()).where(Experiment.program_id == program_id,
+                                       Experiment.role.in_((ExperimentRole.baseline, ExperimentRole.confirmation)))
+            .scalar_subquery())
     rows = session.execute(
         select(func.count(Result.val_bpb), func.sum(Result.val_bpb), func.sum(Result.val_bpb * Result.val_bpb))
         .join(Experiment, Experiment.id == Result.experiment_id)
         .where(Experiment.program_id == program_id, Experiment.status == ExperimentStatus.succeeded,
-               Result.val_bpb.is_not(None))
+               Result.val_bpb.is_not(None),
+               Experiment.commit_sha.in_(keys) | (Experiment.commit_sha.is_(None) & Experiment.parent_commit.in_(keys)))
         .group_by(run_commit())
         .having(func.count(Result.val_bpb) > 1)
     ).all()
