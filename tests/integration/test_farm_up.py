@@ -93,7 +93,9 @@ def test_farm_up_survives_a_killed_worker_and_a_restart(tmp_path: Path) -> None:
         wait_for(lambda: _experiments(db, program_id)[victim]["status"] in FINISHED, 300,
                  f"experiment {victim} (its worker was killed) to finish after the restart", diag)
         killed = _experiments(db, program_id)[victim]
-        assert killed["status"] == "succeeded", (killed, diag())
+        # completed = ran to an outcome with its one result (a mutated candidate may crash on its own merits)
+        assert killed["status"] in ("succeeded", "crashed", "timed_out"), (killed, diag())
+        assert _rows(db, "SELECT COUNT(*) FROM results WHERE experiment_id = ?", victim)[0][0] == 1
         assert killed["retries"] >= 1, f"experiment {victim} finished without being re-queued: {killed}"
 
         # ---- stop with SIGINT: a clean exit
