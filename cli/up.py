@@ -492,7 +492,7 @@ def print_token(info: TokenInfo, settings: Settings) -> None:
     elif info.source == "FARM_API_TOKEN":
         say("API token: the one in FARM_API_TOKEN")
     else:
-        say("API tokens exist but FARM_API_TOKEN is not set: create one with `farm token create --name me`")
+        say("API tokens exist but FARM_API_TOKEN is not set: create one with `farm token create NAME`")
 
 
 def run_up(*, cpu: bool, workers: int, grace: float) -> int:
