@@ -495,6 +495,18 @@ def print_token(info: TokenInfo, settings: Settings) -> None:
         say("API tokens exist but FARM_API_TOKEN is not set: create one with `farm token create NAME`")
 
 
+def exit_text(code: int | None) -> str:
+    """`0` -> ok, `-15` -> SIGTERM (uvicorn re-raises the signal it stopped on), else the code."""
+    if code is None:
+        return "not started"
+    if code < 0:
+        try:
+            return signal.Signals(-code).name
+        except ValueError:
+            return f"signal {-code}"
+    return "ok" if code == 0 else f"exit {code}"
+
+
 def run_up(*, cpu: bool, workers: int, grace: float) -> int:
     settings = get_settings()
     if port_in_use(settings.api_host, settings.api_port):
@@ -522,7 +534,7 @@ def run_up(*, cpu: bool, workers: int, grace: float) -> int:
     if farm.failed:
         say(farm.failed, err=True)
         return 1
-    say("stopped: " + ", ".join(f"{n} ({c})" for n, c in codes.items()))
+    say("stopped: " + ", ".join(f"{n} ({exit_text(c)})" for n, c in codes.items()))
     return 0
 
 
