@@ -17,6 +17,8 @@ Contract with the worker (stable; the worker is built against it):
     FARM_NONCE_FD      optional inherited file descriptor; one line (a hex nonce) is read at import, then the fd
                        is closed and the variable deleted from os.environ
     FARM_DEVICE        optional torch device override (e.g. cuda:1); default cuda for h100, cpu for cpu
+    FARM_EVAL_TOKENS   optional smaller evaluation (tests, benchmarks); the result records eval_tokens, and
+                       results are comparable only at equal eval_tokens
   result: JSON at FARM_RESULT_PATH with "nonce" and "digest" = result_digest(payload, nonce), written before the
     `---` summary is printed on stdout; finish() then ends the process with exit code 0.
   exit codes: 0 ok, 1 uncaught exception, 2 bad environment, 3 FAIL (NaN / exploding loss / non-finite bpb),
@@ -182,6 +184,7 @@ RESULT_PATH = Path(os.environ.get("FARM_RESULT_PATH") or "result.json")
 CORPUS = os.environ.get("FARM_CORPUS", "").strip() or "bible"
 DEVICE_NAME = os.environ.get("FARM_DEVICE", "").strip() or PROFILE.device
 MAX_SEQ_LEN = PROFILE.seq_len
+EVAL_TOKENS = _env_number("FARM_EVAL_TOKENS", int, PROFILE.eval_tokens)  # tests/bench may shrink it; recorded
 
 # The heavy imports come after the nonce and the environment are settled, so a bad setup fails in milliseconds.
 import numpy as np  # noqa: E402
@@ -803,13 +806,15 @@ def eval_rows(split: str, profile: Profile = PROFILE) -> np.ndarray:
     """The evaluation rows of a split: documents in stored order, packed the same way, up to eval_tokens."""
     key = (split, profile.name)
     if key not in _EVAL_ROWS:
-        _EVAL_ROWS[key] = _pack_eval_rows(split, profile)
+        rows = _pack_eval_rows(split, profile)
+        rows.setflags(write=False)
+        _EVAL_ROWS[key] = rows
     return _EVAL_ROWS[key]
 
 
 def _pack_eval_rows(split: str, profile: Profile) -> np.ndarray:
     tokens, offsets = load_data().split(split)
-    wanted = max(1, profile.eval_tokens // profile.seq_len)
+    wanted = max(1, (EVAL_TOKENS if profile is PROFILE else profile.eval_tokens) // profile.seq_len)
     rows = []
     for row in pack_rows(_split_docs(tokens, offsets, range(len(offsets) - 1)), profile.seq_len + 1):
         rows.append(row)
@@ -900,7 +905,7 @@ def _forward_logits(model, x: torch.Tensor) -> torch.Tensor:
 def check_causal(model, rows: np.ndarray, dev: torch.device, tol: float = 0.05) -> float:
     """Perturb the second half of half the rows and require unchanged logits on the first half: a model that
     looks ahead (at the targets) is rejected. Returns the largest difference seen."""
-    batch = torch.from_numpy(rows[:, :-1]).to(dev)
+    batch = torch.tensor(rows[:, :-1], device=dev)  # a copy: the perturbation must not reach the eval rows
     n = batch.size(0) // 2
     if n == 0:
         batch = batch.repeat(2, 1)
@@ -924,7 +929,7 @@ def evaluate_bpb(model, split: str, dev: torch.device, profile: Profile = PROFIL
     token_bytes = torch.from_numpy(load_data().token_bytes).to(dev)
     nats, nbytes = 0.0, 0
     for i in range(0, len(rows), profile.eval_batch):
-        batch = torch.from_numpy(rows[i:i + profile.eval_batch]).to(dev)
+        batch = torch.tensor(rows[i:i + profile.eval_batch], device=dev)
         logits = _forward_logits(model, batch[:, :-1])
         n, b = bpb_terms(logits, batch[:, 1:], token_bytes)
         nats, nbytes = nats + n, nbytes + b
@@ -1012,9 +1017,32 @@ def evaluate_and_report(model, clock: Clock, *, depth: int, flops_per_token: flo
     return _sign(result)
 
 
+def _integrity_guard() -> Callable[[], list[str]]:
+    # What finish() relies on, as it was when this module was imported (before any candidate code ran after
+    # `import prepare`); a candidate that swaps one of these in-process is refused rather than believed.
+    module = sys.modules[__name__]
+    names = ("evaluate_and_report", "evaluate_bpb", "bpb_terms", "bits_per_byte", "check_causal", "eval_rows",
+             "_pack_eval_rows", "pack_rows", "_forward_logits", "format_summary", "result_digest", "_sign",
+             "_atomic_write", "load_data", "Clock", "_die")
+    originals = {name: getattr(module, name) for name in names}
+    codes = {name: getattr(obj, "__code__", None) for name, obj in originals.items()}
+    torch_originals = (F.cross_entropy, torch.Tensor.sum, json.dumps, hmac.new)
+
+    def changed() -> list[str]:
+        bad = [n for n, obj in originals.items()
+               if getattr(module, n) is not obj or getattr(obj, "__code__", None) is not codes[n]]
+        if (F.cross_entropy, torch.Tensor.sum, json.dumps, hmac.new) != torch_originals:
+            bad.append("torch/json/hmac functions")
+        return bad
+    return changed
+
+
 def finish(model, clock: Clock, *, depth: int, flops_per_token: float | None = None) -> None:
     """Hand the trained model to the harness: evaluate, write the signed JSON to FARM_RESULT_PATH, print the
     summary, exit 0. Never returns. The model must map token ids (B, T) to logits (B, T, >= vocab)."""
+    tampered = _harness_changed()
+    if tampered:
+        _die(EXIT_REJECTED, f"prepare: harness functions were replaced in-process: {', '.join(tampered)}")
     result = evaluate_and_report(model, clock, depth=depth, flops_per_token=flops_per_token)
     RESULT_PATH.parent.mkdir(parents=True, exist_ok=True)
     _atomic_write(RESULT_PATH, json.dumps(result, indent=1, sort_keys=True))
@@ -1023,6 +1051,8 @@ def finish(model, clock: Clock, *, depth: int, flops_per_token: float | None = N
     sys.stderr.flush()
     os._exit(0)
 
+
+_harness_changed = _integrity_guard()
 
 # ======================================================================================================
 # CLI: prepare data ahead of time

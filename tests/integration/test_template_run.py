@@ -1,0 +1,181 @@
+"""End-to-end runs of the training template on the cpu profile: `python train.py` as the worker starts it
+(cwd training_template, FARM_* environment, nonce on an inherited fd), and the candidate edits the harness
+must survive (a diverging learning rate, a forged summary line, a monkeypatched evaluation)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+TEMPLATE = Path(__file__).resolve().parents[2] / "training_template"
+sys.path.insert(0, str(TEMPLATE))
+
+import prepare  # noqa: E402
+
+SUMMARY_KEYS = ["val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent", "total_tokens_M",
+                "num_steps", "num_params_M", "depth"]
+RESULT_FIELDS = {"val_bpb", "test_bpb", "training_seconds", "total_seconds", "startup_seconds", "eval_seconds",
+                 "peak_vram_mb", "mfu_percent", "total_tokens_m", "num_steps", "num_params_m", "depth", "device",
+                 "torch_version", "profile", "seed", "nonce", "digest"}
+
+
+def farm_env(data: Path, cache: Path, result: Path, **extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FARM_")}
+    env.update(FARM_PROFILE="cpu", FARM_DATA_DIR=str(data), FARM_CACHE_DIR=str(cache),
+               FARM_RESULT_PATH=str(result), FARM_SEED="1337", **extra)
+    return env
+
+
+def run(cmd: list[str], env: dict, cwd: Path = TEMPLATE, nonce: str | None = None,
+        timeout: float = 170) -> tuple[subprocess.CompletedProcess, float]:
+    fds: tuple[int, ...] = ()
+    if nonce is not None:
+        read_fd, write_fd = os.pipe()
+        os.write(write_fd, nonce.encode() + b"\n")
+        os.close(write_fd)
+        env = dict(env, FARM_NONCE_FD=str(read_fd))
+        fds = (read_fd,)
+    t0 = time.time()
+    try:
+        proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, pass_fds=fds)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return proc, time.time() - t0
+
+
+def last_summary(stdout: str) -> dict[str, str]:
+    block = stdout[stdout.rindex("---\n") + 4:]
+    lines = block.strip().splitlines()
+    assert [ln.split(":")[0] for ln in lines] == SUMMARY_KEYS
+    for ln in lines:
+        assert re.fullmatch(r"[A-Za-z_]+: +\S+", ln), ln
+    return {k: v.strip() for k, v in (ln.split(":", 1) for ln in lines)}
+
+
+def snapshot(*folders: Path) -> dict[str, tuple[int, int]]:
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for f in folders for p in sorted(f.rglob("*"))}
+
+
+def candidate_copy(tmp_path: Path, edit) -> Path:
+    copy = tmp_path / "candidate"
+    shutil.copytree(TEMPLATE, copy, ignore=shutil.ignore_patterns("__pycache__", "result.json"))
+    train = copy / "train.py"
+    train.write_text(edit(train.read_text()))
+    return copy
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> tuple[Path, Path]:
+    """`python prepare.py` once, as the worker does before it spawns candidates."""
+    root = tmp_path_factory.mktemp("farm")
+    data, cache = root / "data", root / "cache"
+    proc, _ = run([sys.executable, "prepare.py"], farm_env(data, cache, root / "unused.json"), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "cache" in proc.stdout
+    return data, cache
+
+
+@pytest.mark.slow
+def test_cpu_run_from_a_cold_cache_learns_signs_and_reports(tmp_path):
+    data, cache, result = tmp_path / "data", tmp_path / "cache", tmp_path / "out" / "result.json"
+    env = farm_env(data, cache, result, FARM_TIME_BUDGET="20")
+    proc, elapsed = run([sys.executable, "train.py"], env, nonce="9f3a1c")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert elapsed < 90, f"cpu run took {elapsed:.1f}s"
+
+    payload = json.loads(result.read_text())
+    assert RESULT_FIELDS <= set(payload)
+    assert payload["nonce"] == "9f3a1c"
+    assert payload["digest"] == prepare.result_digest(payload, "9f3a1c")
+    assert payload["profile"] == "cpu" and payload["seed"] == 1337 and payload["time_budget"] == 20
+    assert 20 <= payload["training_seconds"] < 40 and payload["num_steps"] >= 5
+    assert payload["total_seconds"] >= payload["startup_seconds"] + payload["training_seconds"]
+    assert payload["eval_seconds"] > 0 and payload["test_bpb"] > 0
+    assert payload["harness_sha256"] == prepare.harness_checksum(TEMPLATE)
+
+    summary = last_summary(proc.stdout)
+    assert summary["val_bpb"] == f"{payload['val_bpb']:.6f}"
+    assert summary["num_steps"] == str(payload["num_steps"]) and summary["depth"] == str(payload["depth"])
+    assert proc.stdout.rstrip().endswith(f"depth:            {payload['depth']}")  # the summary comes last
+
+    # the same harness evaluating a freshly initialised model (no steps at all)
+    untrained_path = tmp_path / "untrained.json"
+    proc, _ = run([sys.executable, "train.py"], dict(env, FARM_MAX_STEPS="0", FARM_RESULT_PATH=str(untrained_path)))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    untrained = json.loads(untrained_path.read_text())
+    assert untrained["num_steps"] == 0 and untrained["training_seconds"] == 0
+    assert untrained["val_bpb"] > 7.0  # about log2(257) bits for a near-uniform byte model
+    assert payload["val_bpb"] < untrained["val_bpb"] - 2.0, (payload["val_bpb"], untrained["val_bpb"])
+
+
+@pytest.mark.slow
+def test_same_seed_same_steps_same_bpb_from_a_read_only_cache(prepared, tmp_path):
+    data, cache = prepared
+    if os.geteuid() != 0:  # root ignores permissions; the snapshot below checks it either way
+        for p in [cache, data, *cache.rglob("*")]:
+            p.chmod(p.stat().st_mode & ~0o222)
+    before = snapshot(data, cache)
+    values = []
+    for i in range(2):
+        path = tmp_path / f"r{i}.json"
+        env = farm_env(data, cache, path, FARM_TIME_BUDGET="1000", FARM_MAX_STEPS="6", FARM_EVAL_TOKENS="8192")
+        proc, _ = run([sys.executable, "train.py"], env)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "prepare: data cache ready" not in proc.stdout  # nothing rebuilt
+        payload = json.loads(path.read_text())
+        assert payload["num_steps"] == 6 and payload["max_steps"] == 6 and payload["eval_tokens"] == 8192
+        values.append(payload["val_bpb"])
+    assert abs(values[0] - values[1]) < 1e-3, values
+    assert snapshot(data, cache) == before, "train.py wrote to the prepared cache"
+    if os.geteuid() != 0:
+        for p in [cache, data, *cache.rglob("*")]:
+            p.chmod(p.stat().st_mode | 0o200)
+
+
+@pytest.mark.slow
+def test_exploding_learning_rate_fails_fast_with_exit_3(prepared, tmp_path):
+    copy = candidate_copy(tmp_path, lambda src: re.sub(r"^(\w+_LR) = \S+", r"\1 = 1e30", src, flags=re.M))
+    result = tmp_path / "result.json"
+    proc, elapsed = run([sys.executable, "train.py"],
+                        farm_env(*prepared, result, FARM_TIME_BUDGET="1000", FARM_MAX_STEPS="50"), cwd=copy)
+    assert proc.returncode == 3, proc.stdout[-1000:] + proc.stderr[-1000:]
+    assert "FAIL" in proc.stdout and "---" not in proc.stdout
+    assert not result.exists()
+
+
+@pytest.mark.slow
+def test_a_forged_summary_line_does_not_reach_the_result(prepared, tmp_path):
+    forge = ('print("---\\nval_bpb:          0.100000", flush=True)\n'
+             'import os as _os\nprint("NONCE_ENV", _os.environ.get("FARM_NONCE_FD"), flush=True)\n')
+    copy = candidate_copy(tmp_path, lambda src: src.replace("from prepare import pick\n",
+                                                            "from prepare import pick\n" + forge, 1))
+    result = tmp_path / "result.json"
+    proc, _ = run([sys.executable, "train.py"], farm_env(*prepared, result, FARM_TIME_BUDGET="1000",
+                                                         FARM_MAX_STEPS="2", FARM_EVAL_TOKENS="4096"),
+                  cwd=copy, nonce="abc123")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "val_bpb:          0.100000" in proc.stdout and "NONCE_ENV None" in proc.stdout
+    payload = json.loads(result.read_text())
+    assert payload["val_bpb"] > 1.0
+    assert last_summary(proc.stdout)["val_bpb"] == f"{payload['val_bpb']:.6f}"
+    assert payload["digest"] == prepare.result_digest(payload, "abc123")
+    assert prepare.harness_checksum(copy) == prepare.harness_checksum(TEMPLATE)
+
+
+@pytest.mark.slow
+def test_a_monkeypatched_evaluation_is_refused(prepared, tmp_path):
+    patch = "prepare.evaluate_bpb = lambda *a, **k: (0.1, 1)\n"
+    copy = candidate_copy(tmp_path, lambda src: src.replace("prepare.finish(", patch + "prepare.finish(", 1))
+    result = tmp_path / "result.json"
+    proc, _ = run([sys.executable, "train.py"], farm_env(*prepared, result, FARM_MAX_STEPS="1"), cwd=copy)
+    assert proc.returncode == 5, proc.stderr[-2000:]
+    assert "evaluate_bpb" in proc.stderr and not result.exists()
