@@ -24,7 +24,7 @@ FAKE_TRAIN = (FAKE_TEMPLATE / "train.py").read_text()
 
 # short everything: 1 s heartbeats (reaped after 2 s), 1 s startup/eval allowances
 WORKER_ENV = {"FARM_TEMPLATE_DIR": str(FAKE_TEMPLATE), "FARM_HEARTBEAT_INTERVAL": "1",
-              "FARM_STARTUP_ALLOWANCE": "1", "FARM_EVAL_ALLOWANCE": "1", "FARM_WORKER_MEMORY_MB": "700",
+              "FARM_STARTUP_ALLOWANCE": "1", "FARM_EVAL_ALLOWANCE": "1", "FARM_WORKER_MEMORY_MB": "300",
               "FARM_LOG_CAP_MB": "1", "PYTHONUNBUFFERED": "1"}
 
 

@@ -1,7 +1,8 @@
 """Read progress (percent of the budget) and the current loss from the child's output lines.
 
 The template prints one line per step in the reference's style, e.g.
-    step 00042 (14.0%) | loss: 3.456789 | lrm: 1.00 | dt: 512ms | tok/sec: 1,024 | mfu: 1.2% | ...
+    step    42 | loss 3.4568 | lrm 1.00 | progress 0.140 | 12,345 tok/s          (training_template/train.py)
+    step 00042 (14.0%) | loss: 3.456789 | lrm: 1.00 | dt: 512ms | mfu: 1.2% | ...   (the reference)
 (with `\r` endings, so the runner splits on both). The parser is deliberately tolerant: any line
 with `step N`, a parenthesised percentage or `progress: x` and `loss: x` is understood, and one
 it cannot read changes nothing.
@@ -14,7 +15,7 @@ import re
 from dataclasses import dataclass
 
 _PCT = re.compile(r"\(\s*(\d+(?:\.\d+)?)\s*%\s*\)")
-_PROGRESS = re.compile(r"\bprogress\s*[:=]\s*(\d+(?:\.\d+)?)(\s*%)?", re.IGNORECASE)
+_PROGRESS = re.compile(r"\bprogress\s*[:=]?\s*(\d+(?:\.\d+)?)(\s*%)?", re.IGNORECASE)
 _LOSS = re.compile(r"\b(?:train_)?loss\s*[:=]?\s*(-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)", re.IGNORECASE)
 _STEP = re.compile(r"^\s*step\s*[:=]?\s*(\d+)", re.IGNORECASE)
 
@@ -43,7 +44,7 @@ class Progress:
                 value = float(m.group(1))
                 pct = value if m.group(2) or value > 1.0 else value * 100.0
         if pct is not None and 0.0 <= pct <= 100.0:
-            self.percent, self.changed = pct, True
+            self.percent, self.changed = round(pct, 3), True
         m = _LOSS.search(line)
         if m:
             loss = float(m.group(1))

@@ -149,7 +149,9 @@ def hidden_paths(ctx: WorkerContext) -> tuple[Path, ...]:
         out += [db, Path(f"{db}-wal"), Path(f"{db}-shm")]
     out += [Path.cwd() / ".env"]
     out += [Path(p) for p in os.environ.get("FARM_SANDBOX_HIDE", "").split(":") if p]
-    return tuple(p for p in out if p.exists() and not _needed_by_python(p, ctx.python))
+    keep = [p for p in out if p.exists() and not _needed_by_python(p, ctx.python)]
+    # a path inside another hidden directory is already gone (mounting over it would leave a name)
+    return tuple(p for p in keep if not any(q != p and q in p.parents for q in keep))
 
 
 def _read_result(path: Path) -> str | None:
@@ -296,6 +298,9 @@ def run_experiment(experiment_id: int, ctx: WorkerContext) -> RunReport:
     ex.timings["setup_seconds"] = ex.timings.get("setup_seconds", 0.0) + (t_loaded - t_claimed)
     # everything from claim to here that was not the training process (the result write follows)
     ex.timings["overhead_seconds"] = time.perf_counter() - t0 - ex.timings.get("child_seconds", 0.0)
+    # judging, the harness re-check, reading the result and removing the workdir
+    ex.timings["report_seconds"] = max(0.0, ex.timings["overhead_seconds"] - ex.timings["claim_seconds"]
+                                       - ex.timings["setup_seconds"])
     recorded = _record(ctx, job, ex)
     if not recorded:
         log.warning("experiment %s: result discarded, the claim was lost (reaped and re-queued?)", experiment_id)

@@ -1,0 +1,99 @@
+"""Judging a finished run: every outcome rule on hand-made facts (no process, no database)."""
+
+from __future__ import annotations
+
+import json
+
+from farm.harness import result_digest
+from farm.models import ExperimentStatus
+from worker.outcome import RunFacts, crash_reason, judge, parse_summary
+
+S = ExperimentStatus
+NONCE = "ab" * 16
+SUMMARY = ["step 1 | loss 3.0", "---", "val_bpb:          1.234500", "training_seconds: 2.0",
+           "num_steps:        7", "depth:            2"]
+
+
+def signed(**over: object) -> str:
+    payload = {"status": "ok", "val_bpb": 1.2345, "test_bpb": 1.3, "training_seconds": 2.0, "num_steps": 7,
+               "depth": 2, "startup_seconds": 0.5, "eval_seconds": 0.2, "profile": "cpu", "seed": 1,
+               "device": "cpu (x)", "nonce": NONCE, **over}
+    payload["digest"] = result_digest(payload, NONCE)
+    return json.dumps(payload)
+
+
+def facts(**kw: object) -> RunFacts:
+    base: dict[str, object] = dict(exit_code=0, tail=SUMMARY, result_text=signed(), nonce=NONCE,
+                                   harness_before="h", harness_after="h",
+                                   expected={"profile": "cpu", "seed": 1}, wall_limit=10)
+    base.update(kw)
+    return RunFacts(**base)  # type: ignore[arg-type]
+
+
+def test_a_signed_consistent_result_succeeds_with_its_metrics():
+    o = judge(facts())
+    assert o.status == S.succeeded and o.reason is None
+    assert o.metrics["val_bpb"] == 1.2345 and o.metrics["num_steps"] == 7 and o.metrics["gpu_name"] == "cpu (x)"
+
+
+def test_wrong_digest_or_nonce_is_refused():
+    tampered = json.loads(signed())
+    tampered["val_bpb"] = 0.5
+    assert judge(facts(result_text=json.dumps(tampered))).status == S.refused
+    assert judge(facts(nonce="cd" * 16)).status == S.refused
+
+
+def test_summary_disagreeing_with_the_signed_result_is_refused():
+    tail = [*SUMMARY[:2], "val_bpb:          0.900000", *SUMMARY[3:]]
+    o = judge(facts(tail=tail))
+    assert o.status == S.refused and "disagrees" in (o.reason or "")
+
+
+def test_a_forged_line_before_the_real_summary_is_ignored():
+    o = judge(facts(tail=["---", "val_bpb: 0.0001", *SUMMARY]))
+    assert o.status == S.succeeded and o.metrics["val_bpb"] == 1.2345
+
+
+def test_summary_without_a_result_is_a_forgery_and_silence_is_a_crash():
+    assert judge(facts(result_text=None)).status == S.refused
+    o = judge(facts(result_text=None, tail=["hello"]))
+    assert o.status == S.crashed and "without a result" in (o.reason or "")
+
+
+def test_changed_harness_is_refused_even_after_success():
+    assert judge(facts(harness_after="other")).status == S.refused
+
+
+def test_result_for_another_seed_or_harness_is_refused():
+    assert judge(facts(result_text=signed(seed=2))).status == S.refused
+    assert judge(facts(result_text=signed(harness_sha256="zz"))).status == S.refused
+
+
+def test_timeout_and_memory_kills():
+    assert judge(facts(killed="timeout", exit_code=None)).status == S.timed_out
+    o = judge(facts(killed="memory", exit_code=None, memory_limit_mb=100, peak_rss_mb=120))
+    assert o.status == S.crashed and o.reason and o.reason.startswith("out of memory")
+
+
+def test_crash_reason_is_the_final_traceback_line():
+    tail = ["Traceback (most recent call last):", '  File "train.py", line 3, in <module>',
+            "    x = 1 / 0", "ZeroDivisionError: division by zero"]
+    assert crash_reason(tail, 1) == "ZeroDivisionError: division by zero"
+    syntax = ['  File "/w/train.py", line 2', "    def broken(:", "               ^",
+              "SyntaxError: invalid syntax"]
+    assert judge(facts(exit_code=1, tail=syntax)).reason == "SyntaxError: invalid syntax"
+    assert crash_reason(["FAIL: loss nan at step 3"], 3) == "FAIL: loss nan at step 3"
+    assert crash_reason([], -9) == "killed by SIGKILL"
+    assert crash_reason(["boom"], 4) == "exit code 4 (data unavailable): boom"
+
+
+def test_oom_is_recognised():
+    tail = ["Traceback (most recent call last):", "torch.OutOfMemoryError: CUDA out of memory. Tried 2 GiB"]
+    o = judge(facts(exit_code=1, tail=tail))
+    assert o.status == S.crashed and o.reason == "out of memory: torch.OutOfMemoryError: CUDA out of memory. Tried 2 GiB"
+    assert judge(facts(exit_code=1, tail=["MemoryError"])).reason == "out of memory: MemoryError"
+
+
+def test_parse_summary_reads_the_last_block():
+    assert parse_summary(["---", "val_bpb: 1", "---", "val_bpb: 2"]) == {"val_bpb": "2"}
+    assert parse_summary(["no summary"]) is None

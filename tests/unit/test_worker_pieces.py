@@ -1,0 +1,97 @@
+"""Pure pieces of the worker: progress parsing, workdir refusals, sandbox command lines, the harness
+checksum (same algorithm as the template's), message parsing for the broker reconciler."""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+from farm.harness import harness_checksum, result_digest
+from farm.recovery import _filesystem_live_ids, message_experiment_id
+from worker.identity import hw_class_of
+from worker.progress import Progress
+from worker.sandbox import Mounts, bwrap_argv
+from worker.tasks import parse_experiment_id
+from worker.workdir import Refused, materialise
+
+ROOT = Path(__file__).resolve().parents[2]
+TEMPLATE = ROOT / "training_template"
+FAKE = ROOT / "tests" / "fake_template"
+
+
+def test_progress_from_the_template_and_reference_lines():
+    p = Progress()
+    p.feed("step    42 | loss 3.4568 | lrm 1.00 | progress 0.140 | 12,345 tok/s")
+    assert (p.step, p.loss, p.percent) == (42, 3.4568, 14.0)
+    p.feed("step 00043 (15.5%) | loss: 3.000000 | lrm: 1.00 | mfu: 1.2%")
+    assert (p.step, p.loss, p.percent) == (43, 3.0, 15.5)
+    p.feed("loss nan, progress banana")  # unreadable: nothing changes
+    assert (p.loss, p.percent) == (3.0, 15.5)
+
+
+def test_harness_checksum_matches_the_templates_own_function():
+    tree = ast.parse((TEMPLATE / "prepare.py").read_text())
+    fns = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in ("harness_checksum",
+                                                                                  "result_digest")]
+    ns: dict[str, object] = {"Path": Path, "os": os, "hashlib": hashlib, "hmac": __import__("hmac"),
+                             "json": __import__("json")}
+    exec(compile(ast.Module(body=fns, type_ignores=[]), "prepare_fns", "exec"), ns)  # noqa: S102
+    assert ns["harness_checksum"](TEMPLATE) == harness_checksum(TEMPLATE)  # type: ignore[operator]
+    payload = {"val_bpb": 1.0, "nonce": "ab"}
+    assert ns["result_digest"](payload, "ab") == result_digest(payload, "ab")  # type: ignore[operator]
+
+
+def test_materialise_overlays_editable_files_and_refuses_harness_changes(tmp_path):
+    wd = materialise(FAKE, tmp_path / "w1", {"train.py": "print('hi')\n"}, ["train.py"])
+    assert (wd.path / "train.py").read_text() == "print('hi')\n"
+    assert wd.harness_sha256 == harness_checksum(FAKE)
+    assert wd.readonly_paths() == (wd.path / "kernels", wd.path / "prepare.py")
+    same = (FAKE / "prepare.py").read_text()
+    materialise(FAKE, tmp_path / "w2", {"prepare.py": same}, ["train.py"])  # unchanged copy: fine
+    with pytest.raises(Refused, match="not editable"):
+        materialise(FAKE, tmp_path / "w3", {"prepare.py": "x = 1\n"}, ["train.py"])
+    with pytest.raises(Refused, match="plain relative path"):
+        materialise(FAKE, tmp_path / "w4", {"../escape.py": "x"}, ["../escape.py"])
+    with pytest.raises(Refused, match="template_digest"):
+        materialise(FAKE, tmp_path / "w5", {}, ["train.py"], expected_digest="0" * 64)
+    with pytest.raises(Refused, match="harness differs"):  # a program that lists a fixed file as editable
+        materialise(FAKE, tmp_path / "w6", {"prepare.py": "x = 1\n"}, ["train.py", "prepare.py"])
+
+
+def test_bwrap_hides_before_it_binds(tmp_path):
+    home = tmp_path / "home"
+    (home / "work" / "w").mkdir(parents=True)
+    (home / "data").mkdir()
+    argv = bwrap_argv(["python", "train.py"], Mounts(workdir=home / "work" / "w", readonly=(home / "data",),
+                                                     hidden=(home,)))
+    s = " ".join(argv)
+    assert "--unshare-net" in argv and "--unshare-pid" in argv and "--cap-drop" in argv
+    assert s.index(f"--tmpfs {home}") < s.index(f"--ro-bind {home / 'data'}") < s.index(f"--bind {home / 'work'}")
+    assert argv[-3:] == ["--", "python", "train.py"]
+
+
+def test_payload_and_message_parsing(tmp_path):
+    assert parse_experiment_id(7) == 7 and parse_experiment_id("8") == 8
+    assert parse_experiment_id(True) is None and parse_experiment_id({"id": 1}) is None
+    assert parse_experiment_id(0) is None
+    from farm.broker import publish_experiment
+    from farm.settings import Settings
+
+    s = Settings(home=tmp_path)
+    from farm.broker import make_celery
+
+    app = make_celery(s)
+    publish_experiment(41, "cpu", app=app)
+    publish_experiment(42, "cpu", time_limit=5, app=app)
+    assert _filesystem_live_ids(s.broker_dir) == {41, 42}
+    assert message_experiment_id(b"not json") is None
+
+
+def test_hw_class_from_gpu_name():
+    assert hw_class_of("NVIDIA H100 80GB HBM3") == "gpu.h100"
+    assert hw_class_of("NVIDIA A100-SXM4-40GB") == "gpu.a100"
+    assert hw_class_of("NVIDIA GeForce RTX 4090") == "gpu.4090"

@@ -1,0 +1,60 @@
+"""reconcile_broker and reap_and_requeue on the embedded default (SQLite + filesystem transport)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from sqlalchemy import update
+
+from farm import states
+from farm.broker import make_celery, publish_experiment
+from farm.db import db_now, session_scope
+from farm.models import Experiment, ExperimentStatus
+from farm.recovery import _filesystem_live_ids, reap_and_requeue, reconcile_broker
+from farm.settings import get_settings
+from tests.factories import make_experiment, make_program, make_worker
+
+S = ExperimentStatus
+
+
+def test_reconcile_republishes_only_queued_experiments_without_a_live_message(farm_env, monkeypatch):
+    from farm import migrate
+
+    migrate.upgrade(get_settings().db_url)
+    app = make_celery()
+    with session_scope() as s:
+        prog = make_program(s)
+        with_msg = make_experiment(s, prog, content_hash="a").id
+        without = make_experiment(s, prog, content_hash="b").id
+        young = make_experiment(s, prog, content_hash="c").id
+        running = make_experiment(s, prog, status=S.running, content_hash="d").id
+        old = db_now(s) - timedelta(seconds=60)
+        s.execute(update(Experiment).where(Experiment.id != young).values(queued_at=old))
+        s.execute(update(Experiment).where(Experiment.id == young).values(queued_at=db_now(s)))
+    publish_experiment(with_msg, "cpu", app=app)
+    report = reconcile_broker(app=app, grace=10)
+    assert report.republished == [without] and report.queued == 3 and report.live == 1
+    assert _filesystem_live_ids(get_settings().broker_dir) == {with_msg, without}
+    assert running not in report.republished
+    assert reconcile_broker(app=app, grace=10).republished == []  # now live: nothing twice
+
+
+def test_reaper_requeues_stale_runs_and_publishes_them_after_commit(farm_env):
+    from farm import migrate
+
+    migrate.upgrade(get_settings().db_url)
+    app = make_celery()
+    with session_scope() as s:
+        prog = make_program(s)
+        make_worker(s, "w1")
+        exp_id = make_experiment(s, prog).id
+    with session_scope() as s:
+        assert states.claim(s, exp_id, "w1")
+        s.execute(update(Experiment).where(Experiment.id == exp_id)
+                  .values(heartbeat_at=db_now(s) - timedelta(seconds=30)))
+    reaped = reap_and_requeue(app=app, interval=1, max_retries=2)
+    assert reaped == [(exp_id, S.queued)]
+    assert _filesystem_live_ids(get_settings().broker_dir) == {exp_id}
+    with session_scope() as s:
+        exp = s.get(Experiment, exp_id)
+        assert exp.status == S.queued and exp.retry_count == 1 and exp.attempts[0]["worker_id"] == "w1"
