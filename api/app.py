@@ -37,7 +37,10 @@ TAGS = [
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    app = FastAPI(title="researchfarm", version="0.1.0", description=DESCRIPTION, openapi_tags=TAGS)
+    # no /docs or /redoc: FastAPI's pages load their scripts from a CDN, and nothing here may fetch
+    # from the internet at run time; the spec itself is at /openapi.json
+    app = FastAPI(title="researchfarm", version="0.1.0", description=DESCRIPTION, openapi_tags=TAGS,
+                  docs_url=None, redoc_url=None)
     app.state.settings = settings
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     errors.install(app)

@@ -20,6 +20,14 @@ def _doc(description: str) -> dict[str, Any]:
     return {"model": ErrorPublic, "description": description}
 
 
+def explicit_json(responses: Responses) -> Responses:
+    """The same error docs spelled out as application/json, for routes whose own response class is not
+    JSON (FastAPI would otherwise document their error models under the route's media type)."""
+    ref = {"$ref": "#/components/schemas/ErrorPublic"}
+    return {code: {"description": doc["description"], "content": {"application/json": {"schema": ref}}}
+            for code, doc in responses.items()}
+
+
 AUTH: Responses = {401: _doc("Missing, wrong or revoked bearer token")}
 READ: Responses = {**AUTH, 422: _doc("A query or path parameter is invalid; the detail names it")}
 NOT_FOUND: Responses = {404: _doc("No such program, experiment or worker")}

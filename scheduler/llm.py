@@ -212,6 +212,8 @@ class LLMProposer:
 
     def __init__(self, config: LLMConfig, record_call: RecordCall | None = None,
                  sleep: Callable[[float], None] = time.sleep) -> None:
+        import litellm  # noqa: F401  # import once in the caller's thread: a first import takes seconds
+
         self.config = config
         self.record_call = record_call
         self.sleep = sleep

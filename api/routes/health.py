@@ -61,6 +61,6 @@ class PrometheusResponse(Response):
 
 @router.get("/metrics", response_class=PrometheusResponse, summary="Prometheus metrics",
             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "OK"},
-                       **errors.AUTH})
+                       **errors.explicit_json(errors.AUTH)})
 def metrics(session: SessionDep, settings: SettingsDep, _: ReadAccess) -> Response:
     return PrometheusResponse(crud.metrics_text(session, heartbeat_interval=settings.heartbeat_interval))

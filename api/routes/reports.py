@@ -17,7 +17,8 @@ def _docs(media: str, example: str | None = None) -> errors.Responses:
     content: dict[str, object] = {"schema": {"type": "string"}}
     if example:
         content["example"] = example
-    return {200: {"content": {media: content}, "description": "OK"}, **errors.READ, **errors.NOT_FOUND}
+    return {200: {"content": {media: content}, "description": "OK"},
+            **errors.explicit_json({**errors.READ, **errors.NOT_FOUND})}
 
 
 class TSVResponse(Response):

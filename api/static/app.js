@@ -17,10 +17,10 @@
       })
       .then(function (html) {
         var before = {};
-        el.querySelectorAll("tr[data-exp]").forEach(function (tr) { before[tr.dataset.exp] = tr.textContent; });
+        el.querySelectorAll("tr[data-sig]").forEach(function (tr) { before[tr.dataset.exp] = tr.dataset.sig; });
         el.innerHTML = html;
-        el.querySelectorAll("tr[data-exp]").forEach(function (tr) {
-          if (Object.keys(before).length && before[tr.dataset.exp] !== tr.textContent) tr.classList.add("fresh");
+        el.querySelectorAll("tr[data-sig]").forEach(function (tr) {
+          if (Object.keys(before).length && before[tr.dataset.exp] !== tr.dataset.sig) tr.classList.add("fresh");
           if (tr.dataset.exp === selected) tr.classList.add("sel");
         });
         var chart = el.dataset.chart && document.getElementById(el.dataset.chart);
