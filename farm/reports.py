@@ -116,6 +116,9 @@ def progress_figure(rows: list[Row], title: str) -> Figure:
     else:
         ax.text(0.5, 0.5, "no finished runs yet", ha="center", va="center", transform=ax.transAxes,
                 color="#57606a")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("experiment")
     ax.set_ylabel("val_bpb (lower is better)")
     ax.set_title(title, loc="left", fontsize=11)

@@ -1,0 +1,67 @@
+"""The CLI against a live API: submit, status, leaderboard, token create; errors are one line."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def farm(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    full = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "COLUMNS": "160", **env}
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=ROOT, env=full, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_submit_status_leaderboard(live_api, tmp_path):
+    md = tmp_path / "program.md"
+    md.write_text("# Batch size study\nFind the best batch size.\n")
+    env = {"FARM_API_URL": live_api.url, "FARM_API_TOKEN": live_api.token}
+    r = farm("submit", str(md), "--policy", '{"k_sigma": 3}', "--stop-rules", '{"max_experiments": 10}', **env)
+    assert r.returncode == 0, r.stderr
+    assert "batch-size-study" in r.stdout
+    with live_api.session() as s:
+        from farm.models import Program
+
+        p = s.query(Program).one()
+        assert p.policy["k_sigma"] == 3 and p.stop_rules == {"max_experiments": 10}
+    r = farm("status", **env)
+    assert r.returncode == 0 and "batch-size-study" in r.stdout and "workers" in r.stdout
+    r = farm("leaderboard", "batch-size-study", **env)
+    assert r.returncode == 0 and "0 measured runs" in r.stdout
+
+
+def test_errors_are_one_line(live_api, tmp_path):
+    md = tmp_path / "p.md"
+    md.write_text("x")
+    cases = [
+        ({"FARM_API_URL": "http://127.0.0.1:1", "FARM_API_TOKEN": "x"}, ["status"], "cannot reach the API"),
+        ({"FARM_API_URL": live_api.url, "FARM_API_TOKEN": "rf_wrong"}, ["status"], "401 unauthorized"),
+        ({"FARM_API_URL": live_api.url, "FARM_API_TOKEN": live_api.token},
+         ["submit", str(md), "--profile", "tpu"], "422"),
+        ({"FARM_API_URL": live_api.url, "FARM_API_TOKEN": live_api.token}, ["leaderboard", "nope"], "404"),
+        ({"FARM_API_URL": live_api.url, "FARM_API_TOKEN": live_api.token},
+         ["submit", str(md), "--policy", "{bad"], "--policy is not valid JSON"),
+    ]
+    for env, args, needle in cases:
+        r = farm(*args, **env)
+        assert r.returncode != 0, args
+        assert needle in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    r = farm("submit", str(md), "--profile", "tpu", FARM_API_URL=live_api.url, FARM_API_TOKEN=live_api.token)
+    assert "body.profile" in r.stderr
+
+
+def test_token_create_shows_once_and_works(live_api):
+    r = farm("token", "create", "alice")
+    assert r.returncode == 0, r.stderr
+    plain = r.stdout.strip()
+    assert plain.startswith("rf_") and "shown only now" in r.stderr
+    assert live_api.client(token=plain).get("/programs").status_code == 200
+    r = farm("token", "create", "alice")
+    assert r.returncode != 0 and "already exists" in r.stderr
+    r = farm("token", "list")
+    assert "alice" in r.stdout and plain not in r.stdout
