@@ -255,7 +255,7 @@ def run_demo(*, minutes: float, budget: float, out: Path, workers: int) -> int:
         farm.start()
         started = time.monotonic()
         deadline = started + minutes * 60
-        if farm.wait_for_api(timeout=60):
+        if farm.wait_for_api(timeout=60, cancel=lambda: stop.requested):
             console.print(f"dashboard: [bold cyan]{url}[/]" + (f"   token: {info.plain}" if info.plain else ""))
         else:
             console.print("[red]the API did not come up[/]; see " + str(settings.logs_dir / "api.log"))

@@ -429,9 +429,9 @@ class Farm:
                 c.log.close()
         return codes
 
-    def wait_for_api(self, timeout: float = 60.0) -> bool:
+    def wait_for_api(self, timeout: float = 60.0, cancel: Callable[[], bool] = lambda: False) -> bool:
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not cancel():
             if port_in_use(self.settings.api_host, self.settings.api_port):
                 return True
             api = next((c for c in self.children if c.spec.name == "api"), None)
@@ -521,9 +521,9 @@ def run_up(*, cpu: bool, workers: int, grace: float) -> int:
         say(f"started {', '.join(f'{n} (pid {p})' for n, p in farm.pids().items())}; logs in {settings.logs_dir}")
         if not settings.embedded:
             say(f"database {mask_url(settings.db_url)}, broker {mask_url(settings.broker)}")
-        if farm.wait_for_api():
+        if farm.wait_for_api(cancel=lambda: stop.requested):
             say(f"dashboard: {dashboard_url(settings)}   (Ctrl-C stops the farm)")
-        else:
+        elif not stop.requested:
             say("the API did not come up; see its log", err=True)
         while not stop.requested and farm.poll():
             time.sleep(0.5)
