@@ -142,6 +142,34 @@ def snapshot(program_id: int, limit: int = 14) -> Snapshot:
     return Snapshot(program, rows, counts, head_val, best, first, kept)
 
 
+def typical_run_seconds(program_id: int, budget: float) -> float:
+    """Median wall time of this program's finished runs (claim to result); a guess before any."""
+    from sqlalchemy import select
+
+    from farm.db import as_utc, session_scope
+    from farm.models import Experiment
+
+    with session_scope() as s:
+        rows = s.execute(select(Experiment.started_at, Experiment.finished_at).where(
+            Experiment.program_id == program_id, Experiment.started_at.is_not(None),
+            Experiment.finished_at.is_not(None))).all()
+    spans = sorted((as_utc(f) - as_utc(b)).total_seconds() for b, f in rows)
+    return spans[len(spans) // 2] if spans else budget + 40.0
+
+
+def wind_down(program_id: int) -> None:
+    """No new candidates from now on (the scheduler's `deadline` stop rule); runs already queued and
+    confirmations of promising candidates still run, so the demo ends on decisions, not on
+    half-measured candidates."""
+    from farm.db import db_now, session_scope
+    from farm.models import Program
+
+    with session_scope() as s:
+        p = s.get(Program, program_id)
+        assert p is not None
+        p.stop_rules = {**(p.stop_rules or {}), "deadline": db_now(s).isoformat()}
+
+
 def _fmt(v: float | None, digits: int = 4) -> str:
     return "" if v is None else f"{v:.{digits}f}"
 
@@ -260,12 +288,19 @@ def run_demo(*, minutes: float, budget: float, out: Path, workers: int) -> int:
         else:
             console.print("[red]the API did not come up[/]; see " + str(settings.logs_dir / "api.log"))
         seen: dict[int, str] = {}
+        winding_down = False
         live_ok = console.is_terminal
         live = Live(console=console, refresh_per_second=2, transient=False) if live_ok else None
         try:
             if live is not None:
                 live.start()
             while time.monotonic() < deadline and not stop.requested and farm.poll():
+                remaining = deadline - time.monotonic()
+                if not winding_down and remaining < 2 * typical_run_seconds(program_id, budget):
+                    winding_down = True
+                    wind_down(program_id)
+                    console.print(f"{int(remaining)} s left: no new candidates; queued runs and confirmations "
+                                  "finish", highlight=False)
                 snap = snapshot(program_id)
                 if live is not None:
                     live.update(render(snap, url=url, remaining=deadline - time.monotonic(), out=out))
