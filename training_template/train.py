@@ -35,32 +35,29 @@ def window_mask_mod(window):
     return mask_mod
 
 
-class Attention:
-    """Causal attention with an optional sliding window; the implementation is chosen once in setup."""
-    impl = "sdpa"  # sdpa (dense boolean mask, any device) | flex (FlexAttention block masks, CUDA)
-    block_masks = {}  # (seq_len, window) -> BlockMask, built in setup for flex
-
-    @classmethod
-    def configure(cls, impl, seq_len, windows, device):
-        cls.impl = impl
-        if impl == "flex":
-            for w in set(windows):
-                cls.block_masks[(seq_len, w)] = create_block_mask(
-                    window_mask_mod(w), B=None, H=None, Q_LEN=seq_len, KV_LEN=seq_len, device=device)
-
-    @classmethod
-    def __call__(cls, q, k, v, window):  # q, k, v: (B, H, T, D)
-        T = q.size(2)
-        if cls.impl == "flex":
-            return flex_attention(q, k, v, block_mask=cls.block_masks[(T, window)])
-        if window >= T:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        i = torch.arange(T, device=q.device)
-        allowed = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < window)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+ATTENTION = {"impl": "sdpa", "block_masks": {}}  # set once by configure_attention() in setup
 
 
-attend = Attention()
+def configure_attention(impl, seq_len, windows, device):
+    """sdpa: dense boolean window masks, any device. flex: FlexAttention with block-sparse masks built here,
+    once per window, so the compiled graph only looks them up."""
+    ATTENTION["impl"] = impl
+    if impl == "flex":
+        for w in set(windows):
+            ATTENTION["block_masks"][(seq_len, w)] = create_block_mask(
+                window_mask_mod(w), B=None, H=None, Q_LEN=seq_len, KV_LEN=seq_len, device=device)
+
+
+def attend(q, k, v, window):
+    """Causal attention over the last `window` positions; q, k, v: (B, H, T, D)."""
+    T = q.size(2)
+    if ATTENTION["impl"] == "flex":
+        return flex_attention(q, k, v, block_mask=ATTENTION["block_masks"][(T, window)])
+    if window >= T:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    i = torch.arange(T, device=q.device)
+    allowed = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < window)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
 
 
 class CausalSelfAttention(nn.Module):
@@ -299,7 +296,7 @@ assert grad_accum >= 1 and grad_accum * DEVICE_BATCH_SIZE * seq_len == TOTAL_BAT
 raw_model = GPT(prepare.vocab_size(), DEPTH, model_dim, n_head, HEAD_DIM, seq_len)
 raw_model.init_weights()
 raw_model.to(device)
-Attention.configure(ATTN_IMPL if cuda else "sdpa", seq_len, raw_model.windows, device)
+configure_attention(ATTN_IMPL if cuda else "sdpa", seq_len, raw_model.windows, device)
 model = torch.compile(raw_model, dynamic=False) if COMPILE and cuda else raw_model
 
 lr_scale = (model_dim / 768) ** -0.5

@@ -108,3 +108,15 @@ def test_muon_step_updates_matrices(train_defs):
     muon.step()
     step = (w.detach() - before).norm()
     assert 0 < step < 1.0 and torch.isfinite(w).all()
+
+
+@pytest.mark.filterwarnings("ignore")  # eager FlexAttention warns that it is unfused; exact all the same
+def test_flex_attention_masks_match_sdpa(train_defs, monkeypatch):
+    # The CUDA path (FlexAttention block masks) and the CPU path (dense masks) must agree on every window.
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 128, 16) for _ in range(3))
+    expected = {w: train_defs["attend"](q, k, v, w) for w in (64, 128)}
+    monkeypatch.setitem(train_defs, "ATTENTION", {"impl": "sdpa", "block_masks": {}})
+    train_defs["configure_attention"]("flex", 128, [64, 128], "cpu")
+    for w in (64, 128):
+        assert torch.allclose(train_defs["attend"](q, k, v, w), expected[w], atol=1e-5)
