@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import db, export, leaderboard, scheduler, serve, status, submit, token, worker
+from cli import db, demo, export, leaderboard, scheduler, serve, status, submit, token, up, worker
 from cli.errors import run_guarded
 
 app = typer.Typer(help="researchfarm: an LLM-driven training research farm.", no_args_is_help=True,
@@ -18,6 +18,8 @@ app.command("status")(status.status)
 app.command("leaderboard")(leaderboard.leaderboard)
 app.command("export")(export.export)
 app.command("api")(serve.api)
+app.command("up")(up.up)
+app.command("demo")(demo.demo)
 
 
 @app.callback()

@@ -12,8 +12,9 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from farm.harness import harness_checksum
 from farm.models import Experiment, Program, ProgramStatus
-from farm.templates import editable_files, fixed_digest, template_dir
+from farm.templates import editable_files, template_dir
 
 # hardware profiles the harness knows, with the default time budget (seconds of training)
 PROFILES: dict[str, dict[str, Any]] = {
@@ -69,7 +70,9 @@ def create_program(session: Session, *, name: str, instructions: str, profile: s
     slug = unique_slug(session, name)
     program = Program(
         name=name.strip(), slug=slug, instructions=instructions, template=template,
-        template_digest=fixed_digest(template, editable), editable_files=editable, profile=profile,
+        # the worker's own definition of the harness (prepare.py + kernels/*.py), so that documentation
+        # files in the template (README.md) cannot make every run of the program refused
+        template_digest=harness_checksum(template_dir(template)), editable_files=editable, profile=profile,
         hw_class=hw_class or PROFILES[profile]["hw_class"],
         time_budget=float(time_budget or PROFILES[profile]["time_budget"]),
         proposer=dict(proposer or {}), policy=merged_policy, stop_rules=dict(stop_rules or {}),

@@ -152,7 +152,12 @@ class MutationProposer:
         rng = random.Random(f"{ctx.program_id}:{ctx.head_commit}:{ctx.seed}")
         source = ctx.head_files[self.target]
         for attempt in range(self.max_tries):
-            new, desc = mutate(source, ctx.profile, rng, n_changes=1 if attempt % 3 else 1 + (rng.random() < 0.3))
+            try:
+                new, desc = mutate(source, ctx.profile, rng, n_changes=1 if attempt % 3 else 1 + (rng.random() < 0.3))
+            except ProposerError:
+                # a draw that changed nothing (a value at its clamp): draw again. Letting it escape
+                # stalled the program for good, since the seed only moves when an experiment is added
+                continue
             files = {**ctx.head_files, self.target: new}
             if content_hash(files) not in ctx.known_hashes:
                 return Proposal(description=desc, rationale="random hyperparameter perturbation (mutation proposer)",

@@ -1,0 +1,215 @@
+"""`farm up`'s machinery without the services: the first API token, which children it starts, and
+the supervisor (restart with a message, give up after too many deaths, stop a whole process tree
+including a grandchild that left its group, kill the orphans of a dead child)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cli import up
+from farm.settings import Settings
+
+SLEEPER = [sys.executable, "-c", "import time; time.sleep(120)"]
+# a child that starts a grandchild in its own session (as the worker does with a training run)
+# and records its pid, then sleeps
+SPAWNER = [sys.executable, "-c",
+           "import subprocess, sys, time, os;"
+           "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], start_new_session=True);"
+           "open(os.environ['GRANDCHILD_FILE'], 'w').write(str(p.pid));"
+           "time.sleep(120)"]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _wait(cond, timeout: float = 20.0) -> bool:  # type: ignore[no-untyped-def]
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.fixture(autouse=True)
+def _no_lingering_subreaper():  # type: ignore[no-untyped-def]
+    # a Farm makes its process a child subreaper; undo it so later tests see normal re-parenting
+    yield
+    import ctypes
+
+    ctypes.CDLL(None).prctl(up._PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+
+
+@pytest.fixture
+def settings(farm_env: dict[str, str]) -> Settings:
+    return Settings()
+
+
+@pytest.fixture
+def migrated(settings: Settings) -> Settings:
+    up.migrate_database(settings)
+    return settings
+
+
+def test_first_token_is_created_once_then_reused(migrated: Settings) -> None:
+    first = up.ensure_api_token(migrated)
+    assert first.created and first.plain and first.source == "created"
+    token_file = migrated.home / up.TOKEN_FILE
+    assert token_file.read_text().strip() == first.plain
+    assert token_file.stat().st_mode & 0o777 == 0o600
+    again = up.ensure_api_token(migrated)
+    assert not again.created and again.plain == first.plain and again.source == "token file"
+
+
+def test_farm_api_token_is_honoured_and_registered(migrated: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    from farm.db import session_scope
+    from farm.tokens import verify_token
+
+    plain = "rf_" + "x" * 40
+    s = migrated.model_copy(update={"api_token": migrated.api_token.__class__(plain)})
+    info = up.ensure_api_token(s)
+    assert info.plain == plain and not info.created and info.source == "FARM_API_TOKEN"
+    with session_scope() as session:
+        assert verify_token(session, plain=plain) is not None
+    assert up.ensure_api_token(s).plain == plain  # idempotent
+    assert not (migrated.home / up.TOKEN_FILE).exists()
+
+
+def test_existing_tokens_without_a_known_one_create_nothing(migrated: Settings) -> None:
+    from farm.db import session_scope
+    from farm.tokens import create_token, list_tokens
+
+    with session_scope() as session:
+        create_token(session, name="someone")
+    info = up.ensure_api_token(migrated)
+    assert info.plain is None and not info.created
+    with session_scope() as session:
+        assert len(list_tokens(session)) == 1
+
+
+def test_short_farm_api_token_refused(migrated: Settings) -> None:
+    s = migrated.model_copy(update={"api_token": migrated.api_token.__class__("short")})
+    with pytest.raises(up.CLIError, match="16 characters"):
+        up.ensure_api_token(s)
+
+
+def test_children_one_worker_per_gpu_or_cpu_workers(settings: Settings) -> None:
+    names = [c.name for c in up.child_specs(settings, cpu=False, workers=1, gpus=3)]
+    assert names == ["api", "scheduler", "worker-gpu0", "worker-gpu1", "worker-gpu2"]
+    gpu1 = up.child_specs(settings, cpu=False, workers=1, gpus=3)[3]
+    assert gpu1.args == ["worker", "--gpu", "1"]
+    cpu = up.child_specs(settings, cpu=True, workers=2, gpus=3)
+    assert [c.args for c in cpu[2:]] == [["worker", "--cpu", "--slot", "0"], ["worker", "--cpu", "--slot", "1"]]
+    assert cpu[3].worker_id and cpu[3].worker_id.endswith(":cpu1")
+    assert [c.name for c in up.child_specs(settings, cpu=False, workers=1, gpus=0)][2:] == ["worker-cpu0"]
+
+
+def test_stop_takes_down_the_whole_tree(settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GRANDCHILD_FILE", str(tmp_path / "gc.pid"))
+    farm = up.Farm(settings, [up.ChildSpec("a", [], SLEEPER), up.ChildSpec("b", [], SPAWNER)], grace=2.0,
+                   echo=lambda m: None)
+    farm.start()
+    assert _wait(lambda: (tmp_path / "gc.pid").exists() and (tmp_path / "gc.pid").read_text())
+    grandchild = int((tmp_path / "gc.pid").read_text())
+    pids = farm.pids()
+    assert set(pids) == {"a", "b"}
+    # each child leads its own process group: a Ctrl-C in the terminal does not reach it
+    assert all(os.getpgid(p) == p for p in pids.values())
+    codes = farm.stop()
+    assert codes["a"] == -signal.SIGTERM
+    assert not any(_alive(p) for p in pids.values())
+    assert _wait(lambda: not _alive(grandchild), 5), "a grandchild in its own session survived the stop"
+
+
+def test_dead_child_is_restarted_with_a_message(settings: Settings) -> None:
+    messages: list[str] = []
+    farm = up.Farm(settings, [up.ChildSpec("sleepy", [], SLEEPER)], echo=messages.append, grace=2.0)
+    farm.start()
+    first = farm.pids()["sleepy"]
+    os.kill(first, signal.SIGKILL)
+    assert _wait(lambda: farm.child("sleepy").proc.poll() is not None)  # type: ignore[union-attr]
+    assert farm.poll()
+    assert farm.pids()["sleepy"] != first
+    assert any("sleepy exited with code -9; restarting it (restart 1 of" in m for m in messages), messages
+    farm.stop()
+
+
+def test_a_child_that_keeps_dying_stops_the_farm(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(up, "MAX_RESTARTS", 2)
+    messages: list[str] = []
+    farm = up.Farm(settings, [up.ChildSpec("crashy", [], [sys.executable, "-c", "raise SystemExit(3)"]),
+                              up.ChildSpec("ok", [], SLEEPER)], echo=messages.append, grace=2.0)
+    farm.start()
+    ok = True
+    end = time.monotonic() + 30
+    while ok and time.monotonic() < end:
+        ok = farm.poll()
+        time.sleep(0.05)
+    assert not ok and farm.failed and "crashy exited with code 3 3 times" in farm.failed
+    assert sum("restarting it" in m for m in messages) == 2
+    farm.stop()
+
+
+def test_orphans_of_a_dead_child_are_killed(settings: Settings, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GRANDCHILD_FILE", str(tmp_path / "gc.pid"))
+    farm = up.Farm(settings, [up.ChildSpec("w", [], SPAWNER)], echo=lambda m: None, grace=2.0)
+    if not farm.subreaper:
+        pytest.skip("no PR_SET_CHILD_SUBREAPER on this platform")
+    farm.start()
+    assert _wait(lambda: (tmp_path / "gc.pid").exists() and (tmp_path / "gc.pid").read_text())
+    grandchild = int((tmp_path / "gc.pid").read_text())
+    os.kill(farm.pids()["w"], signal.SIGKILL)  # the worker dies; its training run is orphaned
+    assert _wait(lambda: farm.child("w").proc.poll() is not None)  # type: ignore[union-attr]
+    farm.poll()
+    assert _wait(lambda: not _alive(grandchild), 5), "the orphaned grandchild kept running"
+    farm.stop()
+
+
+def test_gpu_ids_follow_cuda_visible_devices(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert up.gpu_ids(2) == [2, 3]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert up.gpu_ids(3) == [0, 1, 2]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-1a2b")  # UUIDs: fall back to indices
+    assert up.gpu_ids(1) == [0]
+
+
+def test_interrupted_runs_are_released_without_spending_a_retry(migrated: Settings) -> None:
+    from farm.broker import reset_celery
+    from farm.db import session_scope
+    from farm.models import Experiment, ExperimentStatus, Worker
+    from farm.recovery import live_experiment_ids
+    from tests.factories import make_experiment, make_program
+
+    reset_celery()
+    with session_scope() as s:
+        s.add_all([Worker(id="h:cpu0", host="h", hw_class="cpu"), Worker(id="other:cpu0", host="other", hw_class="cpu")])
+        s.flush()
+        p = make_program(s)
+        mine = make_experiment(s, p, ExperimentStatus.running, worker_id="h:cpu0", retry_count=1, progress=40.0)
+        theirs = make_experiment(s, p, ExperimentStatus.running, worker_id="other:cpu0")
+        done = make_experiment(s, p, ExperimentStatus.succeeded, worker_id="h:cpu0")
+        ids = (mine.id, theirs.id, done.id)
+    try:
+        assert up.release_interrupted({"h:cpu0"}, migrated) == [ids[0]]
+    finally:
+        reset_celery()
+    with session_scope() as s:
+        m, t, d = (s.get(Experiment, i) for i in ids)
+        assert m is not None and t is not None and d is not None
+        assert m.status == ExperimentStatus.queued and m.retry_count == 1 and m.worker_id is None
+        assert m.attempts[-1]["reason"].startswith("farm up stopped its worker")
+        assert t.status == ExperimentStatus.running and d.status == ExperimentStatus.succeeded
+    assert ids[0] in (live_experiment_ids(migrated, {"cpu"}) or set())
