@@ -53,7 +53,7 @@ def add_program(session: Session, *, body: schemas.ProgramCreate) -> Program:
         session, name=body.name, instructions=body.instructions, profile=body.profile,
         time_budget=body.time_budget, hw_class=body.hw_class, editable=list(body.editable_files),
         proposer=body.proposer.model_dump(exclude_none=True), policy=body.policy.model_dump(exclude_none=True),
-        stop_rules=body.stop_rules.model_dump(exclude_none=True), weight=body.weight, template=body.template)
+        stop_rules=body.stop_rules.model_dump(mode="json", exclude_none=True), weight=body.weight, template=body.template)
 
 
 PROGRAM_MOVES: dict[str, tuple[ProgramStatus, frozenset[ProgramStatus]]] = {

@@ -79,6 +79,7 @@ class StopRules(BaseModel):
     max_experiments: int | None = Field(default=None, ge=1, le=10_000_000)
     max_hours: float | None = Field(default=None, gt=0, le=100_000)
     max_spend_usd: float | None = Field(default=None, ge=0, le=1_000_000)
+    deadline: datetime | None = Field(default=None, description="no new candidates after this time (ISO 8601)")
     target_val_bpb: float | None = Field(default=None, ge=0, le=100)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -10,11 +11,20 @@ from cli.errors import CLIError
 from farm.settings import get_settings
 
 
+def _saved_token(home: Path) -> str:
+    """The token `farm up` saved for this farm home (FARM_HOME/api-token), if any."""
+    try:
+        return (home / "api-token").read_text().strip()
+    except OSError:
+        return ""
+
+
 class Api:
     def __init__(self, url: str | None = None, token: str | None = None, timeout: float = 30.0) -> None:
         s = get_settings()
         self.url = (url or s.resolved_api_url).rstrip("/")
-        token = token if token is not None else s.api_token.get_secret_value()
+        if token is None:
+            token = s.api_token.get_secret_value() or _saved_token(s.home)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
 

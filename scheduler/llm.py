@@ -52,7 +52,7 @@ RecordCall = Callable[[CallRecord], int | None]
 class LLMConfig:
     model: str
     api_base: str | None
-    api_key: str
+    api_key: str | None
     temperature: float
     max_tokens: int
     timeout: float
@@ -68,8 +68,10 @@ class LLMConfig:
         return cls(
             model=str(proposer.get("model") or settings.llm_model),
             api_base=str(proposer.get("api_base") or settings.llm_api_base) or None,
-            # litellm needs some key even for a local server
-            api_key=key or settings.llm_api_key.get_secret_value() or "none",
+            # a local OpenAI-compatible server still needs some key; hosted providers fall back to
+            # their own variables (OPENAI_API_KEY, ANTHROPIC_API_KEY, ...) when none is configured
+            api_key=key or settings.llm_api_key.get_secret_value()
+            or ("none" if (proposer.get("api_base") or settings.llm_api_base) else None),
             temperature=float(proposer.get("temperature", settings.llm_temperature)),
             max_tokens=int(proposer.get("max_tokens", settings.llm_max_tokens)),
             timeout=float(proposer.get("timeout", settings.llm_timeout)),

@@ -562,7 +562,7 @@ class Scheduler:
                 return f"deadline {when.isoformat()} passed"
         if rules.get("max_hours") is not None and now >= as_utc(p.created_at) + timedelta(hours=float(rules["max_hours"])):
             return f"ran for max_hours={float(rules['max_hours']):g}"
-        cap = rules.get("max_cost_usd", (p.proposer or {}).get("spend_cap_usd"))
+        cap = rules.get("max_spend_usd", rules.get("max_cost_usd", (p.proposer or {}).get("spend_cap_usd")))
         if cap is not None:
             spent = s.execute(select(func.coalesce(func.sum(LLMCall.cost_usd), 0.0))
                               .where(LLMCall.program_id == p.id)).scalar_one()

@@ -187,7 +187,7 @@ def test_spend_cap_stops_proposals_and_finishes(pg_env, tmp_path, monkeypatch):
         with session_scope() as s:
             p = create_program(s, name="cap", instructions="# go", proposer={
                 "kind": "llm", "model": "openai/scripted", "api_base": srv.base, "api_key": "k"},
-                policy={"baseline_runs": 1}, stop_rules={"max_cost_usd": 0.5})
+                policy={"baseline_runs": 1}, stop_rules={"max_spend_usd": 0.5})
             s.add(LLMCall(program_id=p.id, model="openai/scripted", cost_usd=0.6))
             make_worker(s, "w1")
         sched = Scheduler(publish=lambda *a, **k: None)
