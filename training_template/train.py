@@ -290,8 +290,10 @@ autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled
 seq_len = prepare.MAX_SEQ_LEN
 model_dim = math.ceil(DEPTH * ASPECT_RATIO / HEAD_DIM) * HEAD_DIM
 n_head = model_dim // HEAD_DIM
-grad_accum = TOTAL_BATCH_SIZE // (DEVICE_BATCH_SIZE * seq_len)
-assert grad_accum >= 1 and grad_accum * DEVICE_BATCH_SIZE * seq_len == TOTAL_BATCH_SIZE, "batch sizes must divide"
+# a device batch larger than the whole step shrinks to it, so halving TOTAL_BATCH_SIZE is a valid edit
+device_rows = min(DEVICE_BATCH_SIZE, max(1, TOTAL_BATCH_SIZE // seq_len))
+grad_accum = TOTAL_BATCH_SIZE // (device_rows * seq_len)
+assert grad_accum >= 1 and grad_accum * device_rows * seq_len == TOTAL_BATCH_SIZE, "batch sizes must divide"
 
 raw_model = GPT(prepare.vocab_size(), DEPTH, model_dim, n_head, HEAD_DIM, seq_len)
 raw_model.init_weights()
@@ -317,7 +319,7 @@ for opt in optimizers:
 n_params = sum(p.numel() for p in raw_model.parameters())
 assert n_params == sum(p.numel() for g in adam_groups for p in g["params"]) + sum(p.numel() for p in matrices)
 
-loader = prepare.make_dataloader(DEVICE_BATCH_SIZE, device, seq_len)
+loader = prepare.make_dataloader(device_rows, device, seq_len)
 print(f"profile {prepare.PROFILE.name} on {device}: depth {DEPTH}, dim {model_dim}, heads {n_head}, "
       f"params {n_params / 1e6:.2f}M, windows {raw_model.windows}, grad_accum {grad_accum}, "
       f"budget {prepare.TIME_BUDGET:g}s", flush=True)
