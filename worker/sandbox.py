@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +58,15 @@ def unshare_prefix() -> list[str]:
     return ["unshare", "-n"] if os.geteuid() == 0 else ["unshare", "-rn"]
 
 
+def runtime_paths() -> tuple[Path, ...]:
+    """Where the Python that runs candidates lives (the venv and its base interpreter)."""
+    return tuple(sorted({Path(p).resolve() for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}))
+
+
+def _covered(p: Path, roots: Sequence[Path]) -> bool:
+    return any(p == r or r in p.parents for r in roots)
+
+
 def bwrap_argv(argv: Sequence[str], m: Mounts) -> list[str]:
     cmd = ["bwrap", "--die-with-parent", "--new-session",
            "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
@@ -68,6 +78,12 @@ def bwrap_argv(argv: Sequence[str], m: Mounts) -> list[str]:
             cmd += ["--tmpfs", str(p)]
         elif p.exists():
             cmd += ["--ro-bind", "/dev/null", str(p)]
+    # the interpreter must stay reachable when it lives under a path hidden above (a checkout in /tmp,
+    # as CI clones can be): bind it back read-only; it is code, not farm state
+    hidden_roots = [Path("/tmp"), *(Path(p) for p in m.hidden)]
+    for p in runtime_paths():
+        if _covered(p, hidden_roots) and p.exists():
+            cmd += ["--ro-bind", str(p), str(p)]
     for p in m.readonly:
         if p.exists():
             cmd += ["--ro-bind", str(p), str(p)]

@@ -95,3 +95,23 @@ def test_hw_class_from_gpu_name():
     assert hw_class_of("NVIDIA H100 80GB HBM3") == "gpu.h100"
     assert hw_class_of("NVIDIA A100-SXM4-40GB") == "gpu.a100"
     assert hw_class_of("NVIDIA GeForce RTX 4090") == "gpu.4090"
+
+
+def test_interpreter_under_a_hidden_path_stays_reachable(tmp_path, monkeypatch):
+    """Regression: a checkout (and its .venv) under /tmp vanished under the sandbox's /tmp tmpfs,
+    so every candidate died with `bwrap: execvp .../.venv/bin/python: No such file or directory`."""
+    import subprocess
+    import sys
+
+    import worker.sandbox as sb
+
+    work = tmp_path / "w"
+    work.mkdir()
+    # pretend the interpreter lives inside a hidden folder: the real prefix is hidden, then bound back
+    prefix = Path(sys.prefix).resolve()
+    argv = bwrap_argv([sys.executable, "-c", "import sys; print(sys.prefix)"],
+                      Mounts(workdir=work, hidden=(prefix,)))
+    assert f"--ro-bind {prefix} {prefix}" in " ".join(argv)
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert sb.runtime_paths()
