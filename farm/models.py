@@ -246,6 +246,8 @@ class Result(Base):
     log_tail: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[datetime] = _ts()
 
+    __table_args__ = (Index("ix_results_val_bpb", "val_bpb"),)  # best-so-far walks this index
+
     experiment: Mapped[Experiment] = relationship(back_populates="result")
 
 
