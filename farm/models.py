@@ -200,6 +200,14 @@ class Experiment(Base):
               postgresql_where=text(_UNIQUE_WHERE),
               sqlite_where=text(_UNIQUE_WHERE)),
         Index("ix_experiments_program_status", "program_id", "status"),
+        # read paths of the API and dashboard (migration 0002): a program's newest page, its baselines,
+        # its keeps, its last hour, and the runs of a parent commit
+        Index("ix_experiments_program_id_id", "program_id", "id"),
+        Index("ix_experiments_program_role", "program_id", "role"),
+        Index("ix_experiments_program_decision", "program_id", "decision"),
+        Index("ix_experiments_program_finished", "program_id", "finished_at"),
+        Index("ix_experiments_commit_sha", "commit_sha"),
+        Index("ix_experiments_parent_commit", "parent_commit"),
         CheckConstraint("retry_count >= 0", name="retry_count_nonnegative"),
         CheckConstraint("decision IS NULL OR status = 'succeeded'", name="decision_needs_success"),
     )

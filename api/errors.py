@@ -1,0 +1,66 @@
+"""Error bodies: every error is `{"detail": "<one line>"}`; a 422 also lists each error and its
+one line names the field (`body.name: Field required`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from api.schemas import ErrorPublic
+
+Responses = dict[int | str, dict[str, Any]]
+
+
+def _doc(description: str) -> dict[str, Any]:
+    return {"model": ErrorPublic, "description": description}
+
+
+def explicit_json(responses: Responses) -> Responses:
+    """The same error docs spelled out as application/json, for routes whose own response class is not
+    JSON (FastAPI would otherwise document their error models under the route's media type)."""
+    ref = {"$ref": "#/components/schemas/ErrorPublic"}
+    return {code: {"description": doc["description"], "content": {"application/json": {"schema": ref}}}
+            for code, doc in responses.items()}
+
+
+AUTH: Responses = {401: _doc("Missing, wrong or revoked bearer token")}
+READ: Responses = {**AUTH, 422: _doc("A query or path parameter is invalid; the detail names it")}
+NOT_FOUND: Responses = {404: _doc("No such program, experiment or worker")}
+WRITE: Responses = {**AUTH, 413: _doc("Request body over the size limit"),
+         422: _doc("Invalid body; the detail names the field")}
+CONFLICT: Responses = {409: _doc("The program's state does not allow this")}
+
+
+def field_path(loc: Any) -> str:
+    return ".".join(str(p) for p in loc) if isinstance(loc, list | tuple) else str(loc)
+
+
+def validation_summary(errors: list[dict[str, Any]]) -> str:
+    parts = []
+    for e in errors[:5]:
+        parts.append(f"{field_path(e.get('loc', ()))}: {e.get('msg', 'invalid')}")
+    more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+    return "; ".join(parts) + more
+
+
+async def _validation(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
+    return JSONResponse(status_code=422, content=jsonable_encoder(
+        {"detail": validation_summary(errors), "errors": errors}))
+
+
+async def _http(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    return JSONResponse(status_code=exc.status_code, content={"detail": str(exc.detail)},
+                        headers=getattr(exc, "headers", None))
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(RequestValidationError, _validation)
+    app.add_exception_handler(HTTPException, _http)

@@ -1,0 +1,36 @@
+"""`farm leaderboard PROGRAM`: a program's best runs, lowest val_bpb first."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cli.client import Api
+
+
+def leaderboard(
+    program: Annotated[str, typer.Argument(help="Program id or slug")],
+    limit: Annotated[int, typer.Option(help="Rows to show")] = 20,
+    kept: Annotated[bool, typer.Option("--kept", help="Only runs the policy kept")] = False,
+) -> None:
+    """The best measured runs of PROGRAM, lowest val_bpb first."""
+    params: dict[str, str | int] = {"status": "succeeded", "sort": "val_bpb", "order": "asc", "limit": limit}
+    if kept:
+        params["decision"] = "keep"
+    with Api() as api:
+        info = api.get(f"/programs/{program}")
+        page = api.get(f"/programs/{program}/experiments", params=params)
+    sigma = info.get("noise_sigma")
+    table = Table(title=f"{info['name']} ({info['slug']}): {page['total']} measured runs"
+                        + (f", noise sigma {sigma:.5f}" if sigma is not None else ""),
+                  title_justify="left", header_style="bold")
+    for col in ("#", "exp", "val_bpb", "delta", "decision", "commit", "description"):
+        table.add_column(col, justify="right" if col in ("#", "exp", "val_bpb", "delta") else "left")
+    for rank, e in enumerate(page["items"], 1):
+        delta = f"{e['delta']:+.6f}" if e.get("delta") is not None else "-"
+        table.add_row(str(rank), str(e["id"]), f"{e['val_bpb']:.6f}" if e["val_bpb"] is not None else "-", delta,
+                      e.get("decision") or "-", (e.get("commit_sha") or "")[:7], e["description"][:60])
+    Console().print(table)

@@ -1,0 +1,253 @@
+"""Git lineage: the farm repository, one branch per program, one commit per candidate.
+
+The repository is bare (settings.repo_dir) and written only through git plumbing (hash-object,
+update-index on a private index file, write-tree, commit-tree, update-ref), so no working tree
+or shared index can be left half-written by a crash. Layout:
+
+    refs/heads/research/<slug>               the program's branch: template commit, then keeps only
+    refs/candidates/<slug>/<experiment-id>   every candidate, parent = the head it was proposed against
+    refs/notes/commits                       metrics of each judged commit (shown by `git log`)
+
+History is never rewritten: a branch only moves by fast-forward (`update-ref` with the old value
+as a compare-and-set). The database (programs.head_commit) is the source of truth for a head; the
+scheduler writes it first and then calls `sync_branch`, which is a fast-forward or a no-op, so a
+crash between the two writes is repaired by the next sync. A commit's metrics cannot be in its
+own message (the commit is made before the run and never amended), so they are attached as a
+git note in trailer form (`Val-Bpb: ...`).
+
+One writer: `Lineage.lock()` takes an exclusive file lock next to the repository.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import git
+
+AUTHOR = ("researchfarm", "farm@researchfarm.invalid")
+
+
+class LineageError(RuntimeError):
+    """A git operation the lineage refuses (not a fast-forward, unknown commit, ...)."""
+
+
+class LockHeld(LineageError):
+    """Another scheduler holds the repository lock."""
+
+
+@dataclass(frozen=True)
+class ReplayResult:
+    files: dict[str, str]  # the editable files after the 3-way apply (empty on conflict)
+    conflicts: list[str]  # files with conflicting hunks
+
+
+def branch_ref(slug: str) -> str:
+    return f"refs/heads/research/{slug}"
+
+
+def candidate_ref(slug: str, experiment_id: int) -> str:
+    return f"refs/candidates/{slug}/{experiment_id}"
+
+
+def format_message(description: str, *, rationale: str = "", trailers: dict[str, str] | None = None) -> str:
+    subject = " ".join((description or "(no description)").split())[:200]
+    body = rationale.strip()
+    lines = [subject, ""]
+    if body:
+        lines += [body, ""]
+    for key, value in (trailers or {}).items():
+        lines.append(f"{key}: {' '.join(str(value).split())}")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+class Lineage:
+    """The farm repository. Methods are safe to call again after a crash (idempotent by ref)."""
+
+    def __init__(self, repo_dir: Path) -> None:
+        self.path = Path(repo_dir)
+        if not (self.path / "HEAD").exists():
+            self.path.mkdir(parents=True, exist_ok=True)
+            git.Repo.init(self.path, bare=True)
+        self.repo = git.Repo(self.path)
+        self._lock_fd: int | None = None
+
+    # ---- locking ----
+    def acquire(self) -> None:
+        if self._lock_fd is not None:
+            return
+        fd = os.open(str(self.path.parent / f".{self.path.name}.lock"), os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise LockHeld(f"another scheduler holds the lock on {self.path}") from None
+        self._lock_fd = fd
+
+    def release(self) -> None:
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    @contextmanager
+    def lock(self) -> Iterator[Lineage]:
+        self.acquire()
+        try:
+            yield self
+        finally:
+            self.release()
+
+    # ---- low level ----
+    def _git(self, *args: str, stdin: str | None = None, env: dict[str, str] | None = None,
+             check: bool = True) -> subprocess.CompletedProcess[str]:
+        full_env = {**os.environ, "GIT_AUTHOR_NAME": AUTHOR[0], "GIT_AUTHOR_EMAIL": AUTHOR[1],
+                    "GIT_COMMITTER_NAME": AUTHOR[0], "GIT_COMMITTER_EMAIL": AUTHOR[1], **(env or {})}
+        r = subprocess.run(["git", "--git-dir", str(self.path), *args], input=stdin, capture_output=True,
+                           text=True, env=full_env, timeout=60)
+        if check and r.returncode != 0:
+            raise LineageError(f"git {args[0]} failed: {r.stderr.strip() or r.stdout.strip()}")
+        return r
+
+    def resolve(self, ref: str) -> str | None:
+        r = self._git("rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}", check=False)
+        return r.stdout.strip() or None
+
+    def has_commit(self, sha: str) -> bool:
+        return bool(sha) and self.resolve(sha) is not None
+
+    def is_ancestor(self, old: str, new: str) -> bool:
+        return self._git("merge-base", "--is-ancestor", old, new, check=False).returncode == 0
+
+    def parents(self, sha: str) -> list[str]:
+        return self._git("rev-list", "--parents", "-n", "1", sha).stdout.split()[1:]
+
+    def message(self, sha: str) -> str:
+        return self._git("log", "-1", "--format=%B", sha).stdout
+
+    def files_at(self, sha: str, names: list[str] | None = None) -> dict[str, str]:
+        """File contents at a commit (all files, or just `names`)."""
+        listing = self._git("ls-tree", "-r", "--name-only", sha).stdout.splitlines()
+        wanted = [n for n in listing if names is None or n in names]
+        return {n: self._git("show", f"{sha}:{n}").stdout for n in wanted}
+
+    def _tree(self, files: dict[str, str], base: str | None) -> str:
+        """A tree: `base`'s tree (if any) with `files` written over it."""
+        with tempfile.TemporaryDirectory(prefix="farm-index-") as tmp:
+            env = {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
+            if base:
+                self._git("read-tree", base, env=env)
+            else:
+                self._git("read-tree", "--empty", env=env)
+            lines = []
+            for name in sorted(files):
+                blob = self._git("hash-object", "-w", "--stdin", stdin=files[name]).stdout.strip()
+                lines.append(f"100644 {blob}\t{name}")
+            if lines:
+                self._git("update-index", "--add", "--index-info", stdin="\n".join(lines) + "\n", env=env)
+            return self._git("write-tree", env=env).stdout.strip()
+
+    def commit(self, files: dict[str, str], *, parent: str | None, message: str) -> str:
+        tree = self._tree(files, parent)
+        args = ["commit-tree", tree] + (["-p", parent] if parent else [])
+        return self._git(*args, stdin=message).stdout.strip()
+
+    def _create_ref(self, ref: str, sha: str) -> str:
+        """Create `ref` at `sha` unless it exists; return what it points at."""
+        r = self._git("update-ref", ref, sha, "0" * 40, check=False)
+        if r.returncode != 0:
+            existing = self.resolve(ref)
+            if existing is None:
+                raise LineageError(f"cannot create {ref}: {r.stderr.strip()}")
+            return existing
+        return sha
+
+    # ---- programs and candidates ----
+    def create_root(self, slug: str, files: dict[str, str], *, message: str) -> str:
+        """The program's branch with the template as its first commit (reused if it already exists)."""
+        ref = branch_ref(slug)
+        existing = self.resolve(ref)
+        if existing is not None:
+            return self._root_of(existing)
+        return self._create_ref(ref, self.commit(files, parent=None, message=message))
+
+    def _root_of(self, sha: str) -> str:
+        roots = self._git("rev-list", "--max-parents=0", sha).stdout.split()
+        if len(roots) != 1:
+            raise LineageError(f"{sha} does not have exactly one root commit")
+        return roots[0]
+
+    def commit_candidate(self, slug: str, experiment_id: int, files: dict[str, str], *, parent: str,
+                         message: str) -> str:
+        """The candidate's commit on its own ref; a second call returns the first commit."""
+        ref = candidate_ref(slug, experiment_id)
+        existing = self.resolve(ref)
+        if existing is not None:
+            return existing
+        if not self.has_commit(parent):
+            raise LineageError(f"parent commit {parent[:12]} is not in the farm repository")
+        return self._create_ref(ref, self.commit(files, parent=parent, message=message))
+
+    def branch_head(self, slug: str) -> str | None:
+        return self.resolve(branch_ref(slug))
+
+    def advance(self, slug: str, new: str, *, expected: str | None) -> None:
+        """Fast-forward the branch from `expected` to `new` (compare-and-set); never rewinds."""
+        ref = branch_ref(slug)
+        current = self.resolve(ref)
+        if current == new:
+            return
+        if current != expected:
+            raise LineageError(f"{ref} is at {str(current)[:12]}, expected {str(expected)[:12]}")
+        if current is not None and not self.is_ancestor(current, new):
+            raise LineageError(f"{ref}: {new[:12]} is not a fast-forward of {current[:12]}")
+        self._git("update-ref", "-m", "farm: keep", ref, new, current or "0" * 40)
+
+    def sync_branch(self, slug: str, db_head: str) -> bool:
+        """Make the branch point at the database's head. True if it moved. Refuses to rewind."""
+        current = self.resolve(branch_ref(slug))
+        if current == db_head:
+            return False
+        if not self.has_commit(db_head):
+            raise LineageError(f"database head {db_head[:12]} of {slug} is not in the farm repository")
+        self.advance(slug, db_head, expected=current)
+        return True
+
+    def replay(self, *, base: str, change: str, onto: str, names: list[str]) -> ReplayResult:
+        """3-way apply of `base`..`change` onto `onto`, per editable file (git merge-file)."""
+        base_f, change_f, onto_f = (self.files_at(c, names) for c in (base, change, onto))
+        out: dict[str, str] = {}
+        conflicts: list[str] = []
+        with tempfile.TemporaryDirectory(prefix="farm-replay-") as tmp:
+            for name in names:
+                b, c, o = base_f.get(name, ""), change_f.get(name, ""), onto_f.get(name, "")
+                if b == c:
+                    out[name] = o
+                    continue
+                paths = []
+                for tag, text in (("ours", o), ("base", b), ("theirs", c)):
+                    p = Path(tmp) / f"{tag}"
+                    p.write_text(text, encoding="utf-8")
+                    paths.append(str(p))
+                r = subprocess.run(["git", "merge-file", "-p", "-L", "head", "-L", "parent", "-L", "candidate",
+                                    *paths], capture_output=True, text=True, timeout=60)
+                if r.returncode < 0 or r.returncode > 127:
+                    raise LineageError(f"git merge-file failed on {name}: {r.stderr.strip()}")
+                if r.returncode > 0:
+                    conflicts.append(name)
+                out[name] = r.stdout
+        return ReplayResult(files={} if conflicts else out, conflicts=conflicts)
+
+    def add_note(self, sha: str, text: str) -> None:
+        """Attach (or replace) the metrics note of a commit; notes never change the commit itself."""
+        self._git("notes", "add", "-f", "-m", text.strip(), sha)
+
+    def note(self, sha: str) -> str:
+        r = self._git("notes", "show", sha, check=False)
+        return r.stdout if r.returncode == 0 else ""

@@ -1,0 +1,117 @@
+"""Noise statistics of a program's runs: the one place the farm computes them.
+
+The seed-to-seed noise of val_bpb (about 0.002 on the reference setup) decides whether an
+improvement is real. It is estimated from replicates: runs of the same commit (baseline re-runs
+of a head, confirmation runs of a candidate) form a group, and the groups are pooled:
+
+    sigma^2 = sum over groups of sum (x - mean_g)^2  /  sum over groups of (n_g - 1)
+
+Pooling keeps a head that moved (and so a mean that moved) from inflating the estimate.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from farm.models import DecisionRecord, Experiment, ExperimentRole, ExperimentStatus, Result
+
+SIGMA_KEYS = ("sigma", "noise_sigma")  # where a decision's statistics may carry the policy's estimate
+
+
+@dataclass(frozen=True)
+class Noise:
+    sigma: float | None  # None until at least one group has two runs
+    dof: int  # degrees of freedom behind the estimate (sum of n_g - 1)
+    source: str  # "decisions" (the policy's own figure), "replicates" or "none"
+
+
+def pooled_sigma(groups: Iterable[Sequence[float]]) -> tuple[float | None, int]:
+    """Pooled standard deviation over groups of replicates, and its degrees of freedom."""
+    ss, dof = 0.0, 0
+    for g in groups:
+        if len(g) < 2:
+            continue
+        mean = sum(g) / len(g)
+        ss += sum((x - mean) ** 2 for x in g)
+        dof += len(g) - 1
+    return (math.sqrt(ss / dof), dof) if dof else (None, 0)
+
+
+def pooled_from_moments(rows: Iterable[tuple[int, float, float]]) -> tuple[float | None, int]:
+    """The same estimate from per-group (n, sum x, sum x^2), as a GROUP BY returns them.
+
+    Values near 1.0 with spreads near 1e-3: the cancellation in sum x^2 - (sum x)^2 / n loses about
+    1e-16 x n relative precision, far below the spreads that matter.
+    """
+    ss, dof = 0.0, 0
+    for n, sx, sxx in rows:
+        if n < 2:
+            continue
+        ss += max(0.0, float(sxx) - float(sx) ** 2 / n)
+        dof += n - 1
+    return (math.sqrt(ss / dof), dof) if dof else (None, 0)
+
+
+def sigma_from_statistics(statistics: dict[str, Any] | None) -> float | None:
+    for key in SIGMA_KEYS:
+        value = (statistics or {}).get(key)
+        if isinstance(value, int | float) and math.isfinite(value) and value >= 0:
+            return float(value)
+    return None
+
+
+def run_commit() -> Any:
+    """The commit a run trained: its own commit, or its parent's for a baseline re-run of the head."""
+    return func.coalesce(Experiment.commit_sha, Experiment.parent_commit)
+
+
+def program_noise(session: Session, program_id: int) -> Noise:
+    """The policy's latest sigma when it recorded one; otherwise pooled over replicate groups."""
+    latest = session.execute(
+        select(DecisionRecord.statistics).where(DecisionRecord.program_id == program_id)
+        .order_by(DecisionRecord.id.desc()).limit(1)
+    ).scalar_one_or_none()
+    sigma = sigma_from_statistics(latest)
+    if sigma is not None:
+        dof = latest.get("dof") if isinstance(latest, dict) else None
+        return Noise(sigma=sigma, dof=int(dof) if isinstance(dof, int) else 0, source="decisions")
+    # only commits that were deliberately re-run (a baseline or a confirmation) can form a group:
+    # looking them up first keeps this an index walk instead of a pass over every run
+    keys = (select(run_commit()).where(Experiment.program_id == program_id,
+                                       Experiment.role.in_((ExperimentRole.baseline, ExperimentRole.confirmation)))
+            .scalar_subquery())
+    rows = session.execute(
+        select(func.count(Result.val_bpb), func.sum(Result.val_bpb), func.sum(Result.val_bpb * Result.val_bpb))
+        .join(Experiment, Experiment.id == Result.experiment_id)
+        .where(Experiment.program_id == program_id, Experiment.status == ExperimentStatus.succeeded,
+               Result.val_bpb.is_not(None),
+               Experiment.commit_sha.in_(keys) | (Experiment.commit_sha.is_(None) & Experiment.parent_commit.in_(keys)))
+        .group_by(run_commit())
+        .having(func.count(Result.val_bpb) > 1)
+    ).all()
+    sigma, dof = pooled_from_moments((int(n), float(sx or 0.0), float(sxx or 0.0)) for n, sx, sxx in rows)
+    return Noise(sigma=sigma, dof=dof, source="replicates" if sigma is not None else "none")
+
+
+def baseline_val_bpb(session: Session, program_id: int) -> float | None:
+    """Mean val_bpb of the baseline runs of the program's first measured commit (where it started)."""
+    first = session.execute(
+        select(run_commit()).where(Experiment.program_id == program_id,
+                                            Experiment.role == ExperimentRole.baseline,
+                                            Experiment.status == ExperimentStatus.succeeded)
+        .order_by(Experiment.id).limit(1)
+    ).scalar_one_or_none()
+    if first is None:
+        return None
+    value = session.execute(
+        select(func.avg(Result.val_bpb)).join(Experiment, Experiment.id == Result.experiment_id)
+        .where(Experiment.program_id == program_id, Experiment.role == ExperimentRole.baseline,
+               Experiment.status == ExperimentStatus.succeeded, run_commit() == first)
+    ).scalar_one_or_none()
+    return float(value) if value is not None else None

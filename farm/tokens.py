@@ -1,0 +1,73 @@
+"""API bearer tokens: created once (the plain token is shown to the person and never stored),
+kept as a sha256 digest, looked up by that digest on every request.
+
+A token is 32 random bytes, so a plain (unsalted) sha256 is enough: there is nothing to brute-force.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from farm.db import as_utc
+from farm.models import ApiToken, utcnow
+
+TOKEN_PREFIX = "rf_"
+TOUCH_EVERY = timedelta(minutes=1)  # last_used_at is a hint; do not write on every request
+
+
+class TokenError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class NewToken:
+    token: ApiToken
+    plain: str  # shown once
+
+
+def hash_token(plain: str) -> str:
+    return hashlib.sha256(plain.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def create_token(session: Session, *, name: str) -> NewToken:
+    name = name.strip()
+    if not name or len(name) > 100:
+        raise TokenError("a token name must be 1 to 100 characters")
+    if session.execute(select(ApiToken.id).where(ApiToken.name == name)).first() is not None:
+        raise TokenError(f"a token named {name!r} already exists (revoke it first or pick another name)")
+    plain = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    row = ApiToken(name=name, token_hash=hash_token(plain), prefix=plain[:10])
+    session.add(row)
+    session.flush()
+    return NewToken(token=row, plain=plain)
+
+
+def verify_token(session: Session, *, plain: str) -> ApiToken | None:
+    """The live token matching `plain`, or None. Stamps last_used_at at most once a minute."""
+    if not plain or len(plain) > 200:
+        return None
+    row = session.execute(
+        select(ApiToken).where(ApiToken.token_hash == hash_token(plain), ApiToken.revoked.is_(False))
+    ).scalar_one_or_none()
+    if row is None:
+        return None
+    # the local clock is fine here: last_used_at is a hint for people, never a staleness decision
+    if row.last_used_at is None or datetime.now(UTC) - as_utc(row.last_used_at) > TOUCH_EVERY:
+        session.execute(update(ApiToken).where(ApiToken.id == row.id).values(last_used_at=utcnow()))
+    return row
+
+
+def revoke_token(session: Session, *, name: str) -> bool:
+    res = session.execute(update(ApiToken).where(ApiToken.name == name, ApiToken.revoked.is_(False))
+                          .values(revoked=True))
+    return bool(getattr(res, "rowcount", 0))
+
+
+def list_tokens(session: Session) -> list[ApiToken]:
+    return list(session.execute(select(ApiToken).order_by(ApiToken.id)).scalars())

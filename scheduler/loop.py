@@ -1,0 +1,762 @@
+"""The research loop, made parallel and restartable: `Scheduler.tick()` is one pass, `run_forever()` loops.
+
+Each tick, under the repository lock (one scheduler at a time):
+  1. recovery: stale running experiments are re-queued and re-published (farm.recovery once the
+     worker branch provides it; farm.states.reap_stale meanwhile);
+  2. lineage: a new program gets its branch (template commit); every branch ref is set to the
+     database head (a fast-forward or a no-op: this is what repairs a crash between the writes);
+  3. finished LLM calls become proposals through farm.candidates.record_proposal;
+  4. decisions: every finished, undecided run is judged by scheduler.policy against its own parent
+     (confirmation, replay onto a moved head, keep, discard), crashes get repair proposals;
+  5. stop rules finish programs;
+  6. feeding: per hardware class, queued + running is topped up to live workers + lookahead, shared
+     among active programs by weight (baselines first, then confirmations, pending proposals, then
+     new proposals); a proposal is committed to git, marked queued, committed, then published.
+
+All state lives in the database, every write is a compare-and-set or idempotent (candidate refs
+are reused, confirmations and replays are created in the transaction that records why), so a
+scheduler killed at any point and restarted neither duplicates work nor decisions. The only thing
+lost in a crash is an LLM answer still in flight (its call is already in llm_calls).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from farm import states
+from farm.broker import publish_experiment
+from farm.candidates import Edit, EditError, apply_edit, content_hash, record_proposal
+from farm.db import as_utc, db_now, get_engine, session_scope
+from farm.lineage import Lineage, LineageError, format_message
+from farm.models import (
+    Decision,
+    DecisionRecord,
+    Experiment,
+    ExperimentRole,
+    ExperimentStatus,
+    LLMCall,
+    Program,
+    ProgramStatus,
+    Result,
+    Worker,
+)
+from farm.settings import Settings, get_settings
+from farm.templates import template_files
+from scheduler.llm import CallRecord, LLMConfig, LLMProposer
+from scheduler.mutation import MutationProposer
+from scheduler.policy import PolicyConfig, Verdict, judge, mean, noise_sigma
+from scheduler.proposers import HistoryItem, Proposal, ProposalContext, Proposer, ProposerError
+from scheduler.repair import looks_fixable, repair_depth
+
+log = logging.getLogger("farm.scheduler")
+
+S = ExperimentStatus
+OUTSTANDING = (S.proposed, S.queued, S.running)
+ACTIVE_RUN = (S.queued, S.running)
+Publish = Callable[..., None]
+
+
+@dataclass
+class Job:
+    program_id: int
+    ctx: ProposalContext
+    repair_of: int | None = None
+
+
+@dataclass
+class ProgramView:
+    """One program's experiments and results, loaded once per pass."""
+
+    program: Program
+    exps: list[Experiment]
+    results: dict[int, Result]
+    by_id: dict[int, Experiment] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.by_id = {e.id: e for e in self.exps}
+
+    def value(self, e: Experiment) -> float | None:
+        r = self.results.get(e.id)
+        if r is None or e.status != S.succeeded or r.val_bpb is None:
+            return None
+        if (r.hw_class or e.hw_class) != self.program.hw_class:  # compare within one hardware class only
+            return None
+        return float(r.val_bpb)
+
+    def runs_of(self, commit: str | None) -> list[float]:
+        vals = [self.value(e) for e in self.exps if commit and e.commit_sha == commit]
+        return [v for v in vals if v is not None]
+
+    def pending_runs_of(self, commit: str | None) -> bool:
+        return any(e.commit_sha == commit and e.status in OUTSTANDING for e in self.exps)
+
+    def groups(self) -> list[list[float]]:
+        by: dict[str, list[float]] = defaultdict(list)
+        for e in self.exps:
+            v = self.value(e)
+            if v is not None and e.commit_sha:
+                by[e.commit_sha].append(v)
+        return list(by.values())
+
+    def sigma(self, cfg: PolicyConfig) -> float:
+        return noise_sigma(self.groups(), prior=cfg.prior_sigma)[0]
+
+
+class Scheduler:
+    def __init__(self, settings: Settings | None = None, *, engine: Engine | None = None,
+                 lineage: Lineage | None = None, publish: Publish | None = None,
+                 proposer_factory: Callable[[Program], Proposer] | None = None) -> None:
+        self.settings = settings or get_settings()
+        self.engine = engine or get_engine(self.settings)
+        self.lineage = lineage or Lineage(self.settings.repo_dir)
+        self.publish: Publish = publish or publish_experiment
+        self.proposer_factory = proposer_factory or self._default_proposer
+        self.pool = ThreadPoolExecutor(max_workers=self.settings.llm_concurrency, thread_name_prefix="llm")
+        self.inflight: dict[Future[Proposal], Job] = {}
+        self.cooldown: dict[int, float] = {}
+        self.failures: dict[int, int] = defaultdict(int)
+        self.repairs_tried: set[int] = set()
+        self.stop_event = threading.Event()
+        self._started = False
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        if self._started:
+            return
+        self.lineage.acquire()
+        self._started = True
+        self._init_programs()
+        self._sync_branches()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.lineage.release()
+        self._started = False
+
+    def run_forever(self) -> None:
+        self.start()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                signal.signal(sig, lambda *_: self.stop_event.set())
+            except ValueError:  # not the main thread
+                pass
+        log.info("scheduler started (repo %s)", self.lineage.path)
+        try:
+            while not self.stop_event.is_set():
+                try:
+                    self.tick()
+                except Exception:
+                    log.exception("scheduler pass failed; retrying")
+                self.stop_event.wait(self.settings.scheduler_interval)
+        finally:
+            self.close()
+
+    def tick(self) -> dict[str, int]:
+        """One pass; returns counters for logs and tests."""
+        self.start()
+        stats: dict[str, int] = defaultdict(int)
+        self._recover(stats)
+        self._init_programs()
+        self._sync_branches()
+        self._collect(stats)
+        self._decide(stats)
+        self._stop_rules(stats)
+        self._fill(stats)
+        return dict(stats)
+
+    def wait_for_proposals(self, timeout: float = 30.0) -> None:
+        """Block until the LLM calls in flight have answered (tests)."""
+        deadline = time.monotonic() + timeout
+        for fut in list(self.inflight):
+            fut.exception(timeout=max(0.0, deadline - time.monotonic()))
+
+    # ------------------------------------------------------------------ recovery
+    def _recover(self, stats: dict[str, int]) -> None:
+        try:
+            from farm import recovery  # type: ignore[attr-defined]  # the worker branch's module
+        except ImportError:
+            recovery = None
+        if recovery is not None:
+            # CALL SITE (worker branch): reaper + re-publish of stale running experiments, and
+            # re-publish of queued experiments that have no live broker message.
+            for name in ("reap", "reap_and_republish"):
+                fn = getattr(recovery, name, None)
+                if fn is not None:
+                    fn()
+                    break
+            reconcile = getattr(recovery, "reconcile_broker", None)
+            if reconcile is not None:
+                reconcile()
+            return
+        # fallback until farm.recovery lands: reap with the state machine, publish after commit
+        with session_scope(self.engine) as s:
+            reaped = states.reap_stale(s, interval=self.settings.heartbeat_interval,
+                                       max_retries=self.settings.max_retries)
+            requeued = [(i, s.get(Experiment, i)) for i, st in reaped if st == S.queued]
+            targets = [(i, e.hw_class, e.program_id) for i, e in requeued if e is not None]
+        for exp_id, hw, _pid in targets:
+            self._publish(exp_id, hw)
+        stats["reaped"] += len(reaped)
+
+    # ------------------------------------------------------------------ lineage
+    def _init_programs(self) -> None:
+        with session_scope(self.engine) as s:
+            todo = s.execute(select(Program).where(Program.root_commit.is_(None))).scalars().all()
+            for p in todo:
+                files = template_files(p.template)
+                msg = format_message(f"{p.name}: template {p.template}", rationale=p.instructions[:2000],
+                                     trailers={"Farm-Program": p.slug, "Farm-Template": p.template})
+                root = self.lineage.create_root(p.slug, files, message=msg)
+                locked = s.execute(select(Program).where(Program.id == p.id).with_for_update()
+                                   .execution_options(populate_existing=True)).scalar_one()
+                if locked.root_commit is None:
+                    locked.root_commit = root
+                    locked.head_commit = locked.head_commit or root
+                    log.info("program %s: branch %s at template commit %s", p.slug, p.branch, root[:12])
+
+    def _sync_branches(self) -> None:
+        with session_scope(self.engine) as s:
+            heads = s.execute(select(Program.slug, Program.head_commit)
+                              .where(Program.head_commit.is_not(None))).all()
+        for slug, head in heads:
+            if head is None:
+                continue
+            try:
+                if self.lineage.sync_branch(slug, head):
+                    log.warning("program %s: branch moved to the database head %s", slug, head[:12])
+            except LineageError as exc:
+                log.error("program %s: %s", slug, exc)
+
+    # ------------------------------------------------------------------ proposals
+    def _default_proposer(self, program: Program) -> Proposer:
+        conf = dict(program.proposer or {})
+        kind = conf.get("kind") or ("llm" if (conf.get("model") or self.settings.llm_model) else "mutation")
+        if kind == "llm":
+            pid = program.id
+            return LLMProposer(LLMConfig.resolve(conf, self.settings),
+                               record_call=lambda rec: self._record_call(pid, rec))
+        if kind == "mutation":
+            return MutationProposer(target=str(conf.get("target", "train.py")))
+        raise ProposerError(f"unknown proposer kind {kind!r}")
+
+    def _record_call(self, program_id: int, rec: CallRecord) -> int:
+        with session_scope(self.engine) as s:
+            row = LLMCall(program_id=program_id, model=rec.model, purpose=rec.purpose,
+                          prompt_tokens=rec.prompt_tokens, completion_tokens=rec.completion_tokens,
+                          cost_usd=rec.cost_usd, latency_s=rec.latency_s, error=rec.error)
+            s.add(row)
+            s.flush()
+            return row.id
+
+    def _context(self, s: Session, view: ProgramView, *, seed: int) -> ProposalContext:
+        p = view.program
+        assert p.head_commit is not None
+        cfg = PolicyConfig.from_dict(p.policy or {})
+        decisions = {d.experiment_id: d for d in s.execute(
+            select(DecisionRecord).where(DecisionRecord.program_id == p.id)).scalars()}
+        history: list[HistoryItem] = []
+        for e in view.exps:
+            if e.role == ExperimentRole.baseline or e.replicate_of is not None:
+                continue
+            val = view.value(e)
+            parent = view.runs_of(e.parent_commit)
+            delta = (mean(parent) - val) if (val is not None and parent) else None
+            d = decisions.get(e.id)
+            status = e.decision.value if e.decision else e.status.value
+            reason = d.reason if d else (e.status_reason or (self._result_reason(view, e)))
+            history.append(HistoryItem(e.id, e.role.value, e.proposer_kind, e.description, status, val, delta,
+                                       reason))
+        head_runs = view.runs_of(p.head_commit)
+        return ProposalContext(
+            program_id=p.id, slug=p.slug, profile=p.profile, instructions=p.instructions,
+            head_commit=p.head_commit, head_files=self.lineage.files_at(p.head_commit, list(p.editable_files)),
+            editable=list(p.editable_files), history=history, sigma=view.sigma(cfg),
+            head_val_bpb=mean(head_runs) if head_runs else None,
+            known_hashes=frozenset(e.content_hash for e in view.exps if e.content_hash), seed=seed)
+
+    @staticmethod
+    def _result_reason(view: ProgramView, e: Experiment) -> str | None:
+        r = view.results.get(e.id)
+        return (r.reason or (r.log_tail or "")[-300:] or None) if r is not None else None
+
+    def _collect(self, stats: dict[str, int]) -> None:
+        for fut in [f for f in self.inflight if f.done()]:
+            job = self.inflight.pop(fut)
+            try:
+                proposal = fut.result()
+            except Exception as exc:
+                self.failures[job.program_id] += 1
+                wait = min(300.0, 5.0 * 2 ** min(self.failures[job.program_id], 6))
+                self.cooldown[job.program_id] = time.monotonic() + wait
+                log.warning("program %d: proposer failed (%s); pausing its proposals %.0fs", job.program_id, exc,
+                            wait)
+                stats["proposer_errors"] += 1
+                continue
+            self.failures[job.program_id] = 0
+            self._record(job, proposal, stats)
+
+    def _record(self, job: Job, proposal: Proposal, stats: dict[str, int]) -> int:
+        with session_scope(self.engine) as s:
+            program = s.get(Program, job.program_id)
+            if program is None:
+                return 0
+            ctx = job.ctx
+            base, edit, parent = ctx.head_files, proposal.edit, ctx.head_commit
+            if job.repair_of is not None:
+                # the repair edits the crashed files; store it as a change of the crashed one's parent
+                crashed = s.get(Experiment, job.repair_of)
+                assert crashed is not None
+                parent = crashed.parent_commit
+                try:
+                    fixed = apply_edit(ctx.head_files, edit, default_file=ctx.editable[0])
+                    base = self.lineage.files_at(parent, ctx.editable)
+                    edit = Edit(files={n: fixed[n] for n in ctx.editable if n in fixed})
+                except EditError:
+                    pass  # record_proposal against the crashed files gives the reason
+            exp = record_proposal(s, program, parent_commit=parent, base_files=base, edit=edit,
+                                  proposer_kind="repair" if job.repair_of else self._kind(program),
+                                  description=proposal.description, rationale=proposal.rationale,
+                                  repair_of=job.repair_of)
+            if proposal.llm_call_ids:
+                for call in s.execute(select(LLMCall).where(LLMCall.id.in_(proposal.llm_call_ids))).scalars():
+                    call.experiment_id = exp.id
+            stats["invalid" if exp.status == S.invalid else "proposed"] += 1
+            if exp.status == S.invalid:
+                log.info("program %s: proposal #%d invalid: %s", program.slug, exp.id, exp.status_reason)
+            return exp.id
+
+    def _kind(self, program: Program) -> str:
+        conf = program.proposer or {}
+        return str(conf.get("kind") or ("llm" if (conf.get("model") or self.settings.llm_model) else "mutation"))
+
+    # ------------------------------------------------------------------ decisions
+    def _load(self, s: Session, program: Program) -> ProgramView:
+        exps = list(s.execute(select(Experiment).where(Experiment.program_id == program.id)
+                              .order_by(Experiment.id)).scalars())
+        results = {r.experiment_id: r for r in s.execute(
+            select(Result).join(Experiment).where(Experiment.program_id == program.id)).scalars()}
+        return ProgramView(program, exps, results)
+
+    def _decide(self, stats: dict[str, int]) -> None:
+        with session_scope(self.engine) as s:
+            ids = list(s.execute(select(Program.id).where(Program.root_commit.is_not(None))).scalars())
+        for pid in ids:
+            # one transaction per decision, so a keep is committed before its git write
+            while True:
+                with session_scope(self.engine) as s:
+                    program = s.get(Program, pid)
+                    assert program is not None
+                    view = self._load(s, program)
+                    action = self._next_decision(s, view, stats)
+                if action is None:
+                    break
+                action()
+
+    def _next_decision(self, s: Session, view: ProgramView, stats: dict[str, int]
+                       ) -> Callable[[], None] | None:
+        """Make one pending decision in this transaction; returns the git step to run after commit."""
+        p = view.program
+        cfg = PolicyConfig.from_dict(p.policy or {})
+        for e in view.exps:
+            if e.status != S.succeeded or e.decision is not None or e.replicate_of is not None:
+                continue
+            if e.role == ExperimentRole.baseline:
+                self._write_decision(s, view, e, Decision.keep, "baseline", "baseline run of the head",
+                                     {"val_bpb": view.value(e)})
+                stats["baselines"] += 1
+                return self._noop
+            step = self._judge(s, view, e, cfg, stats)
+            if step is not None:
+                return step
+        if self._kind(p) == "llm" and p.status == ProgramStatus.active:
+            self._repairs(s, view, cfg, stats)
+        return None
+
+    @staticmethod
+    def _noop() -> None:
+        return None
+
+    def _judge(self, s: Session, view: ProgramView, e: Experiment, cfg: PolicyConfig,
+               stats: dict[str, int]) -> Callable[[], None] | None:
+        p = view.program
+        reps = [r for r in view.exps if r.replicate_of == e.id]
+        if any(r.status in OUTSTANDING for r in reps):
+            return None  # confirmation still running
+        own = view.value(e)
+        if own is None:  # another hardware class: never compared
+            self._write_decision(s, view, e, Decision.discard, cfg.kind,
+                                 "result from another hardware class than the program's", {})
+            return self._noop
+        runs = [own] + [v for v in (view.value(r) for r in reps) if v is not None]
+        parent_runs = view.runs_of(e.parent_commit)
+        if not parent_runs:
+            if view.pending_runs_of(e.parent_commit):
+                return None  # the parent's runs are not in yet
+            self._write_decision(s, view, e, Decision.discard, cfg.kind,
+                                 "the parent has no successful run to compare with", {"runs": runs})
+            return self._noop
+        prior = self._prior_deltas(s, p.id, e.id)
+        verdict = judge(cfg, runs, parent_runs, view.sigma(cfg), prior)
+        head_moved = p.head_commit != e.parent_commit
+        if verdict.action == "confirm":
+            if head_moved and not verdict.stats["sanity"] and e.role == ExperimentRole.candidate:
+                return self._replay(s, view, e, verdict, stats)
+            if len(reps) >= 1 + cfg.confirm_runs + 1:  # never more than the policy can ask for
+                verdict = replace(verdict, action="discard", reason=verdict.reason + " (confirmation limit)")
+            else:
+                self._confirm(s, view, e, reps)
+                stats["confirmations"] += 1
+                return self._noop
+        if verdict.action == "keep":
+            if head_moved:
+                return self._replay(s, view, e, verdict, stats)
+            return self._keep(s, view, e, reps, verdict, stats)
+        self._write_decision(s, view, e, Decision.discard, cfg.kind, verdict.reason, verdict.stats, reps)
+        stats["discards"] += 1
+        return self._note_step(e, "discard", verdict)
+
+    def _prior_deltas(self, s: Session, program_id: int, exp_id: int) -> list[float]:
+        for d in s.execute(select(DecisionRecord).where(DecisionRecord.program_id == program_id)).scalars():
+            replay = (d.statistics or {}).get("replay") or {}
+            if replay.get("experiment_id") == exp_id:
+                return [float(x) for x in replay.get("deltas", [])]
+        return []
+
+    def _confirm(self, s: Session, view: ProgramView, e: Experiment, reps: list[Experiment]) -> None:
+        used = {x.seed for x in view.exps if x.commit_sha == e.commit_sha}
+        seed = max(used | {0}) + 1
+        s.add(Experiment(program_id=e.program_id, role=ExperimentRole.confirmation, parent_commit=e.parent_commit,
+                         commit_sha=e.commit_sha, files=dict(e.files), diff=e.diff, content_hash=e.content_hash,
+                         proposer_kind=e.proposer_kind, description=f"confirmation of #{e.id}: {e.description}"[:2000],
+                         rationale=e.rationale, seed=seed, replicate_of=e.id, hw_class=e.hw_class,
+                         status=S.proposed))
+        s.flush()
+
+    def _keep(self, s: Session, view: ProgramView, e: Experiment, reps: list[Experiment], verdict: Verdict,
+              stats: dict[str, int]) -> Callable[[], None]:
+        p = s.execute(select(Program).where(Program.id == view.program.id).with_for_update()
+                      .execution_options(populate_existing=True)).scalar_one()
+        if p.head_commit != e.parent_commit or e.commit_sha is None:
+            return self._noop  # the head moved under us: judged again next pass
+        before = p.head_commit
+        self._write_decision(s, view, e, Decision.keep, verdict.stats["policy"], verdict.reason, verdict.stats,
+                             reps, head_before=before, head_after=e.commit_sha)
+        p.head_commit = e.commit_sha
+        p.head_experiment_id = e.id
+        stats["keeps"] += 1
+        slug, new = p.slug, e.commit_sha
+        log.info("program %s: keep #%d (%s), head %s -> %s", slug, e.id, verdict.reason, before[:12], new[:12])
+        note = self._note_step(e, "keep", verdict)
+
+        def after_commit() -> None:
+            self._move_branch(slug, new)
+            note()
+
+        return after_commit
+
+    def _move_branch(self, slug: str, new: str) -> None:
+        """The git half of a keep, after the database commit (a crash here is repaired by _sync_branches)."""
+        self.lineage.sync_branch(slug, new)
+
+    def _note_step(self, e: Experiment, decision: str, verdict: Verdict) -> Callable[[], None]:
+        sha = e.commit_sha
+        st = verdict.stats
+        text = "\n".join([f"Val-Bpb: {st.get('mean', 0):.6f}", f"Runs: {' '.join(f'{x:.6f}' for x in st.get('runs', []))}",
+                          f"Parent-Val-Bpb: {st.get('parent_mean', 0):.6f}", f"Sigma: {st.get('sigma', 0):.6f}",
+                          f"Margin: {st.get('margin', 0):.6f}", f"Decision: {decision}",
+                          f"Experiment: {e.id}"])
+
+        def note() -> None:
+            if sha:
+                try:
+                    self.lineage.add_note(sha, text)
+                except LineageError as exc:
+                    log.warning("could not note %s: %s", sha[:12], exc)
+
+        return note
+
+    def _replay(self, s: Session, view: ProgramView, e: Experiment, verdict: Verdict,
+                stats: dict[str, int]) -> Callable[[], None]:
+        p = view.program
+        assert p.head_commit is not None and e.commit_sha is not None
+        names = list(p.editable_files)
+        st = dict(verdict.stats)
+        try:
+            res = self.lineage.replay(base=e.parent_commit, change=e.commit_sha, onto=p.head_commit, names=names)
+        except LineageError as exc:
+            res = None
+            reason = f"replay onto head {p.head_commit[:12]} failed: {exc}"
+        if res is not None and res.conflicts:
+            reason = f"head moved to {p.head_commit[:12]}; replaying the change conflicts in {', '.join(res.conflicts)}"
+        elif res is not None:
+            head = self.lineage.files_at(p.head_commit, names)
+            if content_hash({n: res.files[n] for n in names if n in res.files}) == content_hash(head):
+                reason = f"head moved to {p.head_commit[:12]}, which already contains this change"
+            else:
+                new = record_proposal(s, p, parent_commit=p.head_commit, base_files=head,
+                                      edit=Edit(files=res.files), proposer_kind="replay",
+                                      description=f"replay of #{e.id}: {e.description}",
+                                      rationale=e.rationale, role=ExperimentRole.confirmation)
+                if new.status == S.invalid:
+                    reason = f"replay onto head {p.head_commit[:12]} is invalid: {new.status_reason}"
+                else:
+                    st["replay"] = {"experiment_id": new.id, "deltas": list(verdict.stats["deltas"])}
+                    reason = (f"improved on its parent ({verdict.reason}); head moved to {p.head_commit[:12]}: "
+                              f"replayed as #{new.id}")
+                    stats["replays"] += 1
+        reps = [r for r in view.exps if r.replicate_of == e.id]
+        self._write_decision(s, view, e, Decision.discard, verdict.stats["policy"], reason, st, reps)
+        stats["discards"] += 1
+        return self._note_step(e, "discard (replayed)" if "replay" in st else "discard", verdict)
+
+    def _write_decision(self, s: Session, view: ProgramView, e: Experiment, decision: Decision, policy: str,
+                        reason: str, stats: dict[str, Any], reps: list[Experiment] | None = None, *,
+                        head_before: str | None = None, head_after: str | None = None) -> None:
+        hb = head_before if head_before is not None else view.program.head_commit
+        ha = head_after if head_after is not None else view.program.head_commit
+        for x, why in [(e, reason), *((r, f"confirmation of #{e.id}: {reason}") for r in (reps or []))]:
+            if x.status != S.succeeded or x.decision is not None:
+                continue
+            if states.set_decision(s, x.id, decision):
+                s.add(DecisionRecord(program_id=view.program.id, experiment_id=x.id, decision=decision,
+                                     policy=policy, reason=why[:4000], head_before=hb, head_after=ha,
+                                     statistics=_jsonable(stats)))
+        s.flush()
+
+    def _repairs(self, s: Session, view: ProgramView, cfg: PolicyConfig, stats: dict[str, int]) -> None:
+        chain = {e.id: e.repair_of for e in view.exps}
+        repaired = {e.repair_of for e in view.exps if e.repair_of is not None}
+        inflight = {j.repair_of for j in self.inflight.values() if j.repair_of is not None}
+        for e in view.exps:
+            if (e.status != S.crashed or e.id in repaired or e.id in inflight or e.id in self.repairs_tried
+                    or e.role == ExperimentRole.baseline or not e.files):
+                continue
+            if repair_depth(chain, e.id) >= cfg.max_repairs:
+                continue
+            r = view.results.get(e.id)
+            log_tail = (r.log_tail if r else "") or ""
+            if not looks_fixable(log_tail, e.status_reason):
+                continue
+            if time.monotonic() < self.cooldown.get(view.program.id, 0.0):
+                return
+            self.repairs_tried.add(e.id)
+            ctx = self._context(s, view, seed=0)
+            ctx = replace(ctx, head_files={n: str(t) for n, t in e.files.items()}, repair_of=e.id,
+                          repair_diff=e.diff, repair_log=(r.reason or "") + "\n" + log_tail if r else log_tail)
+            self._submit(view.program, Job(view.program.id, ctx, repair_of=e.id))
+            stats["repairs"] += 1
+
+    def _submit(self, program: Program, job: Job) -> None:
+        proposer = self.proposer_factory(program)
+        self.inflight[self.pool.submit(proposer.propose, job.ctx)] = job
+
+    # ------------------------------------------------------------------ stop rules
+    def _exhausted(self, s: Session, view: ProgramView, now: datetime) -> str | None:
+        p = view.program
+        rules = p.stop_rules or {}
+        ran = sum(1 for e in view.exps if e.status not in (S.proposed, S.invalid))
+        if rules.get("max_experiments") is not None and ran >= int(rules["max_experiments"]):
+            return f"reached max_experiments={int(rules['max_experiments'])}"
+        deadline = rules.get("deadline")
+        if deadline:
+            when = as_utc(datetime.fromisoformat(str(deadline)))
+            if now >= when:
+                return f"deadline {when.isoformat()} passed"
+        if rules.get("max_hours") is not None and now >= as_utc(p.created_at) + timedelta(hours=float(rules["max_hours"])):
+            return f"ran for max_hours={float(rules['max_hours']):g}"
+        cap = rules.get("max_cost_usd", (p.proposer or {}).get("spend_cap_usd"))
+        if cap is not None:
+            spent = s.execute(select(func.coalesce(func.sum(LLMCall.cost_usd), 0.0))
+                              .where(LLMCall.program_id == p.id)).scalar_one()
+            if float(spent) >= float(cap):
+                return f"LLM spend {float(spent):.4f} USD reached the cap {float(cap):g} USD"
+        target = rules.get("target_val_bpb")
+        head_runs = view.runs_of(p.head_commit)
+        if target is not None and head_runs and p.head_experiment_id is not None and mean(head_runs) <= float(target):
+            return f"head val_bpb {mean(head_runs):.6f} reached the target {float(target):g}"
+        baselines = [e for e in view.exps if e.role == ExperimentRole.baseline]
+        if baselines and all(e.status.finished for e in baselines) and not any(
+                e.status == S.succeeded for e in baselines):
+            return "every baseline run failed: " + (baselines[-1].status_reason or baselines[-1].status.value)
+        return None
+
+    def _stop_rules(self, stats: dict[str, int]) -> None:
+        with session_scope(self.engine) as s:
+            now = db_now(s)
+            for p in s.execute(select(Program).where(Program.status == ProgramStatus.active,
+                                                     Program.root_commit.is_not(None))).scalars():
+                view = self._load(s, p)
+                reason = self._exhausted(s, view, now)
+                if reason is None:
+                    continue
+                busy = any(e.status in ACTIVE_RUN for e in view.exps) or any(
+                    e.status == S.proposed and e.role == ExperimentRole.confirmation for e in view.exps) or any(
+                    e.status == S.succeeded and e.decision is None for e in view.exps) or any(
+                    j.program_id == p.id for j in self.inflight.values())
+                if not busy:
+                    p.status = ProgramStatus.finished
+                    p.status_reason = reason
+                    stats["finished"] += 1
+                    log.info("program %s finished: %s", p.slug, reason)
+
+    # ------------------------------------------------------------------ feeding workers
+    def _live_workers(self, s: Session) -> dict[str, int]:
+        cutoff = db_now(s) - timedelta(seconds=2 * self.settings.heartbeat_interval)
+        rows = s.execute(select(Worker.hw_class, func.count()).where(Worker.stopped_at.is_(None),
+                                                                    Worker.last_heartbeat >= cutoff)
+                         .group_by(Worker.hw_class)).all()
+        return {hw: int(n) for hw, n in rows}
+
+    def _fill(self, stats: dict[str, int]) -> None:
+        with session_scope(self.engine) as s:
+            live = self._live_workers(s)
+            programs = list(s.execute(select(Program).where(Program.status == ProgramStatus.active,
+                                                            Program.root_commit.is_not(None))
+                                      .order_by(Program.id)).scalars())
+            busy_rows = s.execute(select(Experiment.hw_class, func.count()).where(Experiment.status.in_(ACTIVE_RUN))
+                                  .group_by(Experiment.hw_class)).all()
+        busy: dict[str, int] = {hw: int(n) for hw, n in busy_rows}
+        by_class: dict[str, list[Program]] = defaultdict(list)
+        for p in programs:
+            by_class[p.hw_class].append(p)
+        for hw, progs in by_class.items():
+            capacity = live.get(hw, 0) + self.settings.lookahead
+            inflight_hw = sum(1 for j in self.inflight.values() if any(p.id == j.program_id for p in progs))
+            load = {p.id: 0 for p in progs}
+            with session_scope(self.engine) as s:
+                for pid, n in s.execute(select(Experiment.program_id, func.count())
+                                        .where(Experiment.status.in_(ACTIVE_RUN),
+                                               Experiment.program_id.in_(list(load)))
+                                        .group_by(Experiment.program_id)).all():
+                    load[pid] = int(n)
+            for j in self.inflight.values():
+                if j.program_id in load:
+                    load[j.program_id] += 1
+            total = busy.get(hw, 0) + inflight_hw
+            blocked: set[int] = set()
+            weights = {p.id: max(float(p.weight), 1e-9) for p in progs}
+            while total < capacity:
+                open_ = [p for p in progs if p.id not in blocked]
+                if not open_:
+                    break
+                p = min(open_, key=lambda q: ((load[q.id] + 1) / weights[q.id], q.id))
+                if self._feed_one(p, stats):
+                    load[p.id] += 1
+                    total += 1
+                else:
+                    blocked.add(p.id)
+
+    def _feed_one(self, program: Program, stats: dict[str, int]) -> bool:
+        """Queue (or start proposing) one more experiment for this program; False if it has nothing."""
+        with session_scope(self.engine) as s:
+            p = s.get(Program, program.id)
+            if p is None or p.status != ProgramStatus.active:
+                return False
+            view = self._load(s, p)
+            cfg = PolicyConfig.from_dict(p.policy or {})
+            if not any(e.role == ExperimentRole.baseline for e in view.exps):
+                self._create_baselines(s, p, cfg.baseline_runs)
+                view = self._load(s, p)
+            exhausted = self._exhausted(s, view, db_now(s))
+            pending = sorted((e for e in view.exps if e.status == S.proposed),
+                             key=lambda e: (0 if e.role == ExperimentRole.baseline else
+                                            1 if e.role == ExperimentRole.confirmation else 2, e.id))
+            if exhausted:  # no new work; confirmations still run so that decisions complete
+                pending = [e for e in pending if e.role == ExperimentRole.confirmation]
+            pick = pending[0].id if pending else None
+            ctx: ProposalContext | None = None
+            if pick is None and not exhausted and time.monotonic() >= self.cooldown.get(p.id, 0.0):
+                ctx = self._context(s, view, seed=len(view.exps))
+        if pick is not None:
+            return self._queue(pick, stats)
+        if ctx is None:
+            return False
+        try:
+            proposer = self.proposer_factory(program)
+        except ProposerError as exc:
+            log.error("program %s: %s", program.slug, exc)
+            return False
+        if proposer.inline:
+            try:
+                proposal = proposer.propose(ctx)
+            except ProposerError as exc:
+                log.warning("program %s: %s", program.slug, exc)
+                self.cooldown[program.id] = time.monotonic() + 30.0
+                return False
+            exp_id = self._record(Job(program.id, ctx), proposal, stats)
+            with session_scope(self.engine) as s:
+                e = s.get(Experiment, exp_id)
+                valid = e is not None and e.status == S.proposed
+            return self._queue(exp_id, stats) if valid else True
+        self.inflight[self.pool.submit(proposer.propose, ctx)] = Job(program.id, ctx)
+        stats["llm_calls_started"] += 1
+        return True
+
+    def _create_baselines(self, s: Session, p: Program, runs: int) -> None:
+        locked = s.execute(select(Program).where(Program.id == p.id).with_for_update()
+                           .execution_options(populate_existing=True)).scalar_one()
+        exists = s.execute(select(func.count()).select_from(Experiment).where(
+            Experiment.program_id == p.id, Experiment.role == ExperimentRole.baseline)).scalar_one()
+        if exists or locked.root_commit is None:
+            return
+        head = locked.head_commit or locked.root_commit
+        files = self.lineage.files_at(head, list(p.editable_files))
+        for i in range(max(1, runs)):
+            s.add(Experiment(program_id=p.id, role=ExperimentRole.baseline, parent_commit=head, commit_sha=head,
+                             files=files, diff="", content_hash=content_hash(files), proposer_kind="baseline",
+                             description="baseline" if i == 0 else f"baseline (seed {i})", seed=i,
+                             hw_class=p.hw_class, status=S.proposed))
+        s.flush()
+
+    def _queue(self, exp_id: int, stats: dict[str, int]) -> bool:
+        """git commit (idempotent by ref) -> queued (committed) -> published."""
+        with session_scope(self.engine) as s:
+            e = s.get(Experiment, exp_id)
+            if e is None or e.status != S.proposed:
+                return False
+            p = s.get(Program, e.program_id)
+            assert p is not None and p.root_commit is not None
+            if not e.parent_commit:
+                e.parent_commit = p.root_commit  # proposed before the branch existed: against the template
+            if e.commit_sha is None:
+                msg = format_message(e.description, rationale=e.rationale, trailers={
+                    "Farm-Program": p.slug, "Farm-Experiment": str(e.id), "Farm-Proposer": e.proposer_kind,
+                    "Farm-Role": e.role.value})
+                try:
+                    e.commit_sha = self.lineage.commit_candidate(p.slug, e.id, dict(e.files),
+                                                                 parent=e.parent_commit, message=msg)
+                except LineageError as exc:
+                    states.mark_invalid(s, e.id, str(exc))
+                    stats["invalid"] += 1
+                    return True
+            if not states.mark_queued(s, e.id):
+                return False
+            hw, limit = e.hw_class, p.time_budget + self.settings.startup_allowance
+        self._publish(exp_id, hw, limit)
+        stats["queued"] += 1
+        return True
+
+    def _publish(self, exp_id: int, hw: str, time_limit: float | None = None) -> None:
+        try:
+            self.publish(exp_id, hw, time_limit=time_limit)
+        except Exception:  # the row is queued: the broker reconciler re-publishes it
+            log.exception("could not publish experiment %d", exp_id)
+
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    import json
+
+    return dict(json.loads(json.dumps(d, default=str)))

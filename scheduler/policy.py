@@ -1,0 +1,137 @@
+"""Keep/discard policy: pure functions over numbers (no database, no git), so every rule is unit-tested.
+
+Noise. Identical content run on different seeds gives different val_bpb (about 0.002 bpb on the
+reference H100 setup). `noise_sigma` pools the within-group variance over groups of identical
+content (the baseline's runs, a candidate with its confirmations) and shrinks it toward a prior:
+
+    sigma^2 = (nu * s_pooled^2 + nu0 * prior^2) / (nu + nu0),   nu = sum(n_g - 1),  nu0 = 2
+
+With no replicated content (nu = 0) sigma is the prior; with two baseline runs (nu = 1) a single,
+possibly tiny, sample variance cannot collapse the threshold; after a few dozen replicated runs the
+data dominate.
+
+Policies, judged against the candidate's own parent (the head it was proposed against):
+- greedy: the reference rule, keep when val_bpb < the parent's mean (for parity and comparison).
+- confirm (default): a screening run that beats the parent's mean by more than
+  margin = max(k_sigma * sigma, min_delta) earns `confirm_runs` more seeds; the change is kept only
+  if the mean over its runs still beats the parent's mean by the margin.
+Sanity guards (both policies): a run below `min_val_bpb` or an improvement above `max_jump` is held
+for confirmation and never kept on one run; a confirmed mean below the floor is discarded.
+
+A replay (a change that improved on its parent, re-applied onto a head that had moved) carries its
+original improvements as `prior_deltas`: they count as runs of evidence next to the replay's own.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+DEFAULT_PRIOR_SIGMA = 0.002
+PRIOR_DOF = 2.0
+
+Action = Literal["keep", "discard", "confirm"]
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    kind: str = "confirm"
+    k_sigma: float = 2.0
+    min_delta: float = 0.0
+    confirm_runs: int = 1
+    min_val_bpb: float = 0.3
+    max_jump: float = 0.1
+    prior_sigma: float = DEFAULT_PRIOR_SIGMA
+    baseline_runs: int = 2
+    max_repairs: int = 2
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> PolicyConfig:
+        known = {f for f in cls.__dataclass_fields__}
+        values = {k: v for k, v in d.items() if k in known and v is not None}
+        cfg = cls(**values)
+        if cfg.kind not in ("greedy", "confirm"):
+            raise ValueError(f"unknown policy kind {cfg.kind!r}")
+        return cfg
+
+
+@dataclass(frozen=True)
+class Verdict:
+    action: Action
+    reason: str
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def mean(xs: Sequence[float]) -> float:
+    return math.fsum(xs) / len(xs)
+
+
+def noise_sigma(groups: Sequence[Sequence[float]], *, prior: float = DEFAULT_PRIOR_SIGMA,
+                prior_dof: float = PRIOR_DOF) -> tuple[float, float]:
+    """(sigma, degrees of freedom of the data): pooled within-group std, shrunk toward `prior`."""
+    ss = 0.0
+    dof = 0
+    for g in groups:
+        if len(g) >= 2:
+            m = mean(g)
+            ss += math.fsum((x - m) ** 2 for x in g)
+            dof += len(g) - 1
+    var = (ss + prior_dof * prior * prior) / (dof + prior_dof)
+    return math.sqrt(var), float(dof)
+
+
+def margin(cfg: PolicyConfig, sigma: float) -> float:
+    return max(cfg.k_sigma * sigma, cfg.min_delta)
+
+
+def judge(cfg: PolicyConfig, runs: Sequence[float], parent_runs: Sequence[float], sigma: float,
+          prior_deltas: Sequence[float] = ()) -> Verdict:
+    """keep / discard / confirm (one more run, on another seed) for a change with these runs.
+
+    `runs` are the change's val_bpb on its hardware class, `parent_runs` its parent's, and
+    `prior_deltas` earlier improvements (parent mean - run) of the same change on another parent.
+    """
+    if not runs or not parent_runs:
+        raise ValueError("judge needs at least one run of the change and one of its parent")
+    parent_mean = mean(parent_runs)
+    own = [parent_mean - r for r in runs]
+    deltas = [*prior_deltas, *own]
+    d = mean(deltas)
+    m = margin(cfg, sigma)
+    n = len(deltas)
+    flags = []
+    if min(runs) < cfg.min_val_bpb:
+        flags.append(f"val_bpb {min(runs):.6f} below the floor {cfg.min_val_bpb:g}")
+    if max(own) > cfg.max_jump:
+        flags.append(f"improvement {max(own):.6f} above the plausible jump {cfg.max_jump:g}")
+    stats: dict[str, Any] = {
+        "policy": cfg.kind, "runs": list(runs), "mean": mean(runs), "parent_runs": list(parent_runs),
+        "parent_mean": parent_mean, "prior_deltas": list(prior_deltas), "deltas": deltas, "delta": d,
+        "sigma": sigma, "k_sigma": cfg.k_sigma, "min_delta": cfg.min_delta, "margin": m, "n": n,
+        "sanity": flags,
+    }
+
+    def v(action: Action, reason: str) -> Verdict:
+        return Verdict(action, reason, stats)
+
+    if n == 1 and flags:
+        return v("confirm", "held for confirmation: " + "; ".join(flags))
+    if mean(runs) < cfg.min_val_bpb:
+        return v("discard", f"implausible: mean val_bpb {mean(runs):.6f} below the floor {cfg.min_val_bpb:g}")
+    if cfg.kind == "greedy":
+        if d > 0 and mean(own) > 0:
+            return v("keep", f"val_bpb {mean(runs):.6f} < parent {parent_mean:.6f}")
+        return v("discard", f"val_bpb {mean(runs):.6f} >= parent {parent_mean:.6f}")
+    if n == 1:
+        if d > m:
+            return v("confirm", f"screening beats parent by {d:.6f} > margin {m:.6f}: confirm on another seed")
+        return v("discard", f"improvement {d:.6f} <= margin {m:.6f} (k={cfg.k_sigma:g}, sigma={sigma:.6f})")
+    if d > m and n < 1 + cfg.confirm_runs:
+        return v("confirm", f"mean improvement {d:.6f} > margin {m:.6f} after {n} runs: one more seed")
+    if d > m and mean(own) > 0:
+        return v("keep", f"mean improvement {d:.6f} over {n} runs > margin {m:.6f}")
+    if d > m:
+        return v("discard", f"replay did not improve on the current head ({mean(own):.6f})")
+    return v("discard", f"mean improvement {d:.6f} over {n} runs <= margin {m:.6f}")

@@ -1,0 +1,80 @@
+"""Auth and request limits over real HTTP: tokens on every write, on reads unless the dashboard is
+public; 401 for a wrong or revoked token; 413 by Content-Length and by streamed size."""
+
+from __future__ import annotations
+
+import socket
+
+from farm.tokens import hash_token, revoke_token
+
+READS = ["/programs", "/programs/1", "/programs/1/experiments", "/experiments/1", "/programs/1/results.tsv",
+         "/programs/1/progress.svg", "/programs/1/progress.png", "/workers", "/metrics"]
+WRITES = [("/programs", {"name": "x", "instructions": "y"}), ("/programs/1/pause", None),
+          ("/programs/1/resume", None), ("/programs/1/stop", None),
+          ("/programs/1/candidates", {"description": "d", "files": {"train.py": "x = 1\n"}})]
+
+
+def test_private_deployment(live_api):
+    anon, wrong = live_api.client(token=None), live_api.client(token="rf_wrong")
+    for path in READS:
+        for client in (anon, wrong):
+            r = client.get(path)
+            assert r.status_code == 401, (path, r.status_code)
+            assert r.headers["www-authenticate"] == "Bearer" and r.json()["detail"]
+    for path, body in WRITES:
+        assert anon.post(path, json=body).status_code == 401
+        assert wrong.post(path, json=body).status_code == 401
+    assert live_api.client().get("/programs").status_code == 200
+    assert anon.get("/healthz").status_code == 200  # health needs no token
+
+
+def test_public_dashboard_reads(start_api):
+    live = start_api(public_dashboard=True)
+    anon = live.client(token=None)
+    assert anon.get("/programs").status_code == 200 and anon.get("/workers").status_code == 200
+    assert anon.get("/programs/1").status_code == 404  # read allowed, the id is just unknown
+    assert live.client(token="rf_wrong").get("/programs").status_code == 401  # a wrong token is still wrong
+    for path, body in WRITES:
+        assert anon.post(path, json=body).status_code == 401
+
+
+def test_tokens_hashed_and_revocable(live_api):
+    from farm.models import ApiToken
+
+    with live_api.session() as s:
+        row = s.query(ApiToken).one()
+        assert row.token_hash == hash_token(live_api.token) and live_api.token not in (row.token_hash, row.prefix)
+    c = live_api.client()
+    assert c.get("/programs").status_code == 200
+    with live_api.session() as s:
+        assert s.query(ApiToken).one().last_used_at is not None
+        assert revoke_token(s, name=row.name)
+    assert c.get("/programs").status_code == 401
+
+
+def test_body_limit(start_api):
+    live = start_api(max_body_bytes=2000)
+    c = live.client()
+    big = {"name": "big", "instructions": "x" * 5000}
+    r = c.post("/programs", json=big)
+    assert r.status_code == 413 and "2000" in r.json()["detail"]
+    assert c.post("/programs", json={"name": "ok", "instructions": "x" * 100}).status_code == 201
+
+    def chunks():
+        yield b'{"name": "s", "instructions": "'
+        for _ in range(10):
+            yield b"x" * 500
+        yield b'"}'
+
+    r = c.post("/programs", content=chunks(), headers={"Content-Type": "application/json"})
+    assert r.status_code == 413  # no Content-Length: counted as it streams
+
+    # a client that lies: declares 100 bytes and sends 5000
+    host, port = live.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        body = b'{"name": "liar", "instructions": "' + b"x" * 5000 + b'"}'
+        sock.sendall(b"POST /programs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer " + live.token.encode() + b"\r\nContent-Length: 100\r\n\r\n" + body)
+        reply = sock.recv(4096)
+    assert not reply.startswith(b"HTTP/1.1 201")  # the server reads 100 bytes: invalid JSON, never a program
+    assert c.get("/programs").json()[0]["name"] == "ok" and len(c.get("/programs").json()) == 1

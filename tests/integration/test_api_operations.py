@@ -1,0 +1,67 @@
+"""Workers, health and metrics over real HTTP."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from sqlalchemy import update
+
+from farm.db import db_now
+from farm.models import ExperimentStatus, LLMCall, Program, Worker
+from tests.factories import make_experiment, make_worker
+
+
+def test_workers_alive_stale_by_db_clock(live_api):
+    c = live_api.client()
+    pid = c.post("/programs", json={"name": "w", "instructions": "# go"}).json()["id"]
+    with live_api.session() as s:
+        p = s.get(Program, pid)
+        busy = make_worker(s, "gpu-box:gpu0", hw_class="gpu.h100")
+        busy.gpu_name, busy.gpu_index = "NVIDIA H100", 0
+        make_worker(s, "gpu-box:gpu1", hw_class="gpu.h100")
+        gone = make_worker(s, "old:cpu0")
+        run = make_experiment(s, p, status=ExperimentStatus.running, worker_id=busy.id, progress=62.5,
+                              current_loss=3.1, description="wider mlp")
+        busy.current_experiment_id = run.id
+        interval = live_api.settings.heartbeat_interval
+        s.execute(update(Worker).where(Worker.id == gone.id)
+                  .values(last_heartbeat=db_now(s) - timedelta(seconds=2 * interval + 1)))
+    workers = {w["id"]: w for w in c.get("/workers").json()}
+    assert workers["gpu-box:gpu0"]["state"] == "alive" and workers["gpu-box:gpu0"]["progress"] == 62.5
+    assert workers["gpu-box:gpu0"]["current_description"] == "wider mlp"
+    assert workers["gpu-box:gpu0"]["current_program_id"] == pid
+    assert workers["gpu-box:gpu1"]["current_experiment_id"] is None
+    assert workers["old:cpu0"]["state"] == "stale" and workers["old:cpu0"]["seconds_since_heartbeat"] > 2 * interval
+
+
+def test_healthz(live_api, start_api, redis_url):
+    assert live_api.client(token=None).get("/healthz").json() == {"status": "ok", "database": "ok", "broker": "ok"}
+    bad = start_api(broker_url="redis://127.0.0.1:1/0")
+    r = bad.client(token=None).get("/healthz")
+    assert r.status_code == 503 and r.json()["broker"] != "ok" and r.json()["database"] == "ok"
+    nodb = start_api(database_url="postgresql+psycopg://farm@127.0.0.1:1/none")
+    r = nodb.client(token=None).get("/healthz")
+    assert r.status_code == 503 and "cannot reach the database" in r.json()["database"]
+
+
+def test_metrics(live_api):
+    c = live_api.client()
+    pid = c.post("/programs", json={"name": "m", "instructions": "# go"}).json()["id"]
+    with live_api.session() as s:
+        p = s.get(Program, pid)
+        w = make_worker(s, "h:cpu0")
+        make_worker(s, "h:cpu1")
+        run = make_experiment(s, p, status=ExperimentStatus.running, worker_id=w.id)
+        w.current_experiment_id = run.id
+        for _ in range(3):
+            make_experiment(s, p, status=ExperimentStatus.queued)
+        s.add(LLMCall(program_id=pid, model="x", cost_usd=1.5))
+    r = c.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    text = r.text
+    assert 'farm_experiments{program="m",status="queued"} 3' in text
+    assert 'farm_queue_depth{hw_class="cpu"} 3' in text
+    assert 'farm_workers{state="alive"} 2' in text and "farm_worker_utilisation 0.5" in text
+    assert 'farm_llm_spend_usd_total{program="m"} 1.5' in text
+    assert "# TYPE farm_queue_depth gauge" in text
+    assert live_api.client(token=None).get("/metrics").status_code == 401

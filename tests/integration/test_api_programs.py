@@ -1,0 +1,96 @@
+"""Programs over real HTTP: create, list, read, pause/resume/stop, and their error codes."""
+
+from __future__ import annotations
+
+from farm.models import Decision, ExperimentRole, ExperimentStatus, LLMCall, Result
+from tests.factories import make_experiment
+
+BODY = {"name": "Tiny LR sweep", "instructions": "# Goal\nlower val_bpb\n", "profile": "cpu",
+        "policy": {"k_sigma": 3.0}, "stop_rules": {"max_experiments": 50}, "weight": 2.0}
+
+
+def test_create_list_read(live_api):
+    c = live_api.client()
+    r = c.post("/programs", json=BODY)
+    assert r.status_code == 201, r.text
+    prog = r.json()
+    assert prog["slug"] == "tiny-lr-sweep" and prog["status"] == "active" and prog["weight"] == 2.0
+    assert prog["policy"]["k_sigma"] == 3.0 and prog["policy"]["kind"] == "confirm"  # defaults merged
+    assert prog["stop_rules"] == {"max_experiments": 50} and prog["time_budget"] > 0
+    listed = c.get("/programs").json()
+    assert [p["id"] for p in listed] == [prog["id"]] and listed[0]["counts"] == {}
+    for ref in (str(prog["id"]), prog["slug"]):
+        detail = c.get(f"/programs/{ref}").json()
+        assert detail["id"] == prog["id"] and detail["instructions"].startswith("# Goal")
+        assert detail["best"] is None and detail["noise_sigma"] is None and detail["llm_spend_usd"] == 0
+
+
+def test_detail_figures(live_api):
+    c = live_api.client()
+    pid = c.post("/programs", json=BODY).json()["id"]
+    with live_api.session() as s:
+        from farm.models import Program
+
+        p = s.get(Program, pid)
+        done = dict(status=ExperimentStatus.succeeded, finished_at=None)
+        vals = {}
+        for i, (role, commit, v, dec) in enumerate([
+                (ExperimentRole.baseline, "c0", 1.000, None), (ExperimentRole.baseline, "c0", 1.004, None),
+                (ExperimentRole.candidate, "c1", 0.990, Decision.keep),
+                (ExperimentRole.candidate, "c2", 1.010, Decision.discard),
+                (ExperimentRole.confirmation, "c1", 0.992, None)]):
+            e = make_experiment(s, p, role=role, commit_sha=commit, parent_commit="c0", decision=dec,
+                                seed=i, **done)
+            s.add(Result(experiment_id=e.id, outcome=ExperimentStatus.succeeded, val_bpb=v, test_bpb=v + 0.01,
+                         peak_vram_mb=2048))
+            vals[i] = e.id
+        make_experiment(s, p, status=ExperimentStatus.crashed)
+        make_experiment(s, p, status=ExperimentStatus.queued)
+        s.add(LLMCall(program_id=pid, model="m", cost_usd=0.25))
+        s.add(LLMCall(program_id=pid, model="m", cost_usd=0.5))
+        from sqlalchemy import update
+
+        from farm.models import Experiment, utcnow
+        s.execute(update(Experiment).where(Experiment.status != ExperimentStatus.queued)
+                  .values(finished_at=utcnow()))
+    d = c.get(f"/programs/{pid}").json()
+    assert d["counts"] == {"succeeded": 5, "crashed": 1, "queued": 1}
+    assert d["decisions"] == {"keep": 1, "discard": 1}
+    assert d["best"]["val_bpb"] == 0.990 and abs(d["best"]["test_bpb"] - 1.0) < 1e-9
+    assert abs(d["baseline_val_bpb"] - 1.002) < 1e-9
+    # pooled over the c0 pair (1.000, 1.004) and the c1 pair (0.990, 0.992): sqrt((8e-6 + 2e-6) / 2)
+    assert abs(d["noise_sigma"] - (5e-6) ** 0.5) < 1e-9 and d["noise_source"] == "replicates"
+    assert d["llm_spend_usd"] == 0.75 and d["llm_calls"] == 2 and d["experiments_per_hour"] == 6
+    summary = c.get("/programs").json()[0]
+    assert summary["best"]["val_bpb"] == 0.990 and summary["counts"]["succeeded"] == 5
+
+
+def test_pause_resume_stop(live_api):
+    c = live_api.client()
+    slug = c.post("/programs", json=BODY).json()["slug"]
+    assert c.post(f"/programs/{slug}/resume").json()["status"] == "active"  # already active: no-op
+    assert c.post(f"/programs/{slug}/pause").json()["status"] == "paused"
+    assert c.post(f"/programs/{slug}/pause").json()["status"] == "paused"  # idempotent
+    assert c.post(f"/programs/{slug}/resume").json()["status"] == "active"
+    assert c.post(f"/programs/{slug}/stop").json()["status"] == "stopped"
+    r = c.post(f"/programs/{slug}/resume")
+    assert r.status_code == 409 and "stopped" in r.json()["detail"]
+    assert c.post("/programs/nope/stop").status_code == 404
+
+
+def test_errors(live_api):
+    c = live_api.client()
+    r = c.post("/programs", json={"instructions": "x"})
+    assert r.status_code == 422 and "body.name" in r.json()["detail"]
+    r = c.post("/programs", json={**BODY, "weight": -1})
+    assert r.status_code == 422 and "body.weight" in r.json()["detail"]
+    r = c.post("/programs", json={**BODY, "profile": "tpu"})
+    assert r.status_code == 422 and "body.profile" in r.json()["detail"]
+    r = c.post("/programs", json={**BODY, "editable_files": ["prepare_nope.py"]})
+    assert r.status_code == 422 and "prepare_nope.py" in r.json()["detail"]
+    r = c.post("/programs", json={**BODY, "name": "bad\x00name"})
+    assert r.status_code == 422 and "body.name" in r.json()["detail"]
+    r = c.post("/programs", content=b"{not json", headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and r.json()["detail"].startswith("body")
+    for ref in ("999999", "99999999999999", "no-such", "%00", "UPPER"):
+        assert c.get(f"/programs/{ref}").status_code == 404, ref

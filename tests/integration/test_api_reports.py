@@ -1,0 +1,72 @@
+"""results.tsv and progress plots over real HTTP, and `farm export`."""
+
+from __future__ import annotations
+
+from sqlalchemy import update
+
+from farm.models import Decision, Experiment, ExperimentRole, ExperimentStatus, Program, Result, utcnow
+from tests.factories import make_experiment
+
+HEADER = "commit\tval_bpb\tmemory_gb\tstatus\tdescription"
+
+
+def _seed(live_api):
+    c = live_api.client()
+    pid = c.post("/programs", json={"name": "rep", "instructions": "# go"}).json()["id"]
+    with live_api.session() as s:
+        p = s.get(Program, pid)
+        rows = [(ExperimentRole.baseline, "aaaaaaa1", 0.9979, None, ExperimentStatus.succeeded, "baseline"),
+                (ExperimentRole.baseline, "aaaaaaa1", 0.9990, None, ExperimentStatus.succeeded, "re-run"),
+                (ExperimentRole.candidate, "bbbbbbb2", 0.9932, Decision.keep, ExperimentStatus.succeeded,
+                 "halve\tthe batch\nsize"),
+                (ExperimentRole.candidate, "ccccccc3", 1.0050, Decision.discard, ExperimentStatus.succeeded, "gelu"),
+                (ExperimentRole.candidate, "ddddddd4", None, None, ExperimentStatus.crashed, "oom"),
+                (ExperimentRole.candidate, "eeeeeee5", 0.9800, None, ExperimentStatus.succeeded, "pending")]
+        for role, sha, v, dec, st, desc in rows:
+            e = make_experiment(s, p, role=role, commit_sha=sha, parent_commit="aaaaaaa1", decision=dec, status=st,
+                                description=desc)
+            s.add(Result(experiment_id=e.id, outcome=st, val_bpb=v, peak_vram_mb=45060 if v else None))
+            s.flush()
+            s.execute(update(Experiment).where(Experiment.id == e.id).values(finished_at=utcnow()))
+        make_experiment(s, p, status=ExperimentStatus.invalid, description="never ran")
+    return c, pid
+
+
+def test_results_tsv(live_api):
+    c, pid = _seed(live_api)
+    r = c.get(f"/programs/{pid}/results.tsv")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/tab-separated-values")
+    assert r.text == (f"{HEADER}\n"
+                      "aaaaaaa\t0.997900\t44.0\tkeep\tbaseline\n"
+                      "bbbbbbb\t0.993200\t44.0\tkeep\thalve the batch size\n"
+                      "ccccccc\t1.005000\t44.0\tdiscard\tgelu\n"
+                      "ddddddd\t0.000000\t0.0\tcrash\toom\n")
+    assert c.get("/programs/nope/results.tsv").status_code == 404
+
+
+def test_progress_plots(live_api):
+    c, pid = _seed(live_api)
+    svg = c.get(f"/programs/{pid}/progress.svg")
+    assert svg.status_code == 200 and svg.headers["content-type"].startswith("image/svg+xml")
+    assert svg.text.lstrip().startswith("<?xml") and "<svg" in svg.text and "running best" in svg.text
+    assert c.get(f"/programs/{pid}/progress.svg").text == svg.text  # deterministic
+    png = c.get(f"/programs/{pid}/progress.png")
+    assert png.status_code == 200 and png.content[:8] == b"\x89PNG\r\n\x1a\n"
+    empty = c.post("/programs", json={"name": "empty", "instructions": "# go"}).json()["id"]
+    assert c.get(f"/programs/{empty}/progress.png").status_code == 200
+    assert c.get("/programs/nope/progress.svg").status_code == 404
+
+
+def test_farm_export(live_api, tmp_path):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    _, pid = _seed(live_api)
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["export", "rep", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert (out / "results.tsv").read_text().startswith(HEADER)
+    assert (out / "progress.png").read_bytes()[:4] == b"\x89PNG" and (out / "progress.svg").stat().st_size > 1000
+    res = CliRunner().invoke(app, ["export", "missing"])
+    assert res.exit_code != 0

@@ -1,0 +1,113 @@
+"""Git lineage on a real repository: fast-forward only, replay onto a moved head, conflicts, and a
+crash between the database and git writes repaired by the next scheduler start."""
+
+from __future__ import annotations
+
+import pytest
+
+from farm.lineage import Lineage, LineageError, LockHeld, branch_ref, candidate_ref, format_message
+
+FILES = {"train.py": "A = 1\nB = 2\nC = 3\n", "prepare.py": "fixed\n"}
+
+
+def _root(lin: Lineage) -> str:
+    return lin.create_root("p", FILES, message=format_message("template", trailers={"Farm-Program": "p"}))
+
+
+def test_root_candidate_and_fast_forward_only(tmp_path):
+    lin = Lineage(tmp_path / "repo")
+    root = _root(lin)
+    assert _root(lin) == root  # idempotent
+    assert lin.branch_head("p") == root and lin.parents(root) == []
+    c1 = lin.commit_candidate("p", 1, {"train.py": "A = 10\nB = 2\nC = 3\n"}, parent=root,
+                              message=format_message("A up", rationale="why", trailers={"Farm-Experiment": "1"}))
+    assert lin.commit_candidate("p", 1, {"train.py": "other"}, parent=root, message="x") == c1  # ref reused
+    assert lin.resolve(candidate_ref("p", 1)) == c1 and lin.parents(c1) == [root]
+    assert lin.files_at(c1) == {"train.py": "A = 10\nB = 2\nC = 3\n", "prepare.py": "fixed\n"}
+    msg = lin.message(c1)
+    assert msg.startswith("A up\n\nwhy\n") and "Farm-Experiment: 1" in msg
+    c2 = lin.commit_candidate("p", 2, {"train.py": "A = 1\nB = 20\nC = 3\n"}, parent=root, message="B up\n")
+    lin.advance("p", c1, expected=root)
+    assert lin.branch_head("p") == c1
+    with pytest.raises(LineageError):  # a sibling is not a fast-forward: history is never rewritten
+        lin.sync_branch("p", c2)
+    with pytest.raises(LineageError):  # rewinding is refused too
+        lin.sync_branch("p", root)
+    with pytest.raises(LineageError):
+        lin.advance("p", c2, expected=root)  # stale expectation: compare-and-set fails
+    assert lin.branch_head("p") == c1
+    with pytest.raises(LineageError):
+        lin.commit_candidate("p", 3, {"train.py": "x"}, parent="f" * 40, message="x")
+    lin.add_note(c1, "Val-Bpb: 0.99\nDecision: keep")
+    assert "Val-Bpb: 0.99" in lin.note(c1)
+
+
+def test_replay_onto_moved_head_and_conflict(tmp_path):
+    lin = Lineage(tmp_path / "repo")
+    root = _root(lin)
+    keep = lin.commit_candidate("p", 1, {"train.py": "A = 10\nB = 2\nC = 3\n"}, parent=root, message="A\n")
+    lin.advance("p", keep, expected=root)
+    other = lin.commit_candidate("p", 2, {"train.py": "A = 1\nB = 2\nC = 30\n"}, parent=root, message="C\n")
+    res = lin.replay(base=root, change=other, onto=keep, names=["train.py"])
+    assert res.conflicts == [] and res.files == {"train.py": "A = 10\nB = 2\nC = 30\n"}
+    clash = lin.commit_candidate("p", 3, {"train.py": "A = 5\nB = 2\nC = 3\n"}, parent=root, message="A'\n")
+    res = lin.replay(base=root, change=clash, onto=keep, names=["train.py"])
+    assert res.conflicts == ["train.py"] and res.files == {}
+
+
+def test_single_writer_lock(tmp_path):
+    a, b = Lineage(tmp_path / "repo"), Lineage(tmp_path / "repo")
+    with a.lock():
+        with pytest.raises(LockHeld):
+            b.acquire()
+    b.acquire()
+    b.release()
+
+
+def test_crash_between_database_and_git_is_repaired_on_restart(pg_env, tmp_path, monkeypatch):
+    """A keep commits the new head to the database, then the process dies before moving the ref."""
+    from sqlalchemy import select
+
+    from farm.db import session_scope
+    from farm.models import Experiment, ExperimentStatus, Program
+    from farm.programs import create_program
+    from farm.states import claim, record_result
+    from scheduler.loop import Scheduler
+    from tests.factories import make_worker
+    from tests.toy_template import install
+
+    install(monkeypatch, tmp_path)
+    published: list[int] = []
+    with session_scope() as s:
+        create_program(s, name="crash", instructions="# go", policy={"kind": "greedy", "baseline_runs": 1})
+        make_worker(s, "w1")
+
+    def run_all(val: float) -> None:
+        with session_scope() as s:
+            for e in s.execute(select(Experiment).where(Experiment.status == ExperimentStatus.queued)).scalars():
+                assert claim(s, e.id, "w1")
+                v = val if e.role.value != "baseline" else 1.0
+                assert record_result(s, e.id, "w1", ExperimentStatus.succeeded, val_bpb=v, hw_class="cpu")
+
+    sched = Scheduler(publish=lambda i, hw, **kw: published.append(i))
+    sched.tick()  # branch + baseline queued
+    run_all(1.0)
+    sched.tick()  # baseline decided, a mutation candidate queued
+    run_all(0.9)
+
+    def die(slug: str, new: str) -> None:
+        raise SystemExit("killed between the database and git writes")
+
+    monkeypatch.setattr(sched, "_move_branch", die)
+    with pytest.raises(SystemExit):
+        sched.tick()
+    sched.close()
+    with session_scope() as s:
+        p = s.execute(select(Program)).scalar_one()
+        db_head, root = p.head_commit, p.root_commit
+    assert db_head != root  # the keep is in the database
+    lin = Lineage(sched.settings.repo_dir)
+    assert lin.branch_head(p.slug) == root  # ... but not in git
+    Scheduler(publish=lambda i, hw, **kw: None).start()  # restart
+    assert lin.branch_head(p.slug) == db_head
+    assert lin.is_ancestor(root, db_head) and lin.resolve(branch_ref(p.slug)) == db_head

@@ -1,0 +1,199 @@
+"""LLM proposals through litellm against a scripted OpenAI-compatible server on loopback, and the
+whole scheduler driven by it: every answer ends as a queued candidate or an invalid proposal with a
+reason; retries, timeouts, accounting, history in the prompt, repairs and the spend cap."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import select
+
+from farm.db import session_scope
+from farm.models import Experiment, ExperimentStatus, LLMCall, Program, ProgramStatus
+from farm.programs import create_program
+from farm.settings import get_settings
+from farm.states import claim, record_result
+from scheduler.llm import LLMConfig, LLMProposer, parse_answer
+from scheduler.loop import Scheduler
+from scheduler.proposers import ProposalContext, ProposerError
+from tests.factories import make_worker
+from tests.llm_server import ScriptedLLM
+from tests.toy_template import TRAIN, install
+
+GOOD = """DESCRIPTION: raise the matrix learning rate
+RATIONALE: a short budget rewards faster progress.
+EDITS:
+train.py
+<<<<<<< SEARCH
+MATRIX_LR = pick(h100=0.04, cpu=0.02)  # Muon learning rate
+=======
+MATRIX_LR = pick(h100=0.04, cpu=0.03)  # Muon learning rate
+>>>>>>> REPLACE
+"""
+MALFORMED = "DESCRIPTION: broken block\nEDITS:\ntrain.py\n<<<<<<< SEARCH\nDEPTH = 1\n>>>>>>> REPLACE\n"
+PARTIAL = GOOD[: GOOD.index("=======") + 20]
+WHOLE = ("DESCRIPTION: deeper model\nRATIONALE: more capacity.\nFILE: train.py\n```python\n"
+         + TRAIN.replace("cpu=2)", "cpu=3)") + "```\n")
+MISSING = GOOD.replace("MATRIX_LR = pick(h100=0.04, cpu=0.02)", "MATRIX_LR = 0.5", 1)
+
+
+def _ctx() -> ProposalContext:
+    return ProposalContext(program_id=1, slug="p", profile="cpu", instructions="# go", head_commit="a" * 40,
+                           head_files={"train.py": TRAIN}, editable=["train.py"])
+
+
+def _cfg(base: str, **kw: object) -> LLMConfig:
+    values: dict[str, object] = dict(model="openai/scripted", api_base=base, api_key="k", temperature=0.0,
+                                     max_tokens=256, timeout=5.0, max_attempts=3, backoff=0.01)
+    values.update(kw)
+    return LLMConfig(**values)  # type: ignore[arg-type]
+
+
+def test_parse_answer_formats():
+    p = parse_answer(GOOD, ["train.py"], {"train.py": TRAIN})
+    assert p.description == "raise the matrix learning rate" and "faster progress" in p.rationale
+    assert p.edit.search_replace and p.edit.search_replace.startswith("train.py\n<<<<<<< SEARCH")
+    w = parse_answer(WHOLE, ["train.py"], {"train.py": TRAIN})
+    assert w.edit.files["train.py"].count("cpu=3)") == 1
+    e = parse_answer("", ["train.py"], {"train.py": TRAIN})
+    assert e.description == "(no description)" and not (e.edit.files or e.edit.search_replace)
+    big = parse_answer("x" * 2_000_000, ["train.py"], {"train.py": TRAIN})
+    assert len(big.raw) == 2_000_000 and len(big.description) <= 200
+
+
+def test_retry_on_429_and_timeout_then_give_up():
+    calls = []
+    with ScriptedLLM([{"status": 429}, {"content": GOOD}]) as srv:
+        prop = LLMProposer(_cfg(srv.base), record_call=lambda r: calls.append(r) or len(calls))
+        p = prop.propose(_ctx())
+        assert p.edit.search_replace and p.llm_call_ids == [1, 2]
+        assert calls[0].error and "RateLimit" in calls[0].error and calls[1].error is None
+        assert calls[1].prompt_tokens == 11 and calls[1].completion_tokens > 0 and calls[1].cost_usd == 0.0
+        assert srv.requests[0]["messages"][0]["role"] == "system"
+        calls.clear()
+        srv.set_script([{"delay": 3.0, "content": GOOD}])
+        slow = LLMProposer(_cfg(srv.base, timeout=0.5, max_attempts=2))
+        slow.record_call = lambda r: calls.append(r) or len(calls)
+        with pytest.raises(ProposerError):
+            slow.propose(_ctx())
+        assert len(calls) == 2 and all(c.error for c in calls) and all(c.latency_s < 3.0 for c in calls)
+        calls.clear()
+        srv.set_script([{"raw": "this is not json"}])
+        with pytest.raises(ProposerError):
+            LLMProposer(_cfg(srv.base, max_attempts=1), record_call=lambda r: calls.append(r) or 1).propose(_ctx())
+        assert calls and calls[0].error
+
+
+def _finish_queued(val: float, crash_log: str | None = None) -> None:
+    with session_scope() as s:
+        for e in s.execute(select(Experiment).where(Experiment.status == ExperimentStatus.queued)).scalars():
+            assert claim(s, e.id, "w1")
+            if crash_log and e.role.value != "baseline":
+                record_result(s, e.id, "w1", ExperimentStatus.crashed, reason="exit code 1", log_tail=crash_log,
+                              hw_class="cpu")
+            else:
+                record_result(s, e.id, "w1", ExperimentStatus.succeeded, hw_class="cpu",
+                              val_bpb=1.0 if e.role.value == "baseline" else val)
+
+
+def test_scheduler_with_scripted_llm_every_answer_ends_queued_or_invalid(pg_env, tmp_path, monkeypatch):
+    install(monkeypatch, tmp_path)
+    script = [{"content": GOOD}, {"content": MALFORMED}, {"content": PARTIAL, "finish_reason": "length"},
+              {"content": ""}, {"content": "DESCRIPTION: huge\n" + "y = 1\n" * 120_000}, {"content": MISSING},
+              {"content": WHOLE}]
+    with ScriptedLLM(script) as srv:
+        with session_scope() as s:
+            create_program(s, name="llm", instructions="# lower val_bpb", proposer={
+                "kind": "llm", "model": "openai/scripted", "api_base": srv.base, "api_key": "k",
+                "max_attempts": 2, "backoff": 0.01}, policy={"baseline_runs": 1})
+            for w in ("w1", "w2", "w3"):
+                make_worker(s, w)
+        sched = Scheduler(publish=lambda *a, **k: None)
+        try:
+            for _ in range(12):
+                sched.tick()
+                sched.wait_for_proposals(120)
+                _finish_queued(1.0)
+                if len(srv.requests) >= len(script):
+                    break
+            sched.wait_for_proposals(120)
+            sched.tick()
+        finally:
+            sched.close()
+        with session_scope() as s:
+            exps = s.execute(select(Experiment).where(Experiment.proposer_kind == "llm")
+                             .order_by(Experiment.id)).scalars().all()
+            calls = s.execute(select(LLMCall)).scalars().all()
+            assert len(exps) >= len(script)
+            for e in exps:
+                assert e.status != ExperimentStatus.proposed or e.id == exps[-1].id
+                if e.status == ExperimentStatus.invalid:
+                    assert e.status_reason
+            reasons = {e.description: e.status_reason for e in exps if e.status == ExperimentStatus.invalid}
+            assert any("malformed" in (r or "") or "no SEARCH" in (r or "") for r in reasons.values())
+            assert any("not found" in (r or "") for r in reasons.values())
+            assert any("no edit" in (r or "") for r in reasons.values())
+            assert {e.description for e in exps if e.status != ExperimentStatus.invalid} >= {
+                "raise the matrix learning rate", "deeper model"}
+            assert all(c.experiment_id is not None for c in calls if c.error is None)
+            assert all(c.prompt_tokens == 11 for c in calls if c.error is None)
+        # the history in later prompts shows earlier invalid proposals with their reasons
+        last_prompt = srv.requests[-1]["messages"][1]["content"]
+        assert "[invalid]" in last_prompt and "not found" in last_prompt
+
+
+def test_repair_of_a_crash_sees_its_traceback(pg_env, tmp_path, monkeypatch):
+    install(monkeypatch, tmp_path)
+    trace = 'Traceback (most recent call last):\n  File "train.py", line 9\nNameError: name \'DEPHT\' is not defined'
+    with ScriptedLLM([{"content": GOOD}]) as srv:
+        with session_scope() as s:
+            create_program(s, name="rep", instructions="# go", proposer={
+                "kind": "llm", "model": "openai/scripted", "api_base": srv.base, "api_key": "k"},
+                policy={"baseline_runs": 1, "max_repairs": 2})
+            make_worker(s, "w1")
+        sched = Scheduler(publish=lambda *a, **k: None)
+        try:
+            sched.tick()
+            _finish_queued(1.0)  # baseline
+            sched.tick()
+            sched.wait_for_proposals(120)
+            sched.tick()  # the candidate is queued
+            srv.set_script([{"content": WHOLE}])
+            _finish_queued(1.0, crash_log=trace)
+            for _ in range(3):
+                sched.tick()
+                sched.wait_for_proposals(120)
+            sched.tick()
+        finally:
+            sched.close()
+        with session_scope() as s:
+            crashed = s.execute(select(Experiment).where(Experiment.status == ExperimentStatus.crashed)).scalar_one()
+            repairs = s.execute(select(Experiment).where(Experiment.repair_of == crashed.id)).scalars().all()
+            assert len(repairs) == 1 and repairs[0].proposer_kind == "repair"
+            assert repairs[0].parent_commit == crashed.parent_commit
+            assert "cpu=3)" in repairs[0].diff  # diff against the parent, not the crashed files
+        repair_prompts = [r for r in srv.requests if "# Repair" in r["messages"][1]["content"]]
+        assert repair_prompts and "NameError" in repair_prompts[0]["messages"][1]["content"]
+
+
+def test_spend_cap_stops_proposals_and_finishes(pg_env, tmp_path, monkeypatch):
+    install(monkeypatch, tmp_path)
+    with ScriptedLLM([{"content": GOOD}]) as srv:
+        with session_scope() as s:
+            p = create_program(s, name="cap", instructions="# go", proposer={
+                "kind": "llm", "model": "openai/scripted", "api_base": srv.base, "api_key": "k"},
+                policy={"baseline_runs": 1}, stop_rules={"max_cost_usd": 0.5})
+            s.add(LLMCall(program_id=p.id, model="openai/scripted", cost_usd=0.6))
+            make_worker(s, "w1")
+        sched = Scheduler(publish=lambda *a, **k: None)
+        try:
+            sched.tick()  # the baseline still runs (it measures the noise floor)
+            _finish_queued(1.0)
+            sched.tick()
+            sched.tick()
+        finally:
+            sched.close()
+        assert srv.requests == []
+        with session_scope() as s:
+            prog = s.execute(select(Program)).scalar_one()
+            assert prog.status == ProgramStatus.finished and "spend" in (prog.status_reason or "")
+    assert get_settings().lookahead >= 0

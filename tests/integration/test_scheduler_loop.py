@@ -1,0 +1,202 @@
+"""The scheduler loop on a real database and git repository, with workers simulated through the
+state machine (claim + record_result): feeding by capacity and weight, pause, confirmation, keep,
+replay onto a moved head, manual patches, stop rules, and restarts that duplicate nothing."""
+
+from __future__ import annotations
+
+from sqlalchemy import func, select
+
+from farm.candidates import Edit, record_proposal
+from farm.db import session_scope
+from farm.lineage import Lineage
+from farm.models import (
+    Decision,
+    DecisionRecord,
+    Experiment,
+    ExperimentRole,
+    ExperimentStatus,
+    Program,
+    ProgramStatus,
+)
+from farm.programs import create_program
+from farm.settings import reset_settings_cache
+from farm.states import claim, record_result
+from scheduler.loop import Scheduler
+from tests.factories import make_worker
+from tests.toy_template import TRAIN, install
+
+S = ExperimentStatus
+
+
+def _sched(published: list[int] | None = None) -> Scheduler:
+    return Scheduler(publish=lambda i, hw, **kw: (published if published is not None else []).append(i))
+
+
+def finish(exp_id: int, val: float | None, worker: str = "w1") -> None:
+    with session_scope() as s:
+        assert claim(s, exp_id, worker)
+        if val is None:
+            assert record_result(s, exp_id, worker, S.crashed, reason="exit 1", log_tail="OOM", hw_class="cpu")
+        else:
+            assert record_result(s, exp_id, worker, S.succeeded, val_bpb=val, hw_class="cpu")
+
+
+def queued() -> list[Experiment]:
+    with session_scope() as s:
+        return list(s.execute(select(Experiment).where(Experiment.status == S.queued)
+                              .order_by(Experiment.id)).scalars())
+
+
+def count(**where: object) -> int:
+    with session_scope() as s:
+        q = select(func.count()).select_from(Experiment)
+        for k, v in where.items():
+            q = q.where(getattr(Experiment, k) == v)
+        return int(s.execute(q).scalar_one())
+
+
+def test_feeding_by_capacity_weight_pause_and_restart(pg_env, tmp_path, monkeypatch):
+    install(monkeypatch, tmp_path)
+    monkeypatch.setenv("FARM_LOOKAHEAD", "1")
+    reset_settings_cache()
+    with session_scope() as s:
+        a = create_program(s, name="heavy", instructions="# a", weight=3.0, policy={"baseline_runs": 2})
+        b = create_program(s, name="light", instructions="# b", weight=1.0, policy={"baseline_runs": 2})
+        for i in range(7):
+            make_worker(s, f"w{i}")
+        make_worker(s, "gpu0", hw_class="gpu.h100")  # another class: no cpu capacity
+        ids = (a.id, b.id)
+    published: list[int] = []
+    sched = _sched(published)
+    sched.tick()
+    with session_scope() as s:
+        per = dict(s.execute(select(Experiment.program_id, func.count()).where(Experiment.status == S.queued)
+                             .group_by(Experiment.program_id)).all())
+    assert sum(per.values()) == 8 == len(published)  # 7 live cpu workers + lookahead 1
+    assert per[ids[0]] == 6 and per[ids[1]] == 2  # shared 3:1
+    lin = Lineage(sched.settings.repo_dir)
+    for e in queued():
+        assert e.commit_sha and lin.has_commit(e.commit_sha)
+        if e.role == ExperimentRole.candidate:
+            assert lin.parents(e.commit_sha) == [e.parent_commit]
+    sched.close()
+    # a restarted scheduler with nothing finished adds nothing
+    again = _sched(published)
+    again.tick()
+    assert len(published) == 8 and count(status=S.queued) == 8
+    # pause the heavy program: its finished slots are not refilled; the light one takes them
+    with session_scope() as s:
+        s.get(Program, ids[0]).status = ProgramStatus.paused
+    done = queued()[:4]
+    for e in done:
+        finish(e.id, 1.0, worker=f"w{e.id % 7}")
+    again.tick()
+    with session_scope() as s:
+        heavy_q = s.execute(select(func.count()).select_from(Experiment).where(
+            Experiment.program_id == ids[0], Experiment.status.in_([S.queued, S.running]))).scalar_one()
+    assert heavy_q == 6 - sum(e.program_id == ids[0] for e in done) and count(status=S.queued) + count(status=S.running) == 8
+    again.close()
+
+
+def test_confirm_keep_replay_and_manual_patch(pg_env, tmp_path, monkeypatch):
+    install(monkeypatch, tmp_path)
+    monkeypatch.setenv("FARM_LOOKAHEAD", "0")
+    reset_settings_cache()
+    with session_scope() as s:
+        p = create_program(s, name="judge", instructions="# go", policy={"baseline_runs": 2, "k_sigma": 2.0})
+        make_worker(s, "w1")
+        pid = p.id
+    sched = _sched()
+    sched.tick()
+    (b1,) = queued()
+    assert b1.role == ExperimentRole.baseline
+    finish(b1.id, 1.0)
+    sched.tick()
+    (b2,) = queued()
+    finish(b2.id, 1.0)
+    # two manual patches against the template head, touching different lines
+    with session_scope() as s:
+        prog = s.get(Program, pid)
+        root = prog.root_commit
+        base = {"train.py": TRAIN}
+        ea = record_proposal(s, prog, parent_commit=root, base_files=base, proposer_kind="manual",
+                             description="lr up", edit=Edit(files={"train.py": TRAIN.replace("cpu=0.02", "cpu=0.03")}))
+        eb = record_proposal(s, prog, parent_commit=root, base_files=base, proposer_kind="manual",
+                             description="warmdown", edit=Edit(files={"train.py": TRAIN.replace(
+                                 "WARMDOWN_RATIO = 0.5", "WARMDOWN_RATIO = 0.7")}))
+        a_id, b_id = ea.id, eb.id
+        make_worker(s, "w2")
+    sched.tick()
+    assert {e.id for e in queued()} == {a_id, b_id}
+    finish(a_id, 0.99)
+    sched.tick()  # screening passes -> confirmation queued (b still running... queued here)
+    conf = [e for e in queued() if e.replicate_of == a_id]
+    assert len(conf) == 1 and conf[0].role == ExperimentRole.confirmation and conf[0].seed != 0
+    with session_scope() as s:
+        assert s.get(Experiment, a_id).commit_sha == conf[0].commit_sha
+    finish(conf[0].id, 0.99, worker="w2")
+    sched.tick()
+    with session_scope() as s:
+        prog = s.get(Program, pid)
+        a = s.get(Experiment, a_id)
+        assert a.decision == Decision.keep and prog.head_commit == a.commit_sha and prog.head_experiment_id == a_id
+        rec = s.execute(select(DecisionRecord).where(DecisionRecord.experiment_id == a_id)).scalar_one()
+        assert rec.head_before == root and rec.head_after == a.commit_sha
+        assert rec.statistics["runs"] == [0.99, 0.99] and rec.statistics["parent_mean"] == 1.0
+        assert rec.statistics["margin"] > 0 and rec.statistics["sigma"] > 0
+        assert s.get(Experiment, conf[0].id).decision == Decision.keep
+    lin = Lineage(sched.settings.repo_dir)
+    assert lin.branch_head("judge") == a.commit_sha and "Val-Bpb: 0.990000" in lin.note(a.commit_sha)
+    # b improved on its (old) parent; the head has moved: replayed onto the head as a confirmation
+    finish(b_id, 0.98, worker="w2")
+    sched.tick()
+    with session_scope() as s:
+        b = s.get(Experiment, b_id)
+        assert b.decision == Decision.discard
+        rb = s.execute(select(DecisionRecord).where(DecisionRecord.experiment_id == b_id)).scalar_one()
+        replay_id = rb.statistics["replay"]["experiment_id"]
+        r = s.get(Experiment, replay_id)
+        assert r.role == ExperimentRole.confirmation and r.proposer_kind == "replay"
+        assert r.parent_commit == a.commit_sha and r.status == S.queued
+        assert "cpu=0.03" in r.files["train.py"] and "WARMDOWN_RATIO = 0.7" in r.files["train.py"]
+    assert lin.parents(r.commit_sha) == [a.commit_sha]
+    finish(replay_id, 0.975)
+    sched.tick()
+    with session_scope() as s:
+        prog = s.get(Program, pid)
+        assert prog.head_experiment_id == replay_id and s.get(Experiment, replay_id).decision == Decision.keep
+    assert lin.branch_head("judge") == r.commit_sha and lin.is_ancestor(a.commit_sha, r.commit_sha)
+    # a restart re-decides nothing
+    n_dec = count(status=S.succeeded)
+    sched.close()
+    s2 = _sched()
+    s2.tick()
+    with session_scope() as s:
+        assert s.execute(select(func.count()).select_from(DecisionRecord)).scalar_one() == n_dec
+    s2.close()
+
+
+def test_greedy_stop_rule_and_finish(pg_env, tmp_path, monkeypatch):
+    install(monkeypatch, tmp_path)
+    monkeypatch.setenv("FARM_LOOKAHEAD", "0")
+    reset_settings_cache()
+    with session_scope() as s:
+        create_program(s, name="short", instructions="# go", policy={"kind": "greedy", "baseline_runs": 1},
+                       stop_rules={"max_experiments": 4})
+        make_worker(s, "w1")
+    sched = _sched()
+    vals = iter([1.0, 0.995, 1.01, None, 0.99, 0.98])
+    for _ in range(10):
+        sched.tick()
+        for e in queued():
+            finish(e.id, next(vals))
+    with session_scope() as s:
+        prog = s.execute(select(Program)).scalar_one()
+        assert prog.status == ProgramStatus.finished and "max_experiments=4" in (prog.status_reason or "")
+        exps = s.execute(select(Experiment).order_by(Experiment.id)).scalars().all()
+        ran = [e for e in exps if e.status not in (S.proposed, S.invalid)]
+        assert len(ran) == 4
+        assert [e.decision for e in ran] == [Decision.keep, Decision.keep, Decision.discard, None]
+        assert ran[3].status == S.crashed
+        assert prog.head_experiment_id == ran[1].id
+    sched.close()

@@ -1,0 +1,95 @@
+"""The keep/discard policy on numbers alone, and on a simulated landscape with seed noise."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from scheduler.policy import PolicyConfig, judge, margin, noise_sigma
+from scheduler.simulate import keep_rate
+
+SIGMA = 0.002
+
+
+def test_noise_sigma_prior_until_replicates_then_data():
+    assert noise_sigma([], prior=0.002) == (0.002, 0.0)
+    assert noise_sigma([[1.0], [0.9]], prior=0.002)[0] == pytest.approx(0.002)  # no replicated content
+    # two groups of identical content, both with spread 0.01: data dominate as dof grows
+    groups = [[1.0 + 0.01 * (i % 2 * 2 - 1) for i in range(40)], [0.9 + 0.01 * (i % 2 * 2 - 1) for i in range(40)]]
+    sigma, dof = noise_sigma(groups, prior=0.002)
+    assert dof == 78 and sigma == pytest.approx(0.01, rel=0.03)
+    # one pair of baseline runs that happen to agree cannot collapse sigma to zero
+    assert noise_sigma([[1.0, 1.0]], prior=0.002)[0] == pytest.approx(0.002 * math.sqrt(2 / 3))
+
+
+def test_greedy_is_the_reference_rule():
+    cfg = PolicyConfig(kind="greedy")
+    assert judge(cfg, [0.9990], [0.9995, 1.0005], SIGMA).action == "keep"
+    assert judge(cfg, [1.0001], [1.0], SIGMA).action == "discard"
+    assert judge(cfg, [1.0], [1.0], SIGMA).action == "discard"  # strictly lower
+
+
+def test_confirm_screens_then_needs_the_mean():
+    cfg = PolicyConfig(kind="confirm", k_sigma=2.0)
+    assert margin(cfg, SIGMA) == pytest.approx(0.004)
+    v = judge(cfg, [0.997], [1.0, 1.0], SIGMA)  # 0.003 < 0.004
+    assert v.action == "discard" and v.stats["margin"] == pytest.approx(0.004)
+    v = judge(cfg, [0.995], [1.0, 1.0], SIGMA)
+    assert v.action == "confirm"
+    assert judge(cfg, [0.995, 0.999], [1.0, 1.0], SIGMA).action == "discard"  # mean gain 0.003
+    v = judge(cfg, [0.995, 0.994], [1.0, 1.0], SIGMA)
+    assert v.action == "keep"
+    for key in ("runs", "parent_runs", "parent_mean", "sigma", "margin", "delta", "n", "k_sigma"):
+        assert key in v.stats
+    assert judge(PolicyConfig(min_delta=0.01), [0.995], [1.0], SIGMA).action == "discard"
+
+
+def test_confirm_runs_two_asks_twice():
+    cfg = PolicyConfig(confirm_runs=2)
+    assert judge(cfg, [0.99, 0.99], [1.0], SIGMA).action == "confirm"
+    assert judge(cfg, [0.99, 0.99, 0.99], [1.0], SIGMA).action == "keep"
+
+
+@pytest.mark.parametrize("kind", ["greedy", "confirm"])
+def test_sanity_guards_hold_for_confirmation(kind):
+    cfg = PolicyConfig(kind=kind, min_val_bpb=0.5, max_jump=0.1)
+    v = judge(cfg, [0.2], [1.0], SIGMA)
+    assert v.action == "confirm" and "floor" in v.reason
+    assert judge(cfg, [0.2, 0.21], [1.0], SIGMA).action == "discard"  # confirmed but implausible
+    v = judge(cfg, [0.85], [1.0], SIGMA)
+    assert v.action == "confirm" and "jump" in v.reason
+    assert judge(cfg, [0.85, 0.86], [1.0], SIGMA).action == "keep"  # a big win, confirmed
+
+
+def test_replay_uses_prior_evidence_and_must_improve_the_new_head():
+    cfg = PolicyConfig()
+    # original gained 0.006 on its parent; on the new head the replay gains 0.004: mean 0.005 > 0.004
+    assert judge(cfg, [0.996], [1.0], SIGMA, prior_deltas=[0.006]).action == "keep"
+    # original gained 0.006; replay gains 0.001: mean 0.0035 <= margin
+    assert judge(cfg, [0.999], [1.0], SIGMA, prior_deltas=[0.006]).action == "discard"
+    # the replay is worse than the new head: never kept, whatever the old evidence
+    assert judge(cfg, [1.001], [1.0], SIGMA, prior_deltas=[0.02, 0.02]).action == "discard"
+
+
+def test_policy_config_from_program_dict():
+    cfg = PolicyConfig.from_dict({"kind": "greedy", "k_sigma": 3, "unknown": 1, "min_delta": None})
+    assert cfg.kind == "greedy" and cfg.k_sigma == 3 and cfg.min_delta == 0.0
+    with pytest.raises(ValueError):
+        PolicyConfig.from_dict({"kind": "bandit"})
+
+
+# --- the acceptance rates (fixed seeds; bench/policy.py prints the same figures) ---
+
+def test_null_candidates_greedy_keeps_about_half_confirm_at_most_5_percent():
+    greedy = keep_rate(PolicyConfig(kind="greedy"), effect=0.0, sigma=SIGMA, trials=200, seed=11)
+    confirm = keep_rate(PolicyConfig(kind="confirm"), effect=0.0, sigma=SIGMA, trials=200, seed=11)
+    assert 0.40 <= greedy.rate <= 0.60, greedy
+    assert confirm.rate <= 0.05, confirm
+
+
+def test_true_four_sigma_effects_are_kept_at_least_80_percent():
+    out = keep_rate(PolicyConfig(kind="confirm"), effect=-4 * SIGMA, sigma=SIGMA, trials=200, seed=12)
+    assert out.rate >= 0.80, out
+    # and confirmation costs less than one extra run per candidate
+    assert out.runs / out.trials < 2.0
