@@ -1,8 +1,8 @@
 """The research loop, made parallel and restartable: `Scheduler.tick()` is one pass, `run_forever()` loops.
 
 Each tick, under the repository lock (one scheduler at a time):
-  1. recovery: stale running experiments are re-queued and re-published (farm.recovery once the
-     worker branch provides it; farm.states.reap_stale meanwhile);
+  1. recovery (farm.recovery): stale running experiments are re-queued and re-published, queued
+     ones with no live broker message are re-published;
   2. lineage: a new program gets its branch (template commit); every branch ref is set to the
      database head (a fast-forward or a no-op: this is what repairs a crash between the writes);
   3. finished LLM calls become proposals through farm.candidates.record_proposal;
@@ -36,7 +36,7 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from farm import states
+from farm import recovery, states
 from farm.broker import publish_experiment
 from farm.candidates import Edit, EditError, apply_edit, content_hash, record_proposal
 from farm.db import as_utc, db_now, get_engine, session_scope
@@ -185,31 +185,11 @@ class Scheduler:
 
     # ------------------------------------------------------------------ recovery
     def _recover(self, stats: dict[str, int]) -> None:
-        try:
-            from farm import recovery  # type: ignore[attr-defined]  # the worker branch's module
-        except ImportError:
-            recovery = None
-        if recovery is not None:
-            # CALL SITE (worker branch): reaper + re-publish of stale running experiments, and
-            # re-publish of queued experiments that have no live broker message.
-            for name in ("reap", "reap_and_republish"):
-                fn = getattr(recovery, name, None)
-                if fn is not None:
-                    fn()
-                    break
-            reconcile = getattr(recovery, "reconcile_broker", None)
-            if reconcile is not None:
-                reconcile()
-            return
-        # fallback until farm.recovery lands: reap with the state machine, publish after commit
-        with session_scope(self.engine) as s:
-            reaped = states.reap_stale(s, interval=self.settings.heartbeat_interval,
-                                       max_retries=self.settings.max_retries)
-            requeued = [(i, s.get(Experiment, i)) for i, st in reaped if st == S.queued]
-            targets = [(i, e.hw_class, e.program_id) for i, e in requeued if e is not None]
-        for exp_id, hw, _pid in targets:
-            self._publish(exp_id, hw)
+        # stale running experiments -> re-queued and re-published (or lost), then queued ones whose
+        # broker message is gone (Redis restarted empty) -> re-published; both publish after commit
+        reaped = recovery.reap_and_requeue(settings=self.settings)
         stats["reaped"] += len(reaped)
+        stats["republished"] += len(recovery.reconcile_broker(settings=self.settings).republished)
 
     # ------------------------------------------------------------------ lineage
     def _init_programs(self) -> None:
