@@ -95,3 +95,21 @@ def test_hw_class_from_gpu_name():
     assert hw_class_of("NVIDIA H100 80GB HBM3") == "gpu.h100"
     assert hw_class_of("NVIDIA A100-SXM4-40GB") == "gpu.a100"
     assert hw_class_of("NVIDIA GeForce RTX 4090") == "gpu.4090"
+
+
+@pytest.mark.parametrize("total", [(1 << 20) + 1, 4 << 20])  # cap inside a chunk; cap on a chunk boundary
+def test_log_cap_reports_truncation_wherever_the_cap_falls(tmp_path, total):
+    import sys
+
+    from worker.supervise import supervise
+
+    cap = 1 << 20
+    # 64 KiB writes, like a flooding candidate: with total = 4 MiB the cap lands exactly between two reads
+    code = (f"import os\nleft = {total}\nwhile left > 0:\n    n = min(left, 65536)\n"
+            f"    os.write(1, b'x' * (n - 1) + b'\\n')\n    left -= n\n")
+    run = supervise([sys.executable, "-c", code], env={"PATH": "/usr/bin:/bin"}, cwd=tmp_path,
+                    log_path=tmp_path / "out.log", wall_limit=30, memory_mb=0, log_cap=cap)
+    assert run.exit_code == 0
+    assert run.log_truncated and run.log_bytes == cap
+    text = (tmp_path / "out.log").read_bytes()
+    assert len(text) <= cap + 200 and text.rstrip().endswith(b"was discarded]")
