@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import random
 import sys
 import tempfile
@@ -44,94 +45,139 @@ def answer(i: int) -> str:
 
 
 class Fleet:
-    """Simulated workers: threads that claim, 'train' for job seconds, report; heartbeats when idle."""
+    """Simulated workers. Like Celery workers blocked on a broker, an idle worker costs nothing: one
+    dispatcher thread claims queued experiments (farm.states.claim) for idle workers, each worker
+    thread sleeps its job and records the result, one thread stamps every heartbeat once a second
+    (the workers' rows and their running experiments, database clock)."""
 
     def __init__(self, n: int, job: float, engine: Any) -> None:
         self.n, self.job, self.engine = n, job, engine
         self.stop = threading.Event()
         self.lock = threading.Lock()
-        self.idle = 0.0  # worker-seconds with nothing queued to claim
+        self.idle_q: queue.Queue[str] = queue.Queue()
+        self.inbox = {f"sim:{i}": queue.Queue[int]() for i in range(n)}
+        self.idle_since: dict[str, float] = {}
+        self.idle = 0.0  # worker-seconds with nothing to run
         self.busy = 0.0
         self.done = 0
         self.measuring = False
+        self.t0 = 0.0
 
     def register(self) -> None:
         from farm.db import session_scope
         from farm.models import Worker
 
         with session_scope(self.engine) as s:
-            for i in range(self.n):
-                s.add(Worker(id=f"sim:{i}", host="sim", hw_class=HW, sandbox="none"))
+            for wid in self.inbox:
+                s.add(Worker(id=wid, host="sim", hw_class=HW, sandbox="none"))
+        now = time.monotonic()
+        for wid in self.inbox:
+            self.idle_since[wid] = now
+            self.idle_q.put(wid)
 
-    def _next_queued(self, s: Any) -> list[int]:
+    def threads(self) -> list[threading.Thread]:
+        out = [threading.Thread(target=self.dispatcher, daemon=True),
+               threading.Thread(target=self.heartbeats, daemon=True)]
+        out += [threading.Thread(target=self.worker, args=(wid,), daemon=True) for wid in self.inbox]
+        return out
+
+    def dispatcher(self) -> None:
         from sqlalchemy import select
-
-        from farm.models import Experiment, ExperimentStatus
-
-        return list(s.execute(select(Experiment.id).where(Experiment.status == ExperimentStatus.queued)
-                              .order_by(Experiment.id).limit(8)).scalars())
-
-    def worker(self, i: int) -> None:
-        from sqlalchemy import update
 
         from farm import states
         from farm.db import session_scope
-        from farm.models import Experiment, ExperimentRole, ExperimentStatus, Worker, utcnow
+        from farm.models import Experiment, ExperimentStatus
 
-        wid = f"sim:{i}"
-        rng = random.Random(i)
-        idle_since: float | None = None
-        last_beat = 0.0
         while not self.stop.is_set():
-            claimed = None
-            with session_scope(self.engine) as s:
-                ids = self._next_queued(s)
-                rng.shuffle(ids)
-            for exp_id in ids:
+            handed = 0
+            if not self.idle_q.empty():
                 with session_scope(self.engine) as s:
-                    if states.claim(s, exp_id, wid):
-                        claimed = exp_id
+                    ids = list(s.execute(select(Experiment.id).where(Experiment.status == ExperimentStatus.queued)
+                                         .order_by(Experiment.id).limit(self.idle_q.qsize())).scalars())
+                for exp_id in ids:
+                    try:
+                        wid = self.idle_q.get_nowait()
+                    except queue.Empty:
                         break
-            now = time.monotonic()
-            if claimed is None:
-                if idle_since is None:
-                    idle_since = now
-                if now - last_beat > 1.0:
                     with session_scope(self.engine) as s:
-                        s.execute(update(Worker).where(Worker.id == wid).values(last_heartbeat=utcnow()))
-                    last_beat = now
-                time.sleep(0.05)
-                continue
-            if idle_since is not None:
-                with self.lock:
-                    if self.measuring:
-                        self.idle += now - idle_since
-                idle_since = None
-            t0 = time.monotonic()
-            while time.monotonic() - t0 < self.job and not self.stop.is_set():
-                time.sleep(min(1.0, self.job - (time.monotonic() - t0)))
+                        ok = states.claim(s, exp_id, wid)
+                    if not ok:
+                        self.idle_q.put(wid)
+                        continue
+                    with self.lock:
+                        if self.measuring:
+                            self.idle += time.monotonic() - max(self.idle_since[wid], self.t0)
+                    self.inbox[wid].put(exp_id)
+                    handed += 1
+            if not handed:
+                self.stop.wait(0.05)
+
+    def heartbeats(self) -> None:
+        from sqlalchemy import select, update
+
+        from farm.db import session_scope
+        from farm.models import Experiment, ExperimentStatus, Worker, utcnow
+
+        while not self.stop.wait(1.0):
+            # rows a claim or a report holds right now are skipped (they are being stamped anyway);
+            # a plain multi-row UPDATE deadlocks against those row locks
+            running = (select(Experiment.id).where(Experiment.status == ExperimentStatus.running)
+                       .order_by(Experiment.id).with_for_update(skip_locked=True))
+            sims = select(Worker.id).where(Worker.host == "sim").order_by(Worker.id).with_for_update(skip_locked=True)
+            try:
                 with session_scope(self.engine) as s:
-                    states.heartbeat(s, claimed, wid, progress=50.0)
+                    s.execute(update(Experiment).where(Experiment.id.in_(running.scalar_subquery()))
+                              .values(heartbeat_at=utcnow()))
+                with session_scope(self.engine) as s:
+                    s.execute(update(Worker).where(Worker.id.in_(sims.scalar_subquery()))
+                              .values(last_heartbeat=utcnow()))
+            except Exception as exc:  # noqa: BLE001 - a missed beat is retried in a second
+                print("heartbeat:", str(exc).splitlines()[0])
+
+    def worker(self, wid: str) -> None:
+        from farm import states
+        from farm.db import session_scope
+        from farm.models import Experiment, ExperimentRole, ExperimentStatus
+
+        rng = random.Random(wid)
+        box = self.inbox[wid]
+        while not self.stop.is_set():
+            try:
+                exp_id = box.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            t0 = time.monotonic()
+            self.stop.wait(self.job)
             with session_scope(self.engine) as s:
-                role = s.get(Experiment, claimed).role  # type: ignore[union-attr]
+                role = s.get(Experiment, exp_id).role  # type: ignore[union-attr]
                 # candidates are a little worse than the head: every one is judged and discarded, so
                 # the head (and the scripted edit's SEARCH text) never moves
                 val = 1.0 + rng.gauss(0, 0.0005) + (0.0 if role == ExperimentRole.baseline else 0.01)
-                states.record_result(s, claimed, wid, ExperimentStatus.succeeded, hw_class=HW, val_bpb=val)
+                states.record_result(s, exp_id, wid, ExperimentStatus.succeeded, hw_class=HW, val_bpb=val)
+            now = time.monotonic()
             with self.lock:
                 if self.measuring:
-                    self.busy += time.monotonic() - t0
+                    self.busy += now - max(t0, self.t0)
                     self.done += 1
-        if idle_since is not None:
-            with self.lock:
-                if self.measuring:
-                    self.idle += time.monotonic() - idle_since
+                self.idle_since[wid] = now
+            self.idle_q.put(wid)
 
     def reset(self) -> None:
         with self.lock:
+            self.t0 = time.monotonic()
             self.idle = self.busy = 0.0
             self.done = 0
             self.measuring = True
+
+    def finish(self) -> tuple[float, float, int]:
+        """Stop measuring; workers still idle count up to now."""
+        with self.lock:
+            now = time.monotonic()
+            while not self.idle_q.empty():
+                wid = self.idle_q.get_nowait()
+                self.idle += now - max(self.idle_since[wid], self.t0)
+            self.measuring = False
+            return self.idle, self.busy, self.done
 
 
 def run(args: argparse.Namespace, admin: str, redis_url: str) -> dict[str, Any]:
@@ -165,7 +211,7 @@ def run(args: argparse.Namespace, admin: str, redis_url: str) -> dict[str, Any]:
                                proposer={"kind": "llm", "model": "openai/scripted", "api_base": srv.base,
                                          "api_key": "k", "timeout": 30, "max_attempts": 2},
                                policy={"kind": "greedy", "baseline_runs": 2})
-            fleet = Fleet(args.workers, args.job, make_engine(db_url, pool_size=args.workers, max_overflow=8))
+            fleet = Fleet(args.workers, args.job, make_engine(db_url, pool_size=args.workers + 2, max_overflow=8))
             fleet.register()
             sched_engine = make_engine(db_url)
             queries = [0]
@@ -175,7 +221,7 @@ def run(args: argparse.Namespace, admin: str, redis_url: str) -> dict[str, Any]:
                 queries[0] += 1
 
             sched = Scheduler(engine=sched_engine, publish=lambda *a, **k: None)
-            threads = [threading.Thread(target=fleet.worker, args=(i,), daemon=True) for i in range(args.workers)]
+            threads = fleet.threads()
             for t in threads:
                 t.start()
             stop = threading.Event()
@@ -204,9 +250,7 @@ def run(args: argparse.Namespace, admin: str, redis_url: str) -> dict[str, Any]:
             fleet.reset()
             t0 = time.monotonic()
             time.sleep(args.seconds)
-            with fleet.lock:
-                fleet.measuring = False
-                idle, busy, done = fleet.idle, fleet.busy, fleet.done
+            idle, busy, done = fleet.finish()
             wall = time.monotonic() - t0
             q1, k1, ts1 = queries[0], ticks[0], tick_seconds[0]
             with session_scope(sched_engine) as s:
