@@ -1,8 +1,8 @@
 """The research loop, made parallel and restartable: `Scheduler.tick()` is one pass, `run_forever()` loops.
 
 Each tick, under the repository lock (one scheduler at a time):
-  1. recovery (farm.recovery): stale running experiments are re-queued and re-published, queued
-     ones with no live broker message are re-published;
+  1. recovery (farm.recovery): stale running experiments are re-queued and re-published, and queued
+     experiments with no live broker message are re-published;
   2. lineage: a new program gets its branch (template commit); every branch ref is set to the
      database head (a fast-forward or a no-op: this is what repairs a crash between the writes);
   3. finished LLM calls become proposals through farm.candidates.record_proposal;
@@ -36,7 +36,7 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from farm import recovery, states
+from farm import states
 from farm.broker import publish_experiment
 from farm.candidates import Edit, EditError, apply_edit, content_hash, record_proposal
 from farm.db import as_utc, db_now, get_engine, session_scope
@@ -53,6 +53,7 @@ from farm.models import (
     Result,
     Worker,
 )
+from farm.recovery import job_time_limit
 from farm.settings import Settings, get_settings
 from farm.templates import template_files
 from scheduler.llm import CallRecord, LLMConfig, LLMProposer
@@ -67,6 +68,7 @@ S = ExperimentStatus
 OUTSTANDING = (S.proposed, S.queued, S.running)
 ACTIVE_RUN = (S.queued, S.running)
 Publish = Callable[..., None]
+RECONCILE_EVERY = 30.0
 
 
 @dataclass
@@ -131,6 +133,7 @@ class Scheduler:
         self.repairs_tried: set[int] = set()
         self.stop_event = threading.Event()
         self._started = False
+        self._next_reconcile = 0.0
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -185,11 +188,16 @@ class Scheduler:
 
     # ------------------------------------------------------------------ recovery
     def _recover(self, stats: dict[str, int]) -> None:
-        # stale running experiments -> re-queued and re-published (or lost), then queued ones whose
-        # broker message is gone (Redis restarted empty) -> re-published; both publish after commit
-        reaped = recovery.reap_and_requeue(settings=self.settings)
-        stats["reaped"] += len(reaped)
-        stats["republished"] += len(recovery.reconcile_broker(settings=self.settings).republished)
+        """The worker branch's recoveries: the reaper every pass, the broker reconciler every 30 s."""
+        from farm.recovery import reap_and_requeue, reconcile_broker
+
+        try:
+            stats["reaped"] += len(reap_and_requeue(settings=self.settings))
+            if time.monotonic() >= self._next_reconcile:
+                self._next_reconcile = time.monotonic() + RECONCILE_EVERY
+                stats["republished"] += len(reconcile_broker(settings=self.settings).republished)
+        except Exception:  # a broker outage must not stop decisions and git bookkeeping
+            log.exception("recovery pass failed")
 
     # ------------------------------------------------------------------ lineage
     def _init_programs(self) -> None:
@@ -354,10 +362,7 @@ class Scheduler:
             if e.status != S.succeeded or e.decision is not None or e.replicate_of is not None:
                 continue
             if e.role == ExperimentRole.baseline:
-                self._write_decision(s, view, e, Decision.keep, "baseline", "baseline run of the head",
-                                     {"val_bpb": view.value(e)})
-                stats["baselines"] += 1
-                return self._noop
+                continue  # a measurement of the head, not a verdict: no decision
             step = self._judge(s, view, e, cfg, stats)
             if step is not None:
                 return step
@@ -584,7 +589,8 @@ class Scheduler:
                     continue
                 busy = any(e.status in ACTIVE_RUN for e in view.exps) or any(
                     e.status == S.proposed and e.role == ExperimentRole.confirmation for e in view.exps) or any(
-                    e.status == S.succeeded and e.decision is None for e in view.exps) or any(
+                    e.status == S.succeeded and e.decision is None and e.role != ExperimentRole.baseline
+                    for e in view.exps) or any(
                     j.program_id == p.id for j in self.inflight.values())
                 if not busy:
                     p.status = ProgramStatus.finished
@@ -724,7 +730,7 @@ class Scheduler:
                     return True
             if not states.mark_queued(s, e.id):
                 return False
-            hw, limit = e.hw_class, p.time_budget + self.settings.startup_allowance
+            hw, limit = e.hw_class, job_time_limit(p.time_budget, self.settings)
         self._publish(exp_id, hw, limit)
         stats["queued"] += 1
         return True

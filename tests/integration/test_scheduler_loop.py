@@ -167,7 +167,7 @@ def test_confirm_keep_replay_and_manual_patch(pg_env, tmp_path, monkeypatch):
         assert prog.head_experiment_id == replay_id and s.get(Experiment, replay_id).decision == Decision.keep
     assert lin.branch_head("judge") == r.commit_sha and lin.is_ancestor(a.commit_sha, r.commit_sha)
     # a restart re-decides nothing
-    n_dec = count(status=S.succeeded)
+    n_dec = count(status=S.succeeded) - count(role=ExperimentRole.baseline)  # baselines get no decision
     sched.close()
     s2 = _sched()
     s2.tick()
@@ -196,7 +196,8 @@ def test_greedy_stop_rule_and_finish(pg_env, tmp_path, monkeypatch):
         exps = s.execute(select(Experiment).order_by(Experiment.id)).scalars().all()
         ran = [e for e in exps if e.status not in (S.proposed, S.invalid)]
         assert len(ran) == 4
-        assert [e.decision for e in ran] == [Decision.keep, Decision.keep, Decision.discard, None]
+        assert ran[0].role == ExperimentRole.baseline  # a measurement of the head: no decision
+        assert [e.decision for e in ran] == [None, Decision.keep, Decision.discard, None]
         assert ran[3].status == S.crashed
         assert prog.head_experiment_id == ran[1].id
     sched.close()
