@@ -8,6 +8,7 @@ and `fixed_digest` lets it prove that copy is the one the program was created wi
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -21,6 +22,11 @@ class TemplateError(ValueError):
 
 
 def template_dir(name: str = "default") -> Path:
+    # the same override the worker honours (worker/workdir.py): scheduler, API and workers must
+    # agree on one template, or every candidate is refused for a template_digest mismatch
+    override = os.environ.get("FARM_TEMPLATE_DIR")
+    if override and name == "default":
+        return Path(override)
     try:
         return TEMPLATES[name]
     except KeyError:

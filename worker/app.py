@@ -12,6 +12,7 @@ that acts; the message limits sit above it for a prefork deployment.
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 from celery.signals import worker_init, worker_shutdown
@@ -26,7 +27,13 @@ tasks.register(app)
 def _on_worker_init(**_: Any) -> None:
     from worker import lifecycle
 
-    lifecycle.start(prepare=os.environ.get("FARM_WORKER_PREPARE", "1") != "0")
+    try:
+        lifecycle.start(prepare=os.environ.get("FARM_WORKER_PREPARE", "1") != "0")
+    except BaseException as exc:  # noqa: BLE001
+        # Celery logs and swallows a signal handler's exception and starts consuming anyway: an
+        # unregistered worker whose every job fails. Die before taking a message instead.
+        print(f"farm worker: start-up failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        os._exit(3)
 
 
 def _on_worker_shutdown(**_: Any) -> None:

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from importlib import metadata
 from typing import Any
 
+from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from farm.models import Worker, utcnow
@@ -101,6 +102,12 @@ def register(session: Session, ident: Identity, *, sandbox: str, sandbox_ok: boo
     row.stopped_at = None
     session.flush()
     return row
+
+
+def touch(session: Session, worker_id: str) -> None:
+    """Stamp the worker's liveness with the database clock (between jobs too)."""
+    session.execute(update(Worker).where(Worker.id == worker_id, Worker.stopped_at.is_(None))
+                    .values(last_heartbeat=utcnow()))
 
 
 def mark_stopped(session: Session, worker_id: str) -> None:

@@ -64,6 +64,10 @@ def prepare_data(ctx: WorkerContext, profile: str | None = None, timeout: float 
 def _reaper_loop(ctx: WorkerContext, every: float) -> None:
     while not _stop.wait(every):
         try:
+            # an idle worker is alive too: without this its row goes stale between jobs and the
+            # scheduler, which counts live workers to size the queue, stops feeding it
+            with session_scope() as s:
+                identity.touch(s, ctx.worker_id)
             reap_and_requeue(settings=ctx.settings)
         except Exception as exc:  # noqa: BLE001 - the reaper must outlive database hiccups
             log.warning("reaper: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)

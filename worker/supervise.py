@@ -71,15 +71,16 @@ class _Reader(threading.Thread):
                     break
                 if not chunk:
                     break
-                if self.written < self.cap:
-                    room = self.cap - self.written
+                room = max(0, self.cap - self.written)
+                if room:
                     self.log.write(chunk[:room])
                     self.written += min(room, len(chunk))
-                    if len(chunk) > room:
-                        self.truncated = True
-                        self.log.write(f"\n[farm: log truncated at {self.cap} bytes; the rest of the output "
-                                       f"was discarded]\n".encode())
-                        self.log.flush()
+                # past the cap, whether the cap fell inside this chunk or exactly on a chunk boundary
+                if len(chunk) > room and not self.truncated:
+                    self.truncated = True
+                    self.log.write(f"\n[farm: log truncated at {self.cap} bytes; the rest of the output "
+                                   f"was discarded]\n".encode())
+                    self.log.flush()
                 data = self._partial + chunk
                 parts = data.replace(b"\r", b"\n").split(b"\n")
                 self._partial = parts.pop()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ from farm.models import Experiment, ExperimentStatus, Result
 from farm.recovery import reconcile_broker
 from farm.settings import get_settings, reset_settings_cache
 from tests.factories import make_experiment, make_program
+from tests.procs import free_port, start_redis, stop_redis
 from tests.workerkit import FAKE_TRAIN, FINISHED, rows, wait_status, worker_env, workers
 
 S = ExperimentStatus
@@ -99,26 +99,9 @@ def test_embedded_mode_loses_nothing_when_a_worker_is_sigkilled(farm_env, tmp_pa
         assert s.scalar(select(func.count()).select_from(Result)) == 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _redis(port: int, workdir: Path) -> None:
-    subprocess.run(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
-                    "no", "--daemonize", "yes", "--pidfile", str(workdir / "redis.pid"), "--logfile",
-                    str(workdir / "redis.log"), "--dir", str(workdir)], check=True)
-    for _ in range(100):
-        if subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True).returncode == 0:
-            return
-        time.sleep(0.05)
-    raise AssertionError("redis did not start")
-
-
 def test_redis_restarted_empty_while_queued_everything_still_completes(pg_env, tmp_path, monkeypatch):
-    port = _free_port()
-    _redis(port, tmp_path)
+    port = free_port()
+    start_redis(port, tmp_path)
     url = f"redis://127.0.0.1:{port}/0"
     monkeypatch.setenv("FARM_BROKER_URL", url)
     env = dict(pg_env, FARM_BROKER_URL=url)
@@ -134,9 +117,9 @@ def test_redis_restarted_empty_while_queued_everything_still_completes(pg_env, t
                 publish_experiment(exp_id, "cpu", time_limit=10, app=app)
             wait_status(ids[:1], [S.running], timeout=30)
             # Redis goes away and comes back empty: the queued messages are gone
-            subprocess.run(["redis-cli", "-p", str(port), "shutdown", "nosave"], capture_output=True)
+            stop_redis(port)
             time.sleep(0.5)
-            _redis(port, tmp_path)
+            start_redis(port, tmp_path)
             time.sleep(1.5)
             queued_then = {e.id for e in rows(Experiment, status=S.queued)}
             assert len(queued_then) >= 2
@@ -152,4 +135,4 @@ def test_redis_restarted_empty_while_queued_everything_still_completes(pg_env, t
                 assert s.scalar(select(func.count()).select_from(Result)
                                 .where(Result.experiment_id == exp_id)) == 1
     finally:
-        subprocess.run(["redis-cli", "-p", str(port), "shutdown", "nosave"], capture_output=True)
+        stop_redis(port)

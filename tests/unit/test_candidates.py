@@ -79,3 +79,16 @@ def test_parse_multiple_blocks_same_file():
     text = ("train.py\n<<<<<<< SEARCH\nLR = 0.1\n=======\nLR = 0.3\n>>>>>>> REPLACE\n"
             "<<<<<<< SEARCH\nDEPTH = 4\n=======\nDEPTH = 2\n>>>>>>> REPLACE\n")
     assert [b[0] for b in parse_search_replace(text)] == ["train.py", "train.py"]
+
+
+def test_farm_template_dir_overrides_the_default_template_as_on_the_worker(tmp_path, monkeypatch):
+    from farm.harness import harness_checksum
+    from farm.templates import fixed_digest, template_files
+    from worker.workdir import template_dir as worker_template_dir
+
+    (tmp_path / "train.py").write_text("X = 1\n")
+    (tmp_path / "prepare.py").write_text("# harness\n")
+    monkeypatch.setenv("FARM_TEMPLATE_DIR", str(tmp_path))
+    assert template_files("default") == {"train.py": "X = 1\n", "prepare.py": "# harness\n"}
+    # a program created here is runnable by a worker with the same setting
+    assert fixed_digest("default", ["train.py"]) == harness_checksum(worker_template_dir("default"))

@@ -115,3 +115,21 @@ def test_interpreter_under_a_hidden_path_stays_reachable(tmp_path, monkeypatch):
     r = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert sb.runtime_paths()
+
+
+@pytest.mark.parametrize("total", [(1 << 20) + 1, 4 << 20])  # cap inside a chunk; cap on a chunk boundary
+def test_log_cap_reports_truncation_wherever_the_cap_falls(tmp_path, total):
+    import sys
+
+    from worker.supervise import supervise
+
+    cap = 1 << 20
+    # 64 KiB writes, like a flooding candidate: with total = 4 MiB the cap lands exactly between two reads
+    code = (f"import os\nleft = {total}\nwhile left > 0:\n    n = min(left, 65536)\n"
+            f"    os.write(1, b'x' * (n - 1) + b'\\n')\n    left -= n\n")
+    run = supervise([sys.executable, "-c", code], env={"PATH": "/usr/bin:/bin"}, cwd=tmp_path,
+                    log_path=tmp_path / "out.log", wall_limit=30, memory_mb=0, log_cap=cap)
+    assert run.exit_code == 0
+    assert run.log_truncated and run.log_bytes == cap
+    text = (tmp_path / "out.log").read_bytes()
+    assert len(text) <= cap + 200 and text.rstrip().endswith(b"was discarded]")

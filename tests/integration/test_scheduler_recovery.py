@@ -1,0 +1,46 @@
+"""The scheduler's recovery pass: with every worker gone (so no worker-side reaper runs), a tick
+re-queues and re-publishes a running experiment whose heartbeat went stale, and re-publishes a
+queued one whose broker message vanished."""
+
+from __future__ import annotations
+
+import redis
+from sqlalchemy import text
+
+from farm.db import session_scope
+from farm.models import ExperimentStatus
+from farm.recovery import live_experiment_ids
+from farm.settings import get_settings, reset_settings_cache
+from scheduler.loop import Scheduler
+from tests.factories import make_experiment, make_program
+from tests.toy_template import install
+from tests.workerkit import rows
+
+S = ExperimentStatus
+
+
+def test_a_tick_reaps_a_stale_run_and_republishes_a_lost_message(pg_env, redis_url, tmp_path, monkeypatch):
+    install(monkeypatch, tmp_path)
+    monkeypatch.setenv("FARM_HEARTBEAT_INTERVAL", "1")
+    reset_settings_cache()
+    with session_scope() as s:
+        prog = make_program(s, time_budget=3.0)
+        stale = make_experiment(s, prog, status=S.running, content_hash="a", worker_id=None)
+        waiting = make_experiment(s, prog, status=S.queued, content_hash="b")
+        s.flush()
+        s.execute(text("UPDATE experiments SET heartbeat_at = clock_timestamp() - interval '1 minute', "
+                       "started_at = clock_timestamp() - interval '1 minute' WHERE id = :i"), {"i": stale.id})
+        s.execute(text("UPDATE experiments SET queued_at = clock_timestamp() - interval '1 minute' "
+                       "WHERE id = :i"), {"i": waiting.id})
+        ids = (stale.id, waiting.id)
+    redis.Redis.from_url(redis_url).flushdb()  # no live message for either
+    sched = Scheduler(publish=lambda *a, **kw: None)
+    try:
+        stats = sched.tick()
+    finally:
+        sched.close()
+    exp = rows(type(stale), id=ids[0])[0]
+    assert exp.status == S.queued and exp.retry_count == 1 and len(exp.attempts) == 1
+    assert stats.get("reaped") == 1
+    live = live_experiment_ids(get_settings(), {"cpu"})
+    assert live is not None and set(ids) <= live  # both have a message again
