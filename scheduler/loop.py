@@ -127,6 +127,7 @@ class Scheduler:
         self.publish: Publish = publish or publish_experiment
         self.proposer_factory = proposer_factory or self._default_proposer
         self.pool = ThreadPoolExecutor(max_workers=self.settings.llm_concurrency, thread_name_prefix="llm")
+        self._pass_ctx: dict[int, ProposalContext] = {}  # per _fill pass: program -> context sent
         self.inflight: dict[Future[Proposal], Job] = {}
         self.cooldown: dict[int, float] = {}
         self.failures: dict[int, int] = defaultdict(int)
@@ -607,6 +608,7 @@ class Scheduler:
         return {hw: int(n) for hw, n in rows}
 
     def _fill(self, stats: dict[str, int]) -> None:
+        self._pass_ctx = {}
         with session_scope(self.engine) as s:
             live = self._live_workers(s)
             programs = list(s.execute(select(Program).where(Program.status == ProgramStatus.active,
@@ -647,6 +649,16 @@ class Scheduler:
 
     def _feed_one(self, program: Program, stats: dict[str, int]) -> bool:
         """Queue (or start proposing) one more experiment for this program; False if it has nothing."""
+        cached = self._pass_ctx.get(program.id)
+        if cached is not None:
+            # this pass already found nothing pending here and sent the proposer this context: more
+            # slots of the same pass get the same context (another seed) without reloading the
+            # program and reading git again (64 free workers cost 64 full reloads before)
+            ctx2 = replace(cached, seed=cached.seed + 1)
+            self._pass_ctx[program.id] = ctx2
+            self.inflight[self.pool.submit(self.proposer_factory(program).propose, ctx2)] = Job(program.id, ctx2)
+            stats["llm_calls_started"] += 1
+            return True
         with session_scope(self.engine) as s:
             p = s.get(Program, program.id)
             if p is None or p.status != ProgramStatus.active:
@@ -688,6 +700,7 @@ class Scheduler:
                 valid = e is not None and e.status == S.proposed
             return self._queue(exp_id, stats) if valid else True
         self.inflight[self.pool.submit(proposer.propose, ctx)] = Job(program.id, ctx)
+        self._pass_ctx[program.id] = ctx
         stats["llm_calls_started"] += 1
         return True
 
