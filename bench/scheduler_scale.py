@@ -227,12 +227,15 @@ def run(args: argparse.Namespace, admin: str, redis_url: str) -> dict[str, Any]:
             stop = threading.Event()
             ticks = [0]
             tick_seconds = [0.0]
+            phase_ms: dict[str, int] = {}
 
             def loop() -> None:
                 while not stop.is_set():
                     t0 = time.monotonic()
                     try:
-                        sched.tick()
+                        for key, val in sched.tick().items():
+                            if key.startswith("ms_"):
+                                phase_ms[key[3:]] = phase_ms.get(key[3:], 0) + val
                     except Exception as exc:  # noqa: BLE001 - keep measuring; report it
                         print("tick failed:", exc)
                     tick_seconds[0] += time.monotonic() - t0
@@ -280,7 +283,8 @@ def run(args: argparse.Namespace, admin: str, redis_url: str) -> dict[str, Any]:
             "busy_percent": 100 * busy / capacity, "jobs_done": done, "proposals": p1 - p0,
             "proposals_per_minute": (p1 - p0) / wall * 60, "decisions": decisions,
             "queries": q1 - q0, "queries_per_decision": (q1 - q0) / decisions if decisions else None,
-            "ticks": k1 - k0, "mean_tick_seconds": (ts1 - ts0) / max(1, k1 - k0)}
+            "ticks": k1 - k0, "mean_tick_seconds": (ts1 - ts0) / max(1, k1 - k0),
+            "phase_ms_total": dict(phase_ms)}
 
 
 def main() -> None:
@@ -306,6 +310,8 @@ def main() -> None:
     print(f"database queries per decision: {qpd:.1f} ({r['queries']} queries, {r['decisions']} decisions)"
           if qpd is not None else "no decisions in the window")
     print(f"scheduler passes: {r['ticks']}, mean {1000 * r['mean_tick_seconds']:.0f} ms each")
+    print("time in each phase of the passes (ms, whole run): "
+          + ", ".join(f"{k} {v}" for k, v in sorted(r["phase_ms_total"].items(), key=lambda kv: -kv[1])))
     (ROOT / "artifacts").mkdir(exist_ok=True)
     (ROOT / "artifacts" / "bench_scheduler_scale.json").write_text(json.dumps(r, indent=1))
 

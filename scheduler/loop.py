@@ -34,7 +34,7 @@ from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, defer
 
 from farm import states
 from farm.broker import publish_experiment
@@ -128,6 +128,7 @@ class Scheduler:
         self.proposer_factory = proposer_factory or self._default_proposer
         self.pool = ThreadPoolExecutor(max_workers=self.settings.llm_concurrency, thread_name_prefix="llm")
         self._pass_ctx: dict[int, ProposalContext] = {}  # per _fill pass: program -> context sent
+        self._pass_pending: dict[int, list[int]] = {}  # per _fill pass: program -> proposed ids to queue
         self.inflight: dict[Future[Proposal], Job] = {}
         self.cooldown: dict[int, float] = {}
         self.failures: dict[int, int] = defaultdict(int)
@@ -172,13 +173,15 @@ class Scheduler:
         """One pass; returns counters for logs and tests."""
         self.start()
         stats: dict[str, int] = defaultdict(int)
-        self._recover(stats)
-        self._init_programs()
-        self._sync_branches()
-        self._collect(stats)
-        self._decide(stats)
-        self._stop_rules(stats)
-        self._fill(stats)
+        phases: list[tuple[str, Callable[[], None]]] = [
+            ("recover", lambda: self._recover(stats)), ("init", self._init_programs),
+            ("sync", self._sync_branches), ("collect", lambda: self._collect(stats)),
+            ("decide", lambda: self._decide(stats)), ("stop", lambda: self._stop_rules(stats)),
+            ("fill", lambda: self._fill(stats))]
+        for name, phase in phases:
+            t0 = time.perf_counter()
+            phase()
+            stats[f"ms_{name}"] = int((time.perf_counter() - t0) * 1000)  # where a slow pass goes
         return dict(stats)
 
     def wait_for_proposals(self, timeout: float = 30.0) -> None:
@@ -333,10 +336,14 @@ class Scheduler:
 
     # ------------------------------------------------------------------ decisions
     def _load(self, s: Session, program: Program) -> ProgramView:
+        # the file texts, diffs and log tails are most of a program's bytes and few decisions read
+        # them: load them on access only
         exps = list(s.execute(select(Experiment).where(Experiment.program_id == program.id)
+                              .options(defer(Experiment.files), defer(Experiment.diff))
                               .order_by(Experiment.id)).scalars())
         results = {r.experiment_id: r for r in s.execute(
-            select(Result).join(Experiment).where(Experiment.program_id == program.id)).scalars()}
+            select(Result).join(Experiment).where(Experiment.program_id == program.id)
+            .options(defer(Result.log_tail))).scalars()}
         return ProgramView(program, exps, results)
 
     def _decide(self, stats: dict[str, int]) -> None:
@@ -609,6 +616,7 @@ class Scheduler:
 
     def _fill(self, stats: dict[str, int]) -> None:
         self._pass_ctx = {}
+        self._pass_pending = {}
         with session_scope(self.engine) as s:
             live = self._live_workers(s)
             programs = list(s.execute(select(Program).where(Program.status == ProgramStatus.active,
@@ -649,6 +657,10 @@ class Scheduler:
 
     def _feed_one(self, program: Program, stats: dict[str, int]) -> bool:
         """Queue (or start proposing) one more experiment for this program; False if it has nothing."""
+        queue_next = self._pass_pending.get(program.id)
+        while queue_next:  # pending rows found earlier in this pass: queue them without reloading
+            if self._queue(queue_next.pop(0), stats):
+                return True
         cached = self._pass_ctx.get(program.id)
         if cached is not None:
             # this pass already found nothing pending here and sent the proposer this context: more
@@ -675,6 +687,7 @@ class Scheduler:
             if exhausted:  # no new work; confirmations still run so that decisions complete
                 pending = [e for e in pending if e.role == ExperimentRole.confirmation]
             pick = pending[0].id if pending else None
+            self._pass_pending[p.id] = [e.id for e in pending[1:]]
             ctx: ProposalContext | None = None
             if pick is None and not exhausted and time.monotonic() >= self.cooldown.get(p.id, 0.0):
                 ctx = self._context(s, view, seed=len(view.exps))
