@@ -70,19 +70,22 @@ def make_celery(settings: Settings | None = None) -> Celery:
     return app
 
 
-_app: Celery | None = None
+_apps: dict[tuple[str, str], Celery] = {}
 
 
 def get_celery() -> Celery:
-    global _app
-    if _app is None:
-        _app = make_celery()
-    return _app
+    """The shared app for the current settings (one per broker: settings may change in a process,
+    and a message must never go to the broker of an earlier configuration)."""
+    s = get_settings()
+    key = (s.broker, str(s.broker_dir))
+    app = _apps.get(key)
+    if app is None:
+        app = _apps[key] = make_celery(s)
+    return app
 
 
 def reset_celery() -> None:
-    global _app
-    _app = None
+    _apps.clear()
 
 
 def publish_experiment(experiment_id: int, hw_class: str, *, time_limit: float | None = None,

@@ -58,3 +58,21 @@ def test_reaper_requeues_stale_runs_and_publishes_them_after_commit(farm_env):
     with session_scope() as s:
         exp = s.get(Experiment, exp_id)
         assert exp.status == S.queued and exp.retry_count == 1 and exp.attempts[0]["worker_id"] == "w1"
+
+
+def test_shared_celery_app_follows_the_broker_setting(tmp_path, monkeypatch):
+    """Regression: get_celery() cached the first app of the process, so after the broker setting
+    changed, re-published messages went to the old broker (and looked lost on the new one)."""
+    from farm.broker import get_celery
+    from farm.settings import reset_settings_cache
+
+    monkeypatch.setenv("FARM_HOME", str(tmp_path))
+    monkeypatch.setenv("FARM_BROKER_URL", "redis://127.0.0.1:1/0")
+    reset_settings_cache()
+    first = get_celery()
+    monkeypatch.setenv("FARM_BROKER_URL", "redis://127.0.0.1:2/0")
+    reset_settings_cache()
+    second = get_celery()
+    assert first is not second
+    assert second.conf.broker_url == "redis://127.0.0.1:2/0"
+    reset_settings_cache()
