@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from sqlalchemy.engine import Engine
 
 from farm.db import session_scope
 from farm.models import Experiment, ExperimentStatus, Worker
+from tests.procs import stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 FAKE_TEMPLATE = ROOT / "tests" / "fake_template"
@@ -45,13 +45,7 @@ def start_worker(env: dict[str, str], name: str, log_dir: Path, *, slot: int = 0
 
 
 def stop_worker(proc: subprocess.Popen[bytes], timeout: float = 15) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+    stop_process(proc, timeout)
 
 
 @contextmanager
