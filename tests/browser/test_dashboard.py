@@ -2,77 +2,24 @@
 a program through the form, inject a candidate through the program page, watch the run appear and
 finish live (no reload), open its diff. Saves artifacts/dashboard.png.
 
-Who runs the experiment:
-- REAL mode, when the `worker`, `scheduler` and `template` branches are merged (worker.app,
-  scheduler.loop and training_template/train.py exist): real `farm scheduler` and `farm worker --cpu`
-  subprocesses against the test Postgres and Redis.
-- SIMULATED mode until then: a thread walks the experiment through the farm's own state machine
-  (farm.states: queue, claim, heartbeat, result, decision) exactly as those services will.
+The experiments are run by real `farm scheduler` and `farm worker --cpu` subprocesses against the
+test Postgres and Redis, training the real template on the cpu profile.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
-
-from farm.templates import TEMPLATES
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "artifacts"
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--disable-sync", "--no-first-run"]
-
-
-def real_services_available() -> bool:
-    return (importlib.util.find_spec("worker.app") is not None
-            and importlib.util.find_spec("scheduler.loop") is not None
-            and (TEMPLATES["default"] / "train.py").exists())
-
-
-class SimulatedFarm(threading.Thread):
-    """Stands in for `farm scheduler` + `farm worker --cpu`: same transitions, no training."""
-
-    def __init__(self, live) -> None:
-        super().__init__(daemon=True)
-        self.live, self.stop = live, threading.Event()
-
-    def run(self) -> None:
-        from sqlalchemy import select
-
-        from farm.models import Decision, Experiment, ExperimentStatus, Worker
-        from farm.states import claim, heartbeat, mark_queued, record_result, set_decision
-
-        with self.live.session() as s:
-            s.add(Worker(id="sim:cpu0", host="sim", hw_class="cpu"))
-        while not self.stop.is_set():
-            with self.live.session() as s:
-                ids = s.execute(select(Experiment.id).where(Experiment.status == ExperimentStatus.proposed)
-                                ).scalars().all()
-            for eid in ids:
-                with self.live.session() as s:
-                    mark_queued(s, eid)
-                    s.get(Experiment, eid).commit_sha = f"{eid:07x}" + "0" * 33
-                with self.live.session() as s:
-                    claim(s, eid, "sim:cpu0")
-                for pct in (25.0, 50.0, 75.0):
-                    time.sleep(0.7)
-                    with self.live.session() as s:
-                        heartbeat(s, eid, "sim:cpu0", progress=pct, current_loss=4.0 - pct / 50)
-                with self.live.session() as s:
-                    record_result(s, eid, "sim:cpu0", ExperimentStatus.succeeded, val_bpb=0.9871, test_bpb=0.9902,
-                                  training_seconds=20.0, total_seconds=24.5, peak_vram_mb=512.0,
-                                  log_tail="step 120 | loss 2.91\n---\nval_bpb: 0.987100\n")
-                with self.live.session() as s:
-                    set_decision(s, eid, Decision.keep)
-            self.stop.wait(0.3)
 
 
 def start_real_farm(live, tmp_path: Path) -> list[subprocess.Popen[bytes]]:
@@ -91,14 +38,7 @@ def start_real_farm(live, tmp_path: Path) -> list[subprocess.Popen[bytes]]:
 def test_submit_watch_live_and_open_diff(live_api, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
-    real = real_services_available()
-    procs: list[subprocess.Popen[bytes]] = []
-    sim = None
-    if real:
-        procs = start_real_farm(live_api, tmp_path)
-    else:
-        sim = SimulatedFarm(live_api)
-        sim.start()
+    procs = start_real_farm(live_api, tmp_path)
     ARTIFACTS.mkdir(exist_ok=True)
     url = live_api.url
     try:
@@ -142,9 +82,10 @@ def test_submit_watch_live_and_open_diff(live_api, tmp_path):
             expect(row).to_be_visible(timeout=10_000)
             expect(row.locator(".pill.running")).to_be_visible(timeout=300_000)  # appears live
             expect(row.locator(".pill.succeeded")).to_be_visible(timeout=300_000)
-            if not real:
-                expect(row.locator(".pill.keep")).to_be_visible(timeout=30_000)
-                expect(row).to_contain_text("0.987100")
+            from farm.models import Result
+            with live_api.session() as s:
+                val = s.query(Result).filter(Result.experiment_id == int(exp_id)).one().val_bpb
+            expect(row).to_contain_text(f"{val:.6f}")  # the worker's real measurement, shown live
             assert page.evaluate("window.__noReload") is True  # it all arrived without a page load
 
             row.click()
@@ -159,9 +100,6 @@ def test_submit_watch_live_and_open_diff(live_api, tmp_path):
             assert not external, f"the dashboard fetched from elsewhere: {external[:3]}"
             browser.close()
     finally:
-        if sim is not None:
-            sim.stop.set()
-            sim.join(10)
         for proc in procs:
             proc.terminate()
         for proc in procs:
