@@ -1,11 +1,12 @@
 """Benchmark the template's fused kernels against eager PyTorch and torch.compile.
 
 Per op (forward + backward): time per call and peak memory for eager reference, torch.compile(reference)
-and the Triton kernel, with ratios against torch.compile. Then, with --step, the whole template run with
-kernels on and off (tokens/s, MFU, peak VRAM from train.py's summary). Prints figures; asserts nothing.
+and the Triton kernel, with ratios against torch.compile. Then, with --step, the whole template run per
+kernel configuration (tokens/s, MFU, peak VRAM from train.py's summary). Prints figures; asserts nothing.
 
     python bench/kernels.py                      # CUDA, baseline shapes
-    python bench/kernels.py --step               # ... plus two full train.py runs (about 2 x 6 minutes)
+    python bench/kernels.py --step               # ... plus one train.py run per kernel config (none;linear_ce;all)
+    python bench/kernels.py --step --budget 30 --corpus synthetic --eval-tokens 4194304   # shorter runs
     python bench/kernels.py --device cpu --small # reduced CPU mode: references only, kernels skipped
 
 Targets on an H100 (docs/kernels.md): lm_head+loss peak memory at least 50 % below torch.compile,
@@ -13,8 +14,8 @@ template MFU at least 45 %, peak VRAM under 30 GB.
 """
 
 import argparse
+import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -149,54 +150,63 @@ def bench_ops(args) -> None:
     print("k/comp t < 1: kernel faster than torch.compile; k/comp mem < 1: kernel uses less peak memory.")
 
 
-SUMMARY_KEYS = ("val_bpb", "training_seconds", "peak_vram_mb", "mfu_percent", "total_tokens_M", "num_steps")
+def _text(data) -> str:
+    return data.decode(errors="replace") if isinstance(data, bytes) else (data or "")
 
 
-def run_template(use_kernels: bool, timeout: int) -> dict[str, float] | str:
-    """Run train.py in a scratch copy of the template and parse its `key: value` summary."""
+def run_template(ops: str, args) -> dict | str:
+    """Run train.py in a scratch copy of the template with FARM_KERNELS=ops; its signed result JSON."""
     with tempfile.TemporaryDirectory(prefix="farm-kernel-bench-") as tmp:
         work = Path(tmp) / "template"
-        shutil.copytree(TEMPLATE, work, ignore=shutil.ignore_patterns("__pycache__"))
-        env = dict(os.environ, FARM_KERNELS="auto" if use_kernels else "0")
+        shutil.copytree(TEMPLATE, work, ignore=shutil.ignore_patterns("__pycache__", "result.json"))
+        env = dict(os.environ, FARM_KERNELS=ops if ops != "none" else "0",
+                   FARM_RESULT_PATH=str(Path(tmp) / "result.json"))
         env.pop("TRITON_INTERPRET", None)
+        for flag, var in ((args.budget, "FARM_TIME_BUDGET"), (args.eval_tokens, "FARM_EVAL_TOKENS"),
+                          (args.corpus, "FARM_CORPUS")):
+            if flag is not None:
+                env[var] = str(flag)
         try:
             proc = subprocess.run([sys.executable, "train.py"], cwd=work, env=env, capture_output=True,
-                                  text=True, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return f"timed out after {timeout} s"
-    if proc.returncode != 0:
-        return f"exit {proc.returncode}: {proc.stderr.strip()[-400:]}"
-    found = dict(re.findall(r"^(\w+):\s+([-\d.eE+]+)\s*$", proc.stdout, flags=re.M))
-    return {k: float(found[k]) for k in SUMMARY_KEYS if k in found}
+                                  text=True, timeout=args.step_timeout)
+        except subprocess.TimeoutExpired as exc:
+            proc = subprocess.CompletedProcess(exc.cmd, -9, _text(exc.stdout), _text(exc.stderr))
+        if args.log:
+            with open(args.log, "a") as f:
+                f.write(f"===== FARM_KERNELS={ops} exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}\n")
+        if proc.returncode == -9:
+            return f"timed out after {args.step_timeout} s"
+        if proc.returncode != 0:
+            return f"exit {proc.returncode}: {(proc.stdout + proc.stderr).strip()[-600:]}"
+        return json.loads((Path(tmp) / "result.json").read_text())
 
 
 def bench_step(args) -> None:
     print()
-    if not (TEMPLATE / "train.py").exists():
-        print("TODO whole-step comparison: training_template/train.py does not exist yet; rerun once it does.")
-        return
     if args.device != "cuda":
         print("Whole-step comparison skipped: it runs train.py's full time budget, which needs CUDA.")
         return
     if not args.step:
-        print("Whole-step comparison not run (add --step: two full train.py runs, kernels on then off).")
+        print("Whole-step comparison not run (add --step: one train.py run per --configs entry).")
         return
     results = {}
-    for use in (True, False):
-        label = "kernels on" if use else "kernels off"
-        print(f"running train.py with {label} ...", flush=True)
-        results[label] = run_template(use, args.step_timeout)
-    for label, res in results.items():
+    for ops in args.configs.split(";"):
+        print(f"running train.py with FARM_KERNELS={ops} ...", flush=True)
+        results[ops] = res = run_template(ops, args)
         if isinstance(res, str):
-            print(f"{label}: FAILED ({res})")
+            print(f"  FAILED ({res})", flush=True)
             continue
-        tok_s = res.get("total_tokens_M", 0) * 1e6 / max(res.get("training_seconds", 0), 1e-9)
-        print(f"{label}: tokens/s {tok_s:,.0f}  MFU {res.get('mfu_percent', float('nan')):.2f} %  "
-              f"peak VRAM {res.get('peak_vram_mb', float('nan')):,.0f} MB  val_bpb {res.get('val_bpb', float('nan')):.6f}")
-    on, off = results.get("kernels on"), results.get("kernels off")
-    if isinstance(on, dict) and isinstance(off, dict) and off.get("peak_vram_mb") and off.get("mfu_percent"):
-        print(f"on/off: MFU x{on['mfu_percent'] / off['mfu_percent']:.3f}, "
-              f"peak VRAM x{on['peak_vram_mb'] / off['peak_vram_mb']:.3f}")
+        print(f"  {res['device']}: tokens/s {res['tokens_per_second']:,.0f}  MFU {res['mfu_percent']:.2f} %  "
+              f"peak VRAM {res['peak_vram_mb']:,.0f} MiB  val_bpb {res['val_bpb']:.6f}  steps {res['num_steps']}  "
+              f"training {res['training_seconds']:.1f} s  startup {res['startup_seconds']:.1f} s  "
+              f"eval {res['eval_seconds']:.1f} s", flush=True)
+    base = results.get("none")
+    if isinstance(base, dict):
+        for ops, res in results.items():
+            if ops != "none" and isinstance(res, dict):
+                print(f"{ops} / none: tokens/s x{res['tokens_per_second'] / base['tokens_per_second']:.3f}, "
+                      f"peak VRAM x{res['peak_vram_mb'] / base['peak_vram_mb']:.3f}, "
+                      f"val_bpb {res['val_bpb'] - base['val_bpb']:+.6f}")
 
 
 def main() -> None:
@@ -206,14 +216,22 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=None)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
     parser.add_argument("--only", nargs="*", help="substrings of op names to run")
-    parser.add_argument("--step", action="store_true", help="also run train.py with kernels on and off")
+    parser.add_argument("--no-ops", action="store_true", help="skip the per-op table")
+    parser.add_argument("--step", action="store_true", help="also run train.py once per --configs entry")
+    parser.add_argument("--configs", default="none;linear_ce;all",
+                        help="';'-separated FARM_KERNELS values for --step (none, all, or comma lists of ops)")
+    parser.add_argument("--budget", type=float, help="FARM_TIME_BUDGET for --step (default: the profile's)")
+    parser.add_argument("--eval-tokens", type=int, help="FARM_EVAL_TOKENS for --step (default: the profile's)")
+    parser.add_argument("--corpus", help="FARM_CORPUS for --step (default: bible)")
     parser.add_argument("--step-timeout", type=int, default=900)
+    parser.add_argument("--log", help="append each train.py run's output to this file")
     args = parser.parse_args()
     if args.device == "cpu" and not args.small:
         print("--device cpu implies --small")
         args.small = True
     args.iters = args.iters or (3 if args.device == "cpu" else 20)
-    bench_ops(args)
+    if not args.no_ops:
+        bench_ops(args)
     bench_step(args)
 
 

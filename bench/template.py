@@ -5,7 +5,7 @@ seconds and val_bpb. Prints figures; asserts nothing about speed.
     python bench/template.py                         # h100 profile on CUDA, cpu profile otherwise
     python bench/template.py --profile cpu --budget 20
     python bench/template.py --synthetic             # random-token stream: throughput without corpus prep
-    python bench/template.py --baseline-kernels      # same run with kernels.set_enabled(False) for comparison
+    python bench/template.py --baseline-kernels      # same run with KERNEL_OPS = "none" for comparison
 
 Data and tokenizer caches go to a temporary folder unless --data-dir / --cache-dir name one (keep them
 between runs to leave tokenizer training out of the startup figure).
@@ -42,7 +42,7 @@ def run_once(args: argparse.Namespace, workdir: Path, use_kernels: bool) -> dict
         shutil.copytree(TEMPLATE, template, ignore=shutil.ignore_patterns("__pycache__", "result.json"),
                         dirs_exist_ok=True)
         train = template / "train.py"
-        train.write_text(re.sub(r"^USE_KERNELS = True", "USE_KERNELS = False", train.read_text(), flags=re.M))
+        train.write_text(re.sub(r'^KERNEL_OPS = "[^"]*"', 'KERNEL_OPS = "none"', train.read_text(), flags=re.M))
     result_path = workdir / f"result-{'kernels' if use_kernels else 'reference'}.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith("FARM_")}
     env.update(FARM_PROFILE=args.profile, FARM_SEED=str(args.seed), FARM_RESULT_PATH=str(result_path),
@@ -96,7 +96,7 @@ def main() -> int:
     parser.add_argument("--corpus", default=None, help="bible | climbmix | FOLDER (ignored with --synthetic)")
     parser.add_argument("--data-dir", type=Path, default=None)
     parser.add_argument("--cache-dir", type=Path, default=None)
-    parser.add_argument("--baseline-kernels", action="store_true", help="also run with USE_KERNELS = False")
+    parser.add_argument("--baseline-kernels", action="store_true", help='also run with KERNEL_OPS = "none"')
     parser.add_argument("--json", action="store_true", help="print the result JSON(s) too")
     parser.add_argument("--verbose", action="store_true", help="show train.py's output")
     args = parser.parse_args()

@@ -13,6 +13,14 @@ status=0
 echo "== ruff"; .venv/bin/ruff check . || status=1
 echo "== mypy"; .venv/bin/mypy || status=1
 echo "== pytest"
-.venv/bin/python -m pytest -q -rfEs --durations=15 "$@" || status=$?
+if [ $# -gt 0 ]; then
+  .venv/bin/python -m pytest -q -rfEs --durations=15 "$@" || status=$?
+else
+  .venv/bin/python -m pytest -q -rfEs --durations=15 --ignore=tests/gpu || status=$?
+  # compiled (not interpreted) Triton kernels need a process of their own; skipped without CUDA
+  echo "== pytest tests/gpu"
+  # (exit 5 = the module skipped itself: no CUDA here)
+  FARM_TEST_CUDA=1 .venv/bin/python -m pytest -q -rfEs tests/gpu || { s=$?; [ "$s" = 5 ] || status=$s; }
+fi
 if [ "$status" = 5 ]; then echo "test: pytest collected no tests" >&2; status=1; fi
 exit "$status"

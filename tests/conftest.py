@@ -10,8 +10,10 @@ from __future__ import annotations
 import os
 
 # Before anything imports triton: the kernel tests run Triton's interpreter in this process
-# (tests/unit/kernels/conftest.py explains why the order matters). Harmless elsewhere: no CUDA here.
-os.environ["TRITON_INTERPRET"] = "1"
+# (tests/unit/kernels/conftest.py explains why the order matters). One process cannot also compile them
+# for CUDA, so tests/gpu runs in a pytest process of its own with FARM_TEST_CUDA=1 (scripts/test.sh).
+if os.environ.get("FARM_TEST_CUDA") != "1":
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import subprocess
 import uuid

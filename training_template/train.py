@@ -271,7 +271,7 @@ WARMDOWN_RATIO = 0.5  # fraction of progress spent decaying it at the end
 FINAL_LR_FRAC = 0.0  # learning-rate multiplier reached at the end of warmdown
 COMPILE = True  # torch.compile the model (CUDA only; the CPU path runs eagerly)
 ATTN_IMPL = "flex"  # flex (FlexAttention, CUDA) or sdpa; the CPU always uses sdpa
-USE_KERNELS = True  # fused kernels from kernels/ (False: their PyTorch references)
+KERNEL_OPS = "all"  # ops that use the fused kernels of kernels/: "all", "none" or a comma list of kernels.OPS
 LOG_EVERY = pick(h100=25, cpu=10)  # print a progress line every this many steps
 
 # ======================================================================================================
@@ -279,8 +279,7 @@ LOG_EVERY = pick(h100=25, cpu=10)  # print a progress line every this many steps
 # ======================================================================================================
 
 torch.manual_seed(prepare.SEED)
-if not USE_KERNELS:
-    kernels.set_enabled(False)
+kernels.limit_ops(KERNEL_OPS)  # the rest use their PyTorch references (FARM_KERNELS can only narrow it)
 device = prepare.device()
 cuda = device.type == "cuda"
 if cuda:

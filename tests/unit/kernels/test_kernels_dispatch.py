@@ -33,6 +33,51 @@ def test_set_enabled_switches_every_op_to_the_reference(K):
     assert "RMSNorm" in type(K.rms_norm(x).grad_fn).__name__
 
 
+def test_set_ops_and_limit_ops_choose_kernels_per_op(K):
+    x = torch.randn(4, 16, requires_grad=True)
+    w = torch.randn(10, 16, requires_grad=True)
+    t = torch.tensor([1, 2, -1, 3])
+
+    def uses_kernel(op):
+        if op == "rms_norm":
+            return "RMSNorm" in type(K.rms_norm(x).grad_fn).__name__
+        return "LinearSoftcap" in type(K.linear_softcap_cross_entropy(x, w, t, 15.0).grad_fn).__name__
+
+    K.set_ops("linear_ce")
+    assert K.ops() == ("linear_ce",) and K.enabled() and K.backend() == "interpret"
+    assert uses_kernel("linear_ce") and not uses_kernel("rms_norm")
+    K.limit_ops("rms_norm, linear_ce")  # can only narrow: rms_norm stays off
+    assert K.ops() == ("linear_ce",)
+    K.set_ops(["rms_norm", "rotary"])
+    assert uses_kernel("rms_norm") and not uses_kernel("linear_ce")
+    K.set_ops("all")
+    K.limit_ops("none")
+    assert K.ops() == () and not K.enabled() and K.backend() == "reference"
+    with pytest.raises(ValueError, match="rmsnorm"):
+        K.set_ops("rmsnorm")
+    assert K.ops() == ()  # a bad name changes nothing
+    K.set_ops("all")
+    assert K.ops() == K.OPS
+
+
+_OPS_PROBE = """
+import json, kernels
+kernels.limit_ops("linear_ce")  # what train.py does: never raises where kernels cannot run
+print(json.dumps(dict(ops=list(kernels.ops()), enabled=kernels.enabled())))
+"""
+
+
+@pytest.mark.any_process
+def test_farm_kernels_names_ops_and_rejects_typos():
+    ok = run_python(_OPS_PROBE, {"FARM_KERNELS": "interpret", "TRITON_INTERPRET": None})
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert json.loads(ok.stdout.strip().splitlines()[-1]) == {"ops": ["linear_ce"], "enabled": True}
+    off = run_python(_OPS_PROBE, {"FARM_KERNELS": "off", "TRITON_INTERPRET": None})
+    assert json.loads(off.stdout.strip().splitlines()[-1]) == {"ops": [], "enabled": False}
+    bad = run_python(_OPS_PROBE, {"FARM_KERNELS": "rms_norm,softmax", "TRITON_INTERPRET": None})
+    assert bad.returncode != 0 and "unknown kernel op(s) softmax" in bad.stderr
+
+
 _PROBE = """
 import importlib.abc, json, sys, torch
 

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Every GPU check of the project in one run, for a borrowed CUDA machine with python3, torch and triton
+# (installs nothing): the CUDA kernel tests, the whole template step per kernel configuration, and the
+# per-kernel table. Each phase gets what is left of the time given, so a slow phase costs the later ones,
+# never the logs of the earlier ones. Results go to $OUT (default artifacts/gpu):
+#   env.txt  tests.log  step.log  train.log  ops.log  summary.txt
+#
+#   bench/gpu_check.sh [SECONDS] [STEP_BUDGET]     # defaults: 530 s in all, 30 s of training per step run
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-artifacts/gpu}
+mkdir -p "$OUT"
+deadline=$(( $(date +%s) + ${1:-530} ))
+step_budget=${2:-30}
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+export FARM_PROFILE=h100 FARM_CORPUS=synthetic
+export FARM_CACHE_DIR=${FARM_CACHE_DIR:-/tmp/farm-gpu-cache} FARM_DATA_DIR=${FARM_DATA_DIR:-/tmp/farm-gpu-data}
+unset TRITON_INTERPRET FARM_KERNELS
+
+left() { echo $(( deadline - $(date +%s) )); }
+note() { echo "$*" | tee -a "$OUT/summary.txt"; }
+phase() {  # phase NAME MIN_SECONDS LOG CMD... : run CMD with what is left, or skip it
+  local name=$1 need=$2 log=$3 t0 rc remaining
+  shift 3
+  remaining=$(left)
+  if [ "$remaining" -lt "$need" ]; then note "SKIP $name: $remaining s left, it needs $need"; return; fi
+  note "== $name at $(date +%T) ($remaining s left)"
+  t0=$(date +%s)
+  timeout --kill-after=5 $(( remaining - 5 )) "$@" >>"$OUT/$log" 2>&1
+  rc=$?
+  note "   $name: exit $rc after $(( $(date +%s) - t0 )) s"
+}
+
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+  "$PY" -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__,
+'triton', triton.__version__, 'device', torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0))"
+} >"$OUT/env.txt" 2>&1
+note "$(tail -n 1 "$OUT/env.txt")"
+
+# the h100 profile's data, built on the CPU while the GPU runs the tests (about 20 s)
+"$PY" training_template/prepare.py >/tmp/farm-gpu-prepare.log 2>&1 &
+prepare_pid=$!
+
+phase "CUDA kernel tests" 60 tests.log env FARM_TEST_CUDA=1 "$PY" -m pytest -q -rfEs -s -p no:cacheprovider tests/gpu
+wait "$prepare_pid" || { note "data cache build failed:"; tail -n 5 /tmp/farm-gpu-prepare.log | tee -a "$OUT/summary.txt"; }
+
+step_timeout=$(( step_budget + 170 ))
+phase "template step per kernel config" 120 step.log "$PY" bench/kernels.py --no-ops --step \
+  --budget "$step_budget" --corpus synthetic --eval-tokens 4194304 --configs "none;all;linear_ce" \
+  --step-timeout "$step_timeout" --log "$OUT/train.log"
+phase "per-kernel table" 45 ops.log "$PY" bench/kernels.py --iters 10
+note "done at $(date +%T), $(left) s to spare"
