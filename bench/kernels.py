@@ -16,6 +16,7 @@ template MFU at least 45 %, peak VRAM under 30 GB.
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -159,6 +160,15 @@ def run_template(ops: str, args) -> dict | str:
     with tempfile.TemporaryDirectory(prefix="farm-kernel-bench-") as tmp:
         work = Path(tmp) / "template"
         shutil.copytree(TEMPLATE, work, ignore=shutil.ignore_patterns("__pycache__", "result.json"))
+        train = work / "train.py"
+        for assignment in args.set or []:  # as a candidate would edit the line: the value, comment kept
+            name, _, value = assignment.partition("=")
+            text, n = re.subn(rf"^{re.escape(name.strip())} = .*?(  # .*)?$",
+                              lambda m, line=f"{name.strip()} = {value.strip()}": line + (m.group(1) or ""),
+                              train.read_text(), count=1, flags=re.M)
+            if n != 1:
+                return f"--set {assignment}: no such hyperparameter line in train.py"
+            train.write_text(text)
         env = dict(os.environ, FARM_KERNELS=ops if ops != "none" else "0",
                    FARM_RESULT_PATH=str(Path(tmp) / "result.json"))
         env.pop("TRITON_INTERPRET", None)
@@ -191,7 +201,8 @@ def bench_step(args) -> None:
         return
     results = {}
     for ops in args.configs.split(";"):
-        print(f"running train.py with FARM_KERNELS={ops} ...", flush=True)
+        edits = f" and {', '.join(args.set)}" if args.set else ""
+        print(f"running train.py with FARM_KERNELS={ops}{edits} ...", flush=True)
         results[ops] = res = run_template(ops, args)
         if isinstance(res, str):
             print(f"  FAILED ({res})", flush=True)
@@ -224,6 +235,8 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, help="FARM_EVAL_TOKENS for --step (default: the profile's)")
     parser.add_argument("--corpus", help="FARM_CORPUS for --step (default: bible)")
     parser.add_argument("--step-timeout", type=int, default=900)
+    parser.add_argument("--set", action="append", metavar="NAME=VALUE",
+                        help="edit a hyperparameter line of train.py in the run's copy (repeatable)")
     parser.add_argument("--log", help="append each train.py run's output to this file")
     args = parser.parse_args()
     if args.device == "cpu" and not args.small:
