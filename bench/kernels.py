@@ -36,7 +36,7 @@ SOFTCAP = 15.0
 def make_cases(device: str, small: bool):
     """(name, reference fn, kernel fn, input factory, indices needing grad) at baseline or small shapes."""
     dt = torch.bfloat16 if device == "cuda" else torch.float32
-    B, T = (2, 64) if small else (128, 2048)  # device batch 128 x 2048 tokens in the baseline
+    B, T = (2, 64) if small else (128, 2048)  # the reference recipe's device batch, 128 x 2048
     D, H, HD, V = (64, 2, 32, 512) if small else (512, 4, 128, 8192)
     ce_rows = B * T if small else 16 * 2048  # full-batch bf16 logits + fp32 copies would not leave room
 

@@ -255,7 +255,7 @@ VE_GATE_CHANNELS = pick(h100=32, cpu=16)  # leading channels the value-embedding
 X0_LAMBDA_INIT = 0.1  # initial weight of the embedding skip into every block
 SOFTCAP = 15  # logits = SOFTCAP * tanh(logits / SOFTCAP)
 TOTAL_BATCH_SIZE = pick(h100=2**19, cpu=2**11)  # tokens per optimizer step
-DEVICE_BATCH_SIZE = pick(h100=128, cpu=16)  # rows per forward/backward (gradient accumulation makes up the rest)
+DEVICE_BATCH_SIZE = pick(h100=64, cpu=16)  # rows per forward/backward (gradient accumulation makes up the rest)
 EMBEDDING_LR = 0.6  # AdamW, token and value embeddings (scaled by (model_dim / 768) ** -0.5)
 UNEMBEDDING_LR = 0.004  # AdamW, lm_head (same scaling)
 MATRIX_LR = 0.04  # Muon, every 2-D block matrix
@@ -271,7 +271,7 @@ WARMDOWN_RATIO = 0.5  # fraction of progress spent decaying it at the end
 FINAL_LR_FRAC = 0.0  # learning-rate multiplier reached at the end of warmdown
 COMPILE = True  # torch.compile the model (CUDA only; the CPU path runs eagerly)
 ATTN_IMPL = "flex"  # flex (FlexAttention, CUDA) or sdpa; the CPU always uses sdpa
-KERNEL_OPS = "all"  # ops that use the fused kernels of kernels/: "all", "none" or a comma list of kernels.OPS
+KERNEL_OPS = "linear_ce"  # ops that use the fused kernels of kernels/: "all", "none" or a comma list of kernels.OPS
 LOG_EVERY = pick(h100=25, cpu=10)  # print a progress line every this many steps
 
 # ======================================================================================================
