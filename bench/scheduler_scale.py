@@ -180,21 +180,74 @@ class Fleet:
             return self.idle, self.busy, self.done
 
 
+def scheduler_child(stats_path: str, profile: str | None) -> None:
+    """The scheduler in a process of its own, as in production (the fleet and the LLM server are other
+    machines there; in one process they would share the scheduler's GIL). SIGUSR1 marks the start of the
+    measured window, SIGTERM its end; counters at both marks go to stats_path as JSON."""
+    import signal
+
+    import litellm  # once, up front: a running scheduler has it imported
+    from sqlalchemy import event
+
+    from farm.db import make_engine
+    from farm.settings import get_settings
+    from scheduler.loop import Scheduler
+    litellm.suppress_debug_info = True
+    engine = make_engine(get_settings().database_url)
+    counters: dict[str, Any] = {"queries": 0, "ticks": 0, "tick_seconds": 0.0, "phase_ms": {}}
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def _count(*_: Any) -> None:
+        counters["queries"] += 1
+
+    marks: dict[str, Any] = {}
+    stop = threading.Event()
+
+    def snapshot(name: str) -> None:
+        marks[name] = json.loads(json.dumps(counters))
+        marks[name]["cpu_seconds"] = time.process_time()  # all threads of this process: passes + LLM calls
+        marks[name]["wall"] = time.monotonic()
+
+    signal.signal(signal.SIGUSR1, lambda *_: snapshot("start"))
+    signal.signal(signal.SIGTERM, lambda *_: (snapshot("end"), stop.set()))
+    sched = Scheduler(engine=engine, publish=lambda *a, **k: None)
+    prof = None
+    if profile:
+        import cProfile
+        prof = cProfile.Profile()
+        prof.enable()
+    print("ready", flush=True)
+    while not stop.is_set():
+        t0 = time.monotonic()
+        try:
+            for key, val in sched.tick().items():
+                if key.startswith("ms_"):
+                    counters["phase_ms"][key[3:]] = counters["phase_ms"].get(key[3:], 0) + val
+        except Exception as exc:  # noqa: BLE001 - keep measuring; report it
+            print("tick failed:", exc, flush=True)
+        counters["tick_seconds"] += time.monotonic() - t0
+        counters["ticks"] += 1
+        stop.wait(sched.settings.scheduler_interval)
+    if prof is not None:
+        prof.disable()
+        prof.dump_stats(profile)
+    sched.pool.shutdown(wait=True, cancel_futures=True)
+    sched.close()
+    Path(stats_path).write_text(json.dumps(marks))
+
+
 def run(args: argparse.Namespace, admin: str, redis_url: str) -> dict[str, Any]:
-    from sqlalchemy import event, func, select
+    import signal
+    import subprocess
+
+    from sqlalchemy import func, select
 
     from farm.db import dispose_engines, make_engine, session_scope
     from farm.models import DecisionRecord, Experiment
     from farm.programs import create_program
     from farm.settings import reset_settings_cache
-    from scheduler.loop import Scheduler
     from tests.llm_server import ScriptedLLM
 
-    t0 = time.monotonic()
-    import litellm  # once, up front: a running scheduler has it imported; 64 proposer
-    # threads importing it at once on 2 cores serialise on the import lock for a minute or more
-    litellm.suppress_debug_info = True
-    print(f"litellm imported in {time.monotonic() - t0:.1f} s (not measured)")
     db_url = fresh_database(admin, "scale")
     tmp = tempfile.TemporaryDirectory(prefix="farm-scale-")
     saved = dict(os.environ)
@@ -204,6 +257,8 @@ def run(args: argparse.Namespace, admin: str, redis_url: str) -> dict[str, Any]:
     reset_settings_cache()
     dispose_engines()
     script = [{"content": answer(i), "delay": args.latency} for i in range(100_000)]
+    stats_path = Path(tmp.name) / "scheduler-stats.json"
+    child: subprocess.Popen[str] | None = None
     try:
         with ScriptedLLM(script) as srv:
             with session_scope() as s:
@@ -213,78 +268,67 @@ def run(args: argparse.Namespace, admin: str, redis_url: str) -> dict[str, Any]:
                                policy={"kind": "greedy", "baseline_runs": 2})
             fleet = Fleet(args.workers, args.job, make_engine(db_url, pool_size=args.workers + 2, max_overflow=8))
             fleet.register()
-            sched_engine = make_engine(db_url)
-            queries = [0]
-
-            @event.listens_for(sched_engine, "before_cursor_execute")
-            def _count(*_: Any) -> None:
-                queries[0] += 1
-
-            sched = Scheduler(engine=sched_engine, publish=lambda *a, **k: None)
+            t0 = time.monotonic()
+            child = subprocess.Popen([sys.executable, __file__, "--child-stats", str(stats_path)]
+                                     + (["--profile", args.profile] if args.profile else []),
+                                     stdout=subprocess.PIPE, text=True, env=dict(os.environ))
+            assert child.stdout is not None
+            line = child.stdout.readline()
+            if line.strip() != "ready":
+                raise RuntimeError(f"the scheduler process did not start: {line!r}")
+            print(f"scheduler process ready in {time.monotonic() - t0:.1f} s (litellm import; not measured)")
             threads = fleet.threads()
             for t in threads:
                 t.start()
-            stop = threading.Event()
-            ticks = [0]
-            tick_seconds = [0.0]
-            phase_ms: dict[str, int] = {}
-
-            def loop() -> None:
-                while not stop.is_set():
-                    t0 = time.monotonic()
-                    try:
-                        for key, val in sched.tick().items():
-                            if key.startswith("ms_"):
-                                phase_ms[key[3:]] = phase_ms.get(key[3:], 0) + val
-                    except Exception as exc:  # noqa: BLE001 - keep measuring; report it
-                        print("tick failed:", exc)
-                    tick_seconds[0] += time.monotonic() - t0
-                    ticks[0] += 1
-                    stop.wait(sched.settings.scheduler_interval)
-
-            lt = threading.Thread(target=loop, daemon=True)
-            lt.start()
             time.sleep(args.warmup)  # the first proposals, the baselines
-            with session_scope(sched_engine) as s:
+            with session_scope() as s:
                 d0 = s.scalar(select(func.count()).select_from(DecisionRecord)) or 0
                 p0 = s.scalar(select(func.count()).select_from(Experiment)
                               .where(Experiment.proposer_kind == "llm")) or 0
-            q0, k0, ts0 = queries[0], ticks[0], tick_seconds[0]
+            child.send_signal(signal.SIGUSR1)
             fleet.reset()
             t0 = time.monotonic()
             time.sleep(args.seconds)
             idle, busy, done = fleet.finish()
+            child.send_signal(signal.SIGTERM)
             wall = time.monotonic() - t0
-            q1, k1, ts1 = queries[0], ticks[0], tick_seconds[0]
-            with session_scope(sched_engine) as s:
+            with session_scope() as s:
                 d1 = s.scalar(select(func.count()).select_from(DecisionRecord)) or 0
                 p1 = s.scalar(select(func.count()).select_from(Experiment)
                               .where(Experiment.proposer_kind == "llm")) or 0
-            stop.set()
+            rest = child.communicate(timeout=120)[0]
+            if rest.strip():
+                print(rest.strip())
             fleet.stop.set()
-            lt.join(30)
             for t in threads:
                 t.join(30)
-            sched.pool.shutdown(wait=True, cancel_futures=True)  # answers in flight land before the drop
-            sched.close()
-            sched_engine.dispose()
             fleet.engine.dispose()
+            marks = json.loads(stats_path.read_text())
     finally:
+        if child is not None and child.poll() is None:
+            child.kill()
+            child.wait()
         os.environ.clear()
         os.environ.update(saved)
         reset_settings_cache()
+        dispose_engines()
         drop_database(admin, db_url)
         tmp.cleanup()
+    a, b = marks["start"], marks["end"]
     capacity = args.workers * wall
     decisions = d1 - d0
+    ticks = b["ticks"] - a["ticks"]
+    phase = {k: v - a["phase_ms"].get(k, 0) for k, v in b["phase_ms"].items()}
     return {"workers": args.workers, "job_seconds": args.job, "llm_latency": args.latency,
             "lookahead": args.lookahead, "llm_concurrency": args.concurrency, "measured_seconds": wall,
             "capacity_worker_seconds": capacity, "idle_worker_seconds": idle, "idle_percent": 100 * idle / capacity,
             "busy_percent": 100 * busy / capacity, "jobs_done": done, "proposals": p1 - p0,
             "proposals_per_minute": (p1 - p0) / wall * 60, "decisions": decisions,
-            "queries": q1 - q0, "queries_per_decision": (q1 - q0) / decisions if decisions else None,
-            "ticks": k1 - k0, "mean_tick_seconds": (ts1 - ts0) / max(1, k1 - k0),
-            "phase_ms_total": dict(phase_ms)}
+            "queries": b["queries"] - a["queries"],
+            "queries_per_decision": (b["queries"] - a["queries"]) / decisions if decisions else None,
+            "ticks": ticks, "mean_tick_seconds": (b["tick_seconds"] - a["tick_seconds"]) / max(1, ticks),
+            "phase_ms_total": phase,
+            "scheduler_cpu_percent": 100 * (b["cpu_seconds"] - a["cpu_seconds"]) / (b["wall"] - a["wall"])}
 
 
 def main() -> None:
@@ -296,7 +340,12 @@ def main() -> None:
     ap.add_argument("--warmup", type=float, default=20.0, help="seconds before measuring (first proposals)")
     ap.add_argument("--lookahead", type=int, default=64, help="FARM_LOOKAHEAD (queued + in flight beyond the fleet)")
     ap.add_argument("--concurrency", type=int, default=64, help="FARM_LLM_CONCURRENCY")
+    ap.add_argument("--profile", help="write a cProfile of the scheduler's passes to this file")
+    ap.add_argument("--child-stats", help=argparse.SUPPRESS)  # internal: run as the scheduler process
     args = ap.parse_args()
+    if args.child_stats:
+        scheduler_child(args.child_stats, args.profile)
+        return
     print(f"bench/scheduler_scale.py: {cpu_name()}, {os.cpu_count()} CPUs; {args.workers} simulated workers, "
           f"{args.job:g} s jobs, LLM answers after {args.latency:g} s, lookahead {args.lookahead}, "
           f"LLM concurrency {args.concurrency}, {args.seconds:g} s measured after {args.warmup:g} s warm-up")
@@ -309,8 +358,9 @@ def main() -> None:
     qpd = r["queries_per_decision"]
     print(f"database queries per decision: {qpd:.1f} ({r['queries']} queries, {r['decisions']} decisions)"
           if qpd is not None else "no decisions in the window")
-    print(f"scheduler passes: {r['ticks']}, mean {1000 * r['mean_tick_seconds']:.0f} ms each")
-    print("time in each phase of the passes (ms, whole run): "
+    print(f"scheduler passes: {r['ticks']}, mean {1000 * r['mean_tick_seconds']:.0f} ms each; the scheduler "
+          f"process used {r['scheduler_cpu_percent']:.0f} % of one core (passes and LLM client threads)")
+    print("time in each phase of the passes (ms, measured window): "
           + ", ".join(f"{k} {v}" for k, v in sorted(r["phase_ms_total"].items(), key=lambda kv: -kv[1])))
     (ROOT / "artifacts").mkdir(exist_ok=True)
     (ROOT / "artifacts" / "bench_scheduler_scale.json").write_text(json.dumps(r, indent=1))

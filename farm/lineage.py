@@ -1,8 +1,9 @@
 """Git lineage: the farm repository, one branch per program, one commit per candidate.
 
-The repository is bare (settings.repo_dir) and written only through git plumbing (hash-object,
-update-index on a private index file, write-tree, commit-tree, update-ref), so no working tree
-or shared index can be left half-written by a crash. Layout:
+The repository is bare (settings.repo_dir) and written only as git objects and refs: blobs, trees and
+commits are written in-process as loose objects (gitdb, the object store GitPython uses; a candidate
+costs no git process), refs with `update-ref` compare-and-set semantics, so no working tree or shared
+index can be left half-written by a crash. Layout:
 
     refs/heads/research/<slug>               the program's branch: template commit, then keeps only
     refs/candidates/<slug>/<experiment-id>   every candidate, parent = the head it was proposed against
@@ -21,15 +22,18 @@ One writer: `Lineage.lock()` takes an exclusive file lock next to the repository
 from __future__ import annotations
 
 import fcntl
+import io
 import os
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import git
+from gitdb import IStream, LooseObjectDB
 
 AUTHOR = ("researchfarm", "farm@researchfarm.invalid")
 
@@ -76,6 +80,7 @@ class Lineage:
             self.path.mkdir(parents=True, exist_ok=True)
             git.Repo.init(self.path, bare=True)
         self.repo = git.Repo(self.path)
+        self._loose = LooseObjectDB(str(self.path / "objects"))  # writes in-process (the repo's odb runs git)
         self._lock_fd: int | None = None
 
     # ---- locking ----
@@ -137,26 +142,58 @@ class Lineage:
         wanted = [n for n in listing if names is None or n in names]
         return {n: self._git("show", f"{sha}:{n}").stdout for n in wanted}
 
-    def _tree(self, files: dict[str, str], base: str | None) -> str:
-        """A tree: `base`'s tree (if any) with `files` written over it."""
-        with tempfile.TemporaryDirectory(prefix="farm-index-") as tmp:
-            env = {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
-            if base:
-                self._git("read-tree", base, env=env)
+    # ---- objects, written in-process ----
+    def _store(self, kind: bytes, data: bytes) -> bytes:
+        return bytes(self._loose.store(IStream(kind, len(data), io.BytesIO(data))).binsha)
+
+    def _read(self, binsha: bytes, kind: bytes) -> bytes:
+        info = self.repo.odb.stream(binsha)
+        if info.type != kind:
+            raise LineageError(f"{binsha.hex()[:12]} is a {info.type.decode()}, not a {kind.decode()}")
+        return bytes(info.read())
+
+    def _tree_entries(self, binsha: bytes) -> dict[bytes, tuple[bytes, bytes]]:
+        data, out, i = self._read(binsha, b"tree"), {}, 0
+        while i < len(data):
+            space = data.index(b" ", i)
+            nul = data.index(b"\0", space)
+            out[data[space + 1:nul]] = (data[i:space], data[nul + 1:nul + 21])
+            i = nul + 21
+        return out
+
+    def _write_tree(self, base: bytes | None, files: dict[str, bytes]) -> bytes:
+        """`base` (a tree id, or None for empty) with `files` (path -> content) written over it."""
+        entries = self._tree_entries(base) if base else {}
+        subdirs: dict[str, dict[str, bytes]] = {}
+        for path, data in files.items():
+            head, _, rest = path.partition("/")
+            if not head or head in (".", "..") or (rest == "" and path.endswith("/")):
+                raise LineageError(f"bad file path {path!r}")
+            if rest:
+                subdirs.setdefault(head, {})[rest] = data
             else:
-                self._git("read-tree", "--empty", env=env)
-            lines = []
-            for name in sorted(files):
-                blob = self._git("hash-object", "-w", "--stdin", stdin=files[name]).stdout.strip()
-                lines.append(f"100644 {blob}\t{name}")
-            if lines:
-                self._git("update-index", "--add", "--index-info", stdin="\n".join(lines) + "\n", env=env)
-            return self._git("write-tree", env=env).stdout.strip()
+                entries[head.encode()] = (b"100644", self._store(b"blob", data))
+        for name, sub in subdirs.items():
+            old = entries.get(name.encode())
+            entries[name.encode()] = (b"40000", self._write_tree(old[1] if old and old[0] == b"40000" else None,
+                                                                 sub))
+        # git's order: byte order of names, a tree's name compared as if it ended in "/"
+        order = sorted(entries, key=lambda n: n + b"/" if entries[n][0] == b"40000" else n)
+        return self._store(b"tree", b"".join(entries[n][0] + b" " + n + b"\0" + entries[n][1] for n in order))
 
     def commit(self, files: dict[str, str], *, parent: str | None, message: str) -> str:
-        tree = self._tree(files, parent)
-        args = ["commit-tree", tree] + (["-p", parent] if parent else [])
-        return self._git(*args, stdin=message).stdout.strip()
+        """A commit of `parent`'s tree (or an empty one) with `files` written over it."""
+        base = None
+        if parent:
+            head = self._read(bytes.fromhex(parent), b"commit").split(b"\n", 1)[0]
+            base = bytes.fromhex(head.split(b" ", 1)[1].decode())
+        tree = self._write_tree(base, {n: t.encode("utf-8") for n, t in files.items()})
+        who = f"{AUTHOR[0]} <{AUTHOR[1]}> {int(time.time())} +0000".encode()
+        body = b"tree " + tree.hex().encode() + b"\n"
+        if parent:
+            body += b"parent " + parent.encode() + b"\n"
+        body += b"author " + who + b"\ncommitter " + who + b"\n\n" + message.encode("utf-8")
+        return self._store(b"commit", body).hex()
 
     def _create_ref(self, ref: str, sha: str) -> str:
         """Create `ref` at `sha` unless it exists; return what it points at."""
@@ -187,12 +224,30 @@ class Lineage:
                          message: str) -> str:
         """The candidate's commit on its own ref; a second call returns the first commit."""
         ref = candidate_ref(slug, experiment_id)
-        existing = self.resolve(ref)
+        existing = self._ref_in_process(ref)
         if existing is not None:
             return existing
-        if not self.has_commit(parent):
-            raise LineageError(f"parent commit {parent[:12]} is not in the farm repository")
-        return self._create_ref(ref, self.commit(files, parent=parent, message=message))
+        try:
+            if self.repo.odb.info(bytes.fromhex(parent)).type != b"commit":
+                raise ValueError(parent)
+        except ValueError:
+            raise LineageError(f"parent commit {parent[:12]} is not in the farm repository") from None
+        sha = self.commit(files, parent=parent, message=message)
+        try:  # a new ref, created with a lock file and a rename (GitPython), never over an existing one
+            git.Reference.create(self.repo, ref, sha, force=False)
+        except OSError:
+            existing = self._ref_in_process(ref)
+            if existing is None:
+                raise LineageError(f"cannot create {ref}") from None
+            return existing
+        return sha
+
+    def _ref_in_process(self, ref: str) -> str | None:
+        r = git.Reference(self.repo, ref, check_path=False)
+        try:
+            return str(r.commit.hexsha) if r.is_valid() else None
+        except ValueError:
+            return None
 
     def branch_head(self, slug: str) -> str | None:
         return self.resolve(branch_ref(slug))

@@ -59,19 +59,38 @@ def _locked(session: Session, experiment_id: int) -> Experiment | None:
     return session.execute(stmt.execution_options(populate_existing=True)).scalar_one_or_none()
 
 
-def transition(session: Session, experiment_id: int, to: ExperimentStatus, *,
-               expect: Iterable[ExperimentStatus], **values: Any) -> bool:
-    """Move an experiment to `to` if its current status is one of `expect`; False otherwise."""
+def locked_many(session: Session, experiment_ids: Iterable[int]) -> list[Experiment]:
+    """Lock several experiment rows at once (in id order, so two callers cannot deadlock), for `move`."""
+    stmt = (select(Experiment).where(Experiment.id.in_(list(experiment_ids))).order_by(Experiment.id)
+            .with_for_update())
+    return list(session.execute(stmt.execution_options(populate_existing=True)).scalars())
+
+
+def _legal(to: ExperimentStatus, expect: Iterable[ExperimentStatus]) -> frozenset[ExperimentStatus]:
     expect = frozenset(expect)
     bad = [s for s in expect if to not in ALLOWED[s]]
     if bad:
         raise IllegalTransition(f"{', '.join(s.value for s in bad)} -> {to.value} is not a legal transition")
-    exp = _locked(session, experiment_id)
-    if exp is None or exp.status not in expect:
+    return expect
+
+
+def move(exp: Experiment, to: ExperimentStatus, *, expect: Iterable[ExperimentStatus], **values: Any) -> bool:
+    """`transition` for a row this transaction has already locked (`locked_many`); no flush."""
+    if exp.status not in _legal(to, expect):
         return False
     exp.status = to
     for key, value in values.items():
         setattr(exp, key, value)
+    return True
+
+
+def transition(session: Session, experiment_id: int, to: ExperimentStatus, *,
+               expect: Iterable[ExperimentStatus], **values: Any) -> bool:
+    """Move an experiment to `to` if its current status is one of `expect`; False otherwise."""
+    expect = _legal(to, expect)
+    exp = _locked(session, experiment_id)
+    if exp is None or not move(exp, to, expect=expect, **values):
+        return False
     session.flush()
     return True
 

@@ -52,6 +52,7 @@ from farm.models import (
     ProgramStatus,
     Result,
     Worker,
+    utcnow,
 )
 from farm.recovery import job_time_limit
 from farm.settings import Settings, get_settings
@@ -89,7 +90,14 @@ class ProgramView:
 
     def __post_init__(self) -> None:
         self.by_id = {e.id: e for e in self.exps}
+        self._by_commit: dict[str, list[Experiment]] = defaultdict(list)
+        for e in self.exps:
+            if e.commit_sha:
+                self._by_commit[e.commit_sha].append(e)
+        self._sigma: dict[float | None, float] = {}
 
+    # A view is read within one transaction: statuses and results do not change under it (decisions
+    # do, and nothing below reads them), so the per-commit index and sigma are computed once.
     def value(self, e: Experiment) -> float | None:
         r = self.results.get(e.id)
         if r is None or e.status != S.succeeded or r.val_bpb is None:
@@ -99,22 +107,21 @@ class ProgramView:
         return float(r.val_bpb)
 
     def runs_of(self, commit: str | None) -> list[float]:
-        vals = [self.value(e) for e in self.exps if commit and e.commit_sha == commit]
+        vals = [self.value(e) for e in self._by_commit.get(commit, [])] if commit else []
         return [v for v in vals if v is not None]
 
     def pending_runs_of(self, commit: str | None) -> bool:
-        return any(e.commit_sha == commit and e.status in OUTSTANDING for e in self.exps)
+        if commit is None:
+            return any(e.commit_sha is None and e.status in OUTSTANDING for e in self.exps)
+        return any(e.status in OUTSTANDING for e in self._by_commit.get(commit, []))
 
     def groups(self) -> list[list[float]]:
-        by: dict[str, list[float]] = defaultdict(list)
-        for e in self.exps:
-            v = self.value(e)
-            if v is not None and e.commit_sha:
-                by[e.commit_sha].append(v)
-        return list(by.values())
+        return [g for g in (self.runs_of(c) for c in self._by_commit) if g]
 
     def sigma(self, cfg: PolicyConfig) -> float:
-        return noise_sigma(self.groups(), prior=cfg.prior_sigma)[0]
+        if cfg.prior_sigma not in self._sigma:
+            self._sigma[cfg.prior_sigma] = noise_sigma(self.groups(), prior=cfg.prior_sigma)[0]
+        return self._sigma[cfg.prior_sigma]
 
 
 class Scheduler:
@@ -127,8 +134,11 @@ class Scheduler:
         self.publish: Publish = publish or publish_experiment
         self.proposer_factory = proposer_factory or self._default_proposer
         self.pool = ThreadPoolExecutor(max_workers=self.settings.llm_concurrency, thread_name_prefix="llm")
+        self._note_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="git-notes")  # in order
+        self._notes: list[Future[None]] = []
         self._pass_ctx: dict[int, ProposalContext] = {}  # per _fill pass: program -> context sent
         self._pass_pending: dict[int, list[int]] = {}  # per _fill pass: program -> proposed ids to queue
+        self._pass_batch: list[int] = []  # per _fill pass: ids picked for queueing, queued in one transaction
         self.inflight: dict[Future[Proposal], Job] = {}
         self.cooldown: dict[int, float] = {}
         self.failures: dict[int, int] = defaultdict(int)
@@ -148,6 +158,9 @@ class Scheduler:
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+        self._note_writer.shutdown(wait=True)  # notes already decided are written before the lock goes
+        self._notes = []
+        self._note_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="git-notes")
         self.lineage.release()
         self._started = False
 
@@ -285,6 +298,7 @@ class Scheduler:
         return (r.reason or (r.log_tail or "")[-300:] or None) if r is not None else None
 
     def _collect(self, stats: dict[str, int]) -> None:
+        answered: list[tuple[Job, Proposal]] = []
         for fut in [f for f in self.inflight if f.done()]:
             job = self.inflight.pop(fut)
             try:
@@ -298,37 +312,52 @@ class Scheduler:
                 stats["proposer_errors"] += 1
                 continue
             self.failures[job.program_id] = 0
-            self._record(job, proposal, stats)
+            answered.append((job, proposal))
+        if not answered:
+            return
+        # one transaction for the pass's answers (64 workers bring dozens a pass), a savepoint each: a
+        # proposal that cannot be stored is logged and skipped, never taking the others with it
+        with session_scope(self.engine) as s:
+            for job, proposal in answered:
+                try:
+                    with s.begin_nested():
+                        self._record_in(s, job, proposal, stats)
+                except Exception:
+                    log.exception("program %d: could not store a proposal", job.program_id)
+                    stats["record_errors"] += 1
 
     def _record(self, job: Job, proposal: Proposal, stats: dict[str, int]) -> int:
         with session_scope(self.engine) as s:
-            program = s.get(Program, job.program_id)
-            if program is None:
-                return 0
-            ctx = job.ctx
-            base, edit, parent = ctx.head_files, proposal.edit, ctx.head_commit
-            if job.repair_of is not None:
-                # the repair edits the crashed files; store it as a change of the crashed one's parent
-                crashed = s.get(Experiment, job.repair_of)
-                assert crashed is not None
-                parent = crashed.parent_commit
-                try:
-                    fixed = apply_edit(ctx.head_files, edit, default_file=ctx.editable[0])
-                    base = self.lineage.files_at(parent, ctx.editable)
-                    edit = Edit(files={n: fixed[n] for n in ctx.editable if n in fixed})
-                except EditError:
-                    pass  # record_proposal against the crashed files gives the reason
-            exp = record_proposal(s, program, parent_commit=parent, base_files=base, edit=edit,
-                                  proposer_kind="repair" if job.repair_of else self._kind(program),
-                                  description=proposal.description, rationale=proposal.rationale,
-                                  repair_of=job.repair_of)
-            if proposal.llm_call_ids:
-                for call in s.execute(select(LLMCall).where(LLMCall.id.in_(proposal.llm_call_ids))).scalars():
-                    call.experiment_id = exp.id
-            stats["invalid" if exp.status == S.invalid else "proposed"] += 1
-            if exp.status == S.invalid:
-                log.info("program %s: proposal #%d invalid: %s", program.slug, exp.id, exp.status_reason)
-            return exp.id
+            return self._record_in(s, job, proposal, stats)
+
+    def _record_in(self, s: Session, job: Job, proposal: Proposal, stats: dict[str, int]) -> int:
+        program = s.get(Program, job.program_id)
+        if program is None:
+            return 0
+        ctx = job.ctx
+        base, edit, parent = ctx.head_files, proposal.edit, ctx.head_commit
+        if job.repair_of is not None:
+            # the repair edits the crashed files; store it as a change of the crashed one's parent
+            crashed = s.get(Experiment, job.repair_of)
+            assert crashed is not None
+            parent = crashed.parent_commit
+            try:
+                fixed = apply_edit(ctx.head_files, edit, default_file=ctx.editable[0])
+                base = self.lineage.files_at(parent, ctx.editable)
+                edit = Edit(files={n: fixed[n] for n in ctx.editable if n in fixed})
+            except EditError:
+                pass  # record_proposal against the crashed files gives the reason
+        exp = record_proposal(s, program, parent_commit=parent, base_files=base, edit=edit,
+                              proposer_kind="repair" if job.repair_of else self._kind(program),
+                              description=proposal.description, rationale=proposal.rationale,
+                              repair_of=job.repair_of)
+        if proposal.llm_call_ids:
+            for call in s.execute(select(LLMCall).where(LLMCall.id.in_(proposal.llm_call_ids))).scalars():
+                call.experiment_id = exp.id
+        stats["invalid" if exp.status == S.invalid else "proposed"] += 1
+        if exp.status == S.invalid:
+            log.info("program %s: proposal #%d invalid: %s", program.slug, exp.id, exp.status_reason)
+        return exp.id
 
     def _kind(self, program: Program) -> str:
         conf = program.proposer or {}
@@ -350,21 +379,27 @@ class Scheduler:
         with session_scope(self.engine) as s:
             ids = list(s.execute(select(Program.id).where(Program.root_commit.is_not(None))).scalars())
         for pid in ids:
-            # one transaction per decision, so a keep is committed before its git write
+            # Every pending verdict of the program in one transaction, against one load of it; a keep
+            # ends the transaction (committed before its git write) and the rest is judged again
+            # against the new head. Git notes go to a background thread, off the pass.
             while True:
+                steps: list[Callable[[], None]] = []
                 with session_scope(self.engine) as s:
                     program = s.get(Program, pid)
                     assert program is not None
                     view = self._load(s, program)
-                    action = self._next_decision(s, view, stats)
-                if action is None:
+                    head_moved = self._decisions(s, view, stats, steps)
+                for step in steps:
+                    step()
+                if not head_moved:
                     break
-                action()
 
-    def _next_decision(self, s: Session, view: ProgramView, stats: dict[str, int]
-                       ) -> Callable[[], None] | None:
-        """Make one pending decision in this transaction; returns the git step to run after commit."""
+    def _decisions(self, s: Session, view: ProgramView, stats: dict[str, int],
+                   steps: list[Callable[[], None]]) -> bool:
+        """Make the pending decisions of one program in this transaction, collecting the git steps to
+        run after commit; stops early and returns True when a keep moved the head."""
         p = view.program
+        head = p.head_commit
         cfg = PolicyConfig.from_dict(p.policy or {})
         for e in view.exps:
             if e.status != S.succeeded or e.decision is not None or e.replicate_of is not None:
@@ -373,10 +408,12 @@ class Scheduler:
                 continue  # a measurement of the head, not a verdict: no decision
             step = self._judge(s, view, e, cfg, stats)
             if step is not None:
-                return step
+                steps.append(step)
+            if p.head_commit != head:
+                return True
         if self._kind(p) == "llm" and p.status == ProgramStatus.active:
             self._repairs(s, view, cfg, stats)
-        return None
+        return False
 
     @staticmethod
     def _noop() -> None:
@@ -401,7 +438,7 @@ class Scheduler:
             self._write_decision(s, view, e, Decision.discard, cfg.kind,
                                  "the parent has no successful run to compare with", {"runs": runs})
             return self._noop
-        prior = self._prior_deltas(s, p.id, e.id)
+        prior = self._prior_deltas(s, p.id, e.id) if e.proposer_kind == "replay" else []  # only replays have
         verdict = judge(cfg, runs, parent_runs, view.sigma(cfg), prior)
         head_moved = p.head_commit != e.parent_commit
         if verdict.action == "confirm":
@@ -472,14 +509,23 @@ class Scheduler:
                           f"Margin: {st.get('margin', 0):.6f}", f"Decision: {decision}",
                           f"Experiment: {e.id}"])
 
-        def note() -> None:
+        def write(sha: str) -> None:
+            try:
+                self.lineage.add_note(sha, text)
+            except LineageError as exc:
+                log.warning("could not note %s: %s", sha[:12], exc)
+
+        def note() -> None:  # informational (the database holds the decision): never waited for by a pass
             if sha:
-                try:
-                    self.lineage.add_note(sha, text)
-                except LineageError as exc:
-                    log.warning("could not note %s: %s", sha[:12], exc)
+                self._notes = [f for f in self._notes if not f.done()] + [self._note_writer.submit(write, sha)]
 
         return note
+
+    def flush_notes(self, timeout: float = 60.0) -> None:
+        """Wait until the git notes of the decisions made so far are written (tests, shutdown)."""
+        pending, self._notes = self._notes, []
+        for fut in pending:
+            fut.result(timeout=timeout)
 
     def _replay(self, s: Session, view: ProgramView, e: Experiment, verdict: Verdict,
                 stats: dict[str, int]) -> Callable[[], None]:
@@ -617,6 +663,14 @@ class Scheduler:
     def _fill(self, stats: dict[str, int]) -> None:
         self._pass_ctx = {}
         self._pass_pending = {}
+        self._pass_batch = []
+        try:
+            self._fill_classes(stats)
+        finally:  # what this pass picked is queued even if a later program failed
+            batch, self._pass_batch = self._pass_batch, []
+            self._queue_many(batch, stats)
+
+    def _fill_classes(self, stats: dict[str, int]) -> None:
         with session_scope(self.engine) as s:
             live = self._live_workers(s)
             programs = list(s.execute(select(Program).where(Program.status == ProgramStatus.active,
@@ -658,9 +712,9 @@ class Scheduler:
     def _feed_one(self, program: Program, stats: dict[str, int]) -> bool:
         """Queue (or start proposing) one more experiment for this program; False if it has nothing."""
         queue_next = self._pass_pending.get(program.id)
-        while queue_next:  # pending rows found earlier in this pass: queue them without reloading
-            if self._queue(queue_next.pop(0), stats):
-                return True
+        if queue_next:  # pending rows found earlier in this pass: queued with the pass's batch
+            self._pass_batch.append(queue_next.pop(0))
+            return True
         cached = self._pass_ctx.get(program.id)
         if cached is not None:
             # this pass already found nothing pending here and sent the proposer this context: more
@@ -681,7 +735,8 @@ class Scheduler:
                 self._create_baselines(s, p, cfg.baseline_runs)
                 view = self._load(s, p)
             exhausted = self._exhausted(s, view, db_now(s))
-            pending = sorted((e for e in view.exps if e.status == S.proposed),
+            picked = set(self._pass_batch)  # picked earlier in this pass, not queued yet
+            pending = sorted((e for e in view.exps if e.status == S.proposed and e.id not in picked),
                              key=lambda e: (0 if e.role == ExperimentRole.baseline else
                                             1 if e.role == ExperimentRole.confirmation else 2, e.id))
             if exhausted:  # no new work; confirmations still run so that decisions complete
@@ -692,7 +747,8 @@ class Scheduler:
             if pick is None and not exhausted and time.monotonic() >= self.cooldown.get(p.id, 0.0):
                 ctx = self._context(s, view, seed=len(view.exps))
         if pick is not None:
-            return self._queue(pick, stats)
+            self._pass_batch.append(pick)
+            return True
         if ctx is None:
             return False
         try:
@@ -734,32 +790,45 @@ class Scheduler:
         s.flush()
 
     def _queue(self, exp_id: int, stats: dict[str, int]) -> bool:
-        """git commit (idempotent by ref) -> queued (committed) -> published."""
+        """git commit (idempotent by ref) -> queued (committed) -> published; False if not proposed."""
+        return self._queue_many([exp_id], stats) > 0
+
+    def _queue_many(self, exp_ids: list[int], stats: dict[str, int]) -> int:
+        """_queue for many experiments in one transaction (a pass queues dozens at 64 workers: one
+        round trip for all their rows instead of several each). Returns how many were handled: queued,
+        or found invalid (no git parent); rows no longer `proposed` are skipped."""
+        if not exp_ids:
+            return 0
+        handled, to_publish = 0, []
         with session_scope(self.engine) as s:
-            e = s.get(Experiment, exp_id)
-            if e is None or e.status != S.proposed:
-                return False
-            p = s.get(Program, e.program_id)
-            assert p is not None and p.root_commit is not None
-            if not e.parent_commit:
-                e.parent_commit = p.root_commit  # proposed before the branch existed: against the template
-            if e.commit_sha is None:
-                msg = format_message(e.description, rationale=e.rationale, trailers={
-                    "Farm-Program": p.slug, "Farm-Experiment": str(e.id), "Farm-Proposer": e.proposer_kind,
-                    "Farm-Role": e.role.value})
-                try:
-                    e.commit_sha = self.lineage.commit_candidate(p.slug, e.id, dict(e.files),
-                                                                 parent=e.parent_commit, message=msg)
-                except LineageError as exc:
-                    states.mark_invalid(s, e.id, str(exc))
-                    stats["invalid"] += 1
-                    return True
-            if not states.mark_queued(s, e.id):
-                return False
-            hw, limit = e.hw_class, job_time_limit(p.time_budget, self.settings)
-        self._publish(exp_id, hw, limit)
-        stats["queued"] += 1
-        return True
+            programs: dict[int, Program] = {}
+            for e in states.locked_many(s, exp_ids):
+                if e.status != S.proposed:
+                    continue
+                p = programs.get(e.program_id) or s.get(Program, e.program_id)
+                assert p is not None and p.root_commit is not None
+                programs[p.id] = p
+                handled += 1
+                if not e.parent_commit:
+                    e.parent_commit = p.root_commit  # proposed before the branch existed: against the template
+                if e.commit_sha is None:
+                    msg = format_message(e.description, rationale=e.rationale, trailers={
+                        "Farm-Program": p.slug, "Farm-Experiment": str(e.id), "Farm-Proposer": e.proposer_kind,
+                        "Farm-Role": e.role.value})
+                    try:
+                        e.commit_sha = self.lineage.commit_candidate(p.slug, e.id, dict(e.files),
+                                                                     parent=e.parent_commit, message=msg)
+                    except LineageError as exc:
+                        states.move(e, S.invalid, expect={S.proposed}, status_reason=str(exc),
+                                    finished_at=utcnow())
+                        stats["invalid"] += 1
+                        continue
+                states.move(e, S.queued, expect={S.proposed}, queued_at=utcnow())
+                to_publish.append((e.id, e.hw_class, job_time_limit(p.time_budget, self.settings)))
+        for exp_id, hw, limit in to_publish:  # after commit: a worker must find the row queued
+            self._publish(exp_id, hw, limit)
+            stats["queued"] += 1
+        return handled
 
     def _publish(self, exp_id: int, hw: str, time_limit: float | None = None) -> None:
         try:

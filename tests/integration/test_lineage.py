@@ -111,3 +111,32 @@ def test_crash_between_database_and_git_is_repaired_on_restart(pg_env, tmp_path,
     Scheduler(publish=lambda i, hw, **kw: None).start()  # restart
     assert lin.branch_head(p.slug) == db_head
     assert lin.is_ancestor(root, db_head) and lin.resolve(branch_ref(p.slug)) == db_head
+
+
+def test_in_process_objects_are_the_ones_git_writes(tmp_path):
+    """Commits are written without a git process: the trees must be byte-for-byte what git's own
+    plumbing makes of the same files (git's entry order, nested folders, modes), and fsck clean."""
+    import subprocess
+
+    files = {"train.py": "x = 1\n", "a-b.py": "dash\n", "a/b.py": "nested\n", "a.py": "dot\n",
+             "kernels/__init__.py": "", "kernels/sub/k.py": "deep é\n"}
+    lin = Lineage(tmp_path / "repo")
+    root = lin.create_root("p", files, message="template\n")
+    c1 = lin.commit_candidate("p", 1, {"kernels/sub/k.py": "changed\n", "train.py": "x = 2\n"}, parent=root,
+                              message="edit\n")
+    assert lin.files_at(c1) == {**files, "kernels/sub/k.py": "changed\n", "train.py": "x = 2\n"}
+
+    def git(*args: str, **kw) -> str:
+        return subprocess.run(["git", *args], check=True, capture_output=True, text=True, **kw).stdout.strip()
+
+    work = tmp_path / "work"
+    for name, text in {**files, "kernels/sub/k.py": "changed\n", "train.py": "x = 2\n"}.items():
+        (work / name).parent.mkdir(parents=True, exist_ok=True)
+        (work / name).write_text(text, encoding="utf-8")
+    git("init", "-q", str(work))
+    git("-C", str(work), "add", "-A")
+    expected_tree = git("-C", str(work), "write-tree")
+    assert git("--git-dir", str(tmp_path / "repo"), "rev-parse", f"{c1}^{{tree}}") == expected_tree
+    assert git("--git-dir", str(tmp_path / "repo"), "fsck", "--strict", "--no-dangling") == ""
+    with pytest.raises(LineageError, match="bad file path"):
+        lin.commit_candidate("p", 2, {"../x": "y"}, parent=root, message="x\n")

@@ -146,6 +146,7 @@ def test_confirm_keep_replay_and_manual_patch(pg_env, tmp_path, monkeypatch):
         assert rec.statistics["margin"] > 0 and rec.statistics["sigma"] > 0
         assert s.get(Experiment, conf[0].id).decision == Decision.keep
     lin = Lineage(sched.settings.repo_dir)
+    sched.flush_notes()  # notes are written off the pass, in order
     assert lin.branch_head("judge") == a.commit_sha and "Val-Bpb: 0.990000" in lin.note(a.commit_sha)
     # b improved on its (old) parent; the head has moved: replayed onto the head as a confirmation
     finish(b_id, 0.98, worker="w2")
