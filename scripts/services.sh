@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 root="$(pwd)/.build/services"
 envfile="$(pwd)/.build/services.env"
 pgbin="$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n1)"
-as_pg() { if [ "$(id -u)" = 0 ]; then su postgres -s /bin/bash -c "$*"; else bash -c "$*"; fi; }
+as_pg() { if [ "$(id -u)" = 0 ]; then (cd / && su postgres -s /bin/bash -c "$*"); else bash -c "$*"; fi; }  # cd /: the checkout may be private to root
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 # The postgres user must reach its data dir: a checkout inside a private folder (`mktemp -d` makes
