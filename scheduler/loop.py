@@ -34,6 +34,7 @@ from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, defer
 
 from farm import states
@@ -140,6 +141,7 @@ class Scheduler:
         self._pass_pending: dict[int, list[int]] = {}  # per _fill pass: program -> proposed ids to queue
         self._pass_batch: list[int] = []  # per _fill pass: ids picked for queueing, queued in one transaction
         self.inflight: dict[Future[Proposal], Job] = {}
+        self._unstored: list[tuple[Job, Proposal]] = []  # answers a database outage kept from being stored
         self.cooldown: dict[int, float] = {}
         self.failures: dict[int, int] = defaultdict(int)
         self.repairs_tried: set[int] = set()
@@ -313,18 +315,27 @@ class Scheduler:
                 continue
             self.failures[job.program_id] = 0
             answered.append((job, proposal))
+        answered, self._unstored = self._unstored + answered, []
         if not answered:
             return
-        # one transaction for the pass's answers (64 workers bring dozens a pass), a savepoint each: a
-        # proposal that cannot be stored is logged and skipped, never taking the others with it
-        with session_scope(self.engine) as s:
-            for job, proposal in answered:
-                try:
-                    with s.begin_nested():
-                        self._record_in(s, job, proposal, stats)
-                except Exception:
-                    log.exception("program %d: could not store a proposal", job.program_id)
-                    stats["record_errors"] += 1
+        # One transaction for the pass's answers (64 workers bring dozens a pass), a savepoint each: a
+        # proposal that cannot be stored is logged and skipped, never taking the others with it. When
+        # the database itself is away, the whole batch is kept and stored by a later pass (answers cost
+        # LLM money).
+        try:
+            with session_scope(self.engine) as s:
+                for job, proposal in answered:
+                    try:
+                        with s.begin_nested():
+                            self._record_in(s, job, proposal, stats)
+                    except (OperationalError, InterfaceError):
+                        raise
+                    except Exception:
+                        log.exception("program %d: could not store a proposal", job.program_id)
+                        stats["record_errors"] += 1
+        except (OperationalError, InterfaceError):
+            self._unstored = answered
+            raise
 
     def _record(self, job: Job, proposal: Proposal, stats: dict[str, int]) -> int:
         with session_scope(self.engine) as s:

@@ -202,3 +202,73 @@ def test_greedy_stop_rule_and_finish(pg_env, tmp_path, monkeypatch):
         assert ran[3].status == S.crashed
         assert prog.head_experiment_id == ran[1].id
     sched.close()
+
+
+def test_answers_are_stored_together_and_survive_a_database_outage(pg_env, tmp_path, monkeypatch):
+    """A pass stores its LLM answers in one transaction with a savepoint each: one answer that
+    cannot be stored is skipped alone, and when the database is away the whole batch is kept for the
+    next pass rather than thrown away (the answers cost LLM money)."""
+    from collections import defaultdict
+    from concurrent.futures import Future
+
+    from sqlalchemy.exc import OperationalError
+
+    import scheduler.loop as loop
+    from scheduler.loop import Job
+    from scheduler.proposers import Proposal
+
+    install(monkeypatch, tmp_path)
+    with session_scope() as s:
+        pid = create_program(s, name="batch", instructions="# b", proposer={"kind": "mutation"}).id
+    sched = _sched()
+    sched.start()
+    with session_scope() as s:
+        prog = s.get(Program, pid)
+        ctx = sched._context(s, sched._load(s, prog), seed=0)
+
+    made = [0]
+
+    def answers(*descs: str) -> None:  # answered LLM calls, each a distinct valid edit
+        for desc in descs:
+            made[0] += 1
+            text = TRAIN.replace("EMBEDDING_LR = 0.6", f"EMBEDDING_LR = 0.{made[0]}")
+            fut: Future[Proposal] = Future()
+            fut.set_result(Proposal(description=desc, rationale="", edit=Edit(files={"train.py": text})))
+            sched.inflight[fut] = Job(pid, ctx)
+
+    real = loop.record_proposal
+
+    def flaky(session, program, **kw):
+        if kw["description"] == "poison":
+            raise RuntimeError("cannot store this one")
+        if kw["description"] == "outage":
+            raise OperationalError("INSERT", {}, Exception("server closed the connection"))
+        return real(session, program, **kw)
+
+    monkeypatch.setattr(loop, "record_proposal", flaky)
+    answers("first", "poison", "third")
+    stats: defaultdict[str, int] = defaultdict(int)
+    sched._collect(stats)
+    assert stats["proposed"] == 2 and stats["record_errors"] == 1 and not sched.inflight
+    assert sorted(e.description for e in queued_or_proposed()) == ["first", "third"]
+
+    answers("fourth", "outage")
+    try:
+        sched._collect(stats)
+        raise AssertionError("the outage must fail the pass")
+    except OperationalError:
+        pass
+    assert [p.description for _, p in sched._unstored] == ["fourth", "outage"]
+    assert sorted(e.description for e in queued_or_proposed()) == ["first", "third"]  # rolled back
+    monkeypatch.setattr(loop, "record_proposal", lambda session, program, **kw: real(
+        session, program, **{**kw, "description": kw["description"].replace("outage", "fifth")}))
+    sched._collect(stats)  # the database is back: the kept answers are stored
+    assert not sched._unstored
+    assert sorted(e.description for e in queued_or_proposed()) == ["fifth", "first", "fourth", "third"]
+    sched.close()
+
+
+def queued_or_proposed() -> list[Experiment]:
+    with session_scope() as s:
+        return list(s.execute(select(Experiment).where(Experiment.status.in_([S.queued, S.proposed]),
+                                                       Experiment.role == ExperimentRole.candidate)).scalars())
