@@ -174,16 +174,18 @@ def find_duplicate(session: Session, program_id: int, digest: str) -> int | None
     ).scalars().first()
 
 
-def record_proposal(session: Session, program: Program, *, parent_commit: str, base_files: dict[str, str],
-                    edit: Edit, proposer_kind: str, description: str, rationale: str = "",
-                    seed: int = 0, repair_of: int | None = None,
-                    role: ExperimentRole = ExperimentRole.candidate) -> Experiment:
-    """Validate an edit against `base_files` and store it as `proposed` (valid) or `invalid` (with reason).
+@dataclass(frozen=True)
+class Checked:
+    """What `check_edit` made of an edit against its base files: no database needed, so the
+    scheduler runs it in the thread that got the LLM's answer, off its own pass."""
+    base_digest: str  # the base files it was checked against
+    files: dict[str, str]  # the editable files after the edit (empty when invalid)
+    digest: str | None
+    diff: str
+    reason: str | None  # why the edit is invalid, or None
 
-    Never raises for a bad edit: the reason lands in `status_reason`. The caller commits; a valid
-    proposal is then committed to git and queued by the scheduler.
-    """
-    editable = list(program.editable_files)
+
+def check_edit(base_files: dict[str, str], edit: Edit, editable: list[str]) -> Checked:
     files: dict[str, str] = {}
     digest: str | None = None
     reason: str | None = None
@@ -192,14 +194,32 @@ def record_proposal(session: Session, program: Program, *, parent_commit: str, b
         check_files(base_files, new, editable)
         files = {n: new[n] for n in editable if n in new}
         digest = content_hash(files)
+    except EditError as exc:
+        reason = str(exc)
+    diff = unified_diff(base_files, files) if files else (edit.unified_diff or edit.search_replace or "")[:100_000]
+    return Checked(files_digest(base_files), files, digest, diff, reason)
+
+
+def record_proposal(session: Session, program: Program, *, parent_commit: str, base_files: dict[str, str],
+                    edit: Edit, proposer_kind: str, description: str, rationale: str = "",
+                    seed: int = 0, repair_of: int | None = None,
+                    role: ExperimentRole = ExperimentRole.candidate, checked: Checked | None = None) -> Experiment:
+    """Validate an edit against `base_files` and store it as `proposed` (valid) or `invalid` (with reason).
+
+    Never raises for a bad edit: the reason lands in `status_reason`. The caller commits; a valid
+    proposal is then committed to git and queued by the scheduler. `checked`, when given, is
+    `check_edit` of the same edit, done earlier (it is redone if it was made against other files).
+    """
+    editable = list(program.editable_files)
+    if checked is None or checked.base_digest != files_digest(base_files):
+        checked = check_edit(base_files, edit, editable)
+    files, digest, reason = checked.files, checked.digest, checked.reason
+    if reason is None and digest is not None:
         dup = find_duplicate(session, program.id, digest)
         if dup is not None:
             reason = f"duplicate of experiment {dup}"
-    except EditError as exc:
-        reason = str(exc)
     exp = Experiment(program_id=program.id, role=role, parent_commit=parent_commit, files=files,
-                     diff=unified_diff(base_files, files) if files else (edit.unified_diff or edit.search_replace
-                                                                         or "")[:100_000],
+                     diff=checked.diff,
                      content_hash=None if reason else digest, proposer_kind=proposer_kind,
                      description=(description or "").strip()[:2000] or "(no description)",
                      rationale=(rationale or "").strip()[:8000], seed=seed, repair_of=repair_of,

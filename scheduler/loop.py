@@ -39,7 +39,7 @@ from sqlalchemy.orm import Session, defer
 
 from farm import states
 from farm.broker import publish_experiment
-from farm.candidates import Edit, EditError, apply_edit, content_hash, record_proposal
+from farm.candidates import Edit, EditError, apply_edit, check_edit, content_hash, record_proposal
 from farm.db import as_utc, db_now, get_engine, session_scope
 from farm.lineage import Lineage, LineageError, format_message
 from farm.models import (
@@ -361,7 +361,7 @@ class Scheduler:
         exp = record_proposal(s, program, parent_commit=parent, base_files=base, edit=edit,
                               proposer_kind="repair" if job.repair_of else self._kind(program),
                               description=proposal.description, rationale=proposal.rationale,
-                              repair_of=job.repair_of)
+                              repair_of=job.repair_of, checked=proposal.checked)
         if proposal.llm_call_ids:
             for call in s.execute(select(LLMCall).where(LLMCall.id.in_(proposal.llm_call_ids))).scalars():
                 call.experiment_id = exp.id
@@ -611,7 +611,20 @@ class Scheduler:
 
     def _submit(self, program: Program, job: Job) -> None:
         proposer = self.proposer_factory(program)
-        self.inflight[self.pool.submit(proposer.propose, job.ctx)] = job
+        self.inflight[self.pool.submit(self._propose, proposer, job.ctx)] = job
+
+    @staticmethod
+    def _propose(proposer: Proposer, ctx: ProposalContext) -> Proposal:
+        """In a proposer thread: the answer, and the edit applied and checked against the head files
+        (compiling train.py alone is about 9 ms; not in the scheduler's pass). A repair is checked
+        against other files when it is stored."""
+        proposal = proposer.propose(ctx)
+        if ctx.repair_of is None:
+            try:
+                proposal.checked = check_edit(ctx.head_files, proposal.edit, ctx.editable)
+            except Exception:  # noqa: BLE001 - storing it checks again, and reports what is wrong there
+                log.exception("program %d: checking a proposal failed", ctx.program_id)
+        return proposal
 
     # ------------------------------------------------------------------ stop rules
     def _exhausted(self, s: Session, view: ProgramView, now: datetime) -> str | None:
@@ -733,7 +746,8 @@ class Scheduler:
             # program and reading git again (64 free workers cost 64 full reloads before)
             ctx2 = replace(cached, seed=cached.seed + 1)
             self._pass_ctx[program.id] = ctx2
-            self.inflight[self.pool.submit(self.proposer_factory(program).propose, ctx2)] = Job(program.id, ctx2)
+            self.inflight[self.pool.submit(self._propose, self.proposer_factory(program), ctx2)] = Job(program.id,
+                                                                                                     ctx2)
             stats["llm_calls_started"] += 1
             return True
         with session_scope(self.engine) as s:
@@ -779,7 +793,7 @@ class Scheduler:
                 e = s.get(Experiment, exp_id)
                 valid = e is not None and e.status == S.proposed
             return self._queue(exp_id, stats) if valid else True
-        self.inflight[self.pool.submit(proposer.propose, ctx)] = Job(program.id, ctx)
+        self.inflight[self.pool.submit(self._propose, proposer, ctx)] = Job(program.id, ctx)
         self._pass_ctx[program.id] = ctx
         stats["llm_calls_started"] += 1
         return True

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from farm.candidates import Edit
+from farm.candidates import Checked, Edit
 
 
 class ProposerError(RuntimeError):
@@ -56,6 +56,7 @@ class Proposal:
     edit: Edit
     llm_call_ids: list[int] = field(default_factory=list)
     raw: str = ""
+    checked: Checked | None = None  # the edit checked against the context's head files (set by the scheduler)
 
 
 class Proposer(Protocol):

@@ -32,3 +32,27 @@ def test_record_valid_invalid_and_duplicate(pg_url):
                              edit=Edit(files={"prepare.py": "x = 1\n"}), proposer_kind="manual", description="x")
         assert e4.status == ExperimentStatus.invalid and "non-editable" in (e4.status_reason or "")
     engine.dispose()
+
+
+def test_an_edit_checked_ahead_is_used_only_against_the_same_files(pg_url):
+    """The scheduler checks an LLM's edit in the proposer thread (check_edit); storing it uses that
+    check when the base files are the ones it was made against, and checks again otherwise."""
+    from farm.candidates import check_edit
+
+    engine = make_engine(pg_url)
+    with session_scope(engine) as s:
+        prog = create_program(s, name="Ahead", instructions="# go", profile="cpu")
+        base = head_files(s, prog)
+        bad = Edit(files={"train.py": base["train.py"] + "\ndef broken(:\n"})
+        checked = check_edit(base, bad, list(prog.editable_files))
+        assert checked.reason and "does not compile" in checked.reason and checked.files == {}
+        e1 = record_proposal(s, prog, parent_commit="a" * 40, base_files=base, edit=bad, proposer_kind="llm",
+                             description="broken", checked=checked)
+        assert e1.status == ExperimentStatus.invalid and e1.status_reason == checked.reason
+        # a check made against other files (the head moved) is not trusted: the edit is checked again
+        good = Edit(files={"train.py": base["train.py"] + "\n# fine\n"})
+        stale = check_edit({**base, "train.py": "x = (\n"}, bad, list(prog.editable_files))
+        e2 = record_proposal(s, prog, parent_commit="a" * 40, base_files=base, edit=good, proposer_kind="llm",
+                             description="fine", checked=stale)
+        assert e2.status == ExperimentStatus.proposed and "+# fine" in e2.diff
+    engine.dispose()
