@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import ColumnElement, and_, exists, func, or_, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, defer
@@ -375,14 +375,15 @@ class Scheduler:
         return str(conf.get("kind") or ("llm" if (conf.get("model") or self.settings.llm_model) else "mutation"))
 
     # ------------------------------------------------------------------ decisions
-    def _load(self, s: Session, program: Program) -> ProgramView:
+    def _load(self, s: Session, program: Program, *where: ColumnElement[bool]) -> ProgramView:
+        """The program's experiments (those matching `where`, else all) and their results."""
         # the file texts, diffs and log tails are most of a program's bytes and few decisions read
         # them: load them on access only
-        exps = list(s.execute(select(Experiment).where(Experiment.program_id == program.id)
+        exps = list(s.execute(select(Experiment).where(Experiment.program_id == program.id, *where)
                               .options(defer(Experiment.files), defer(Experiment.diff))
                               .order_by(Experiment.id)).scalars())
         results = {r.experiment_id: r for r in s.execute(
-            select(Result).join(Experiment).where(Experiment.program_id == program.id)
+            select(Result).join(Experiment).where(Experiment.program_id == program.id, *where)
             .options(defer(Result.log_tail))).scalars()}
         return ProgramView(program, exps, results)
 
@@ -627,12 +628,15 @@ class Scheduler:
         return proposal
 
     # ------------------------------------------------------------------ stop rules
-    def _exhausted(self, s: Session, view: ProgramView, now: datetime) -> str | None:
-        p = view.program
+    def _exhausted(self, s: Session, p: Program, now: datetime) -> str | None:
+        """Why the program should take no new work, or None. A few small queries, never a load of the
+        whole program: this runs for every active program on every pass."""
         rules = p.stop_rules or {}
-        ran = sum(1 for e in view.exps if e.status not in (S.proposed, S.invalid))
-        if rules.get("max_experiments") is not None and ran >= int(rules["max_experiments"]):
-            return f"reached max_experiments={int(rules['max_experiments'])}"
+        if rules.get("max_experiments") is not None:
+            ran = s.execute(select(func.count()).select_from(Experiment).where(
+                Experiment.program_id == p.id, Experiment.status.not_in([S.proposed, S.invalid]))).scalar_one()
+            if ran >= int(rules["max_experiments"]):
+                return f"reached max_experiments={int(rules['max_experiments'])}"
         deadline = rules.get("deadline")
         if deadline:
             when = as_utc(datetime.fromisoformat(str(deadline)))
@@ -647,34 +651,40 @@ class Scheduler:
             if float(spent) >= float(cap):
                 return f"LLM spend {float(spent):.4f} USD reached the cap {float(cap):g} USD"
         target = rules.get("target_val_bpb")
-        head_runs = view.runs_of(p.head_commit)
-        if target is not None and head_runs and p.head_experiment_id is not None and mean(head_runs) <= float(target):
-            return f"head val_bpb {mean(head_runs):.6f} reached the target {float(target):g}"
-        baselines = [e for e in view.exps if e.role == ExperimentRole.baseline]
-        if baselines and all(e.status.finished for e in baselines) and not any(
-                e.status == S.succeeded for e in baselines):
-            return "every baseline run failed: " + (baselines[-1].status_reason or baselines[-1].status.value)
+        if target is not None and p.head_experiment_id is not None and p.head_commit:
+            head_runs = self._load(s, p, Experiment.commit_sha == p.head_commit).runs_of(p.head_commit)
+            if head_runs and mean(head_runs) <= float(target):
+                return f"head val_bpb {mean(head_runs):.6f} reached the target {float(target):g}"
+        baselines = s.execute(select(Experiment.status, Experiment.status_reason).where(
+            Experiment.program_id == p.id, Experiment.role == ExperimentRole.baseline)
+            .order_by(Experiment.id)).all()
+        if baselines and all(st.finished for st, _ in baselines) and not any(
+                st == S.succeeded for st, _ in baselines):
+            return "every baseline run failed: " + (baselines[-1][1] or baselines[-1][0].value)
         return None
+
+    def _busy(self, s: Session, p: Program) -> bool:
+        """Work of the program still under way: runs, confirmations to run, verdicts to make, answers."""
+        if any(j.program_id == p.id for j in self.inflight.values()):
+            return True
+        return bool(s.execute(select(exists().where(Experiment.program_id == p.id, or_(
+            Experiment.status.in_(ACTIVE_RUN),
+            and_(Experiment.status == S.proposed, Experiment.role == ExperimentRole.confirmation),
+            and_(Experiment.status == S.succeeded, Experiment.decision.is_(None),
+                 Experiment.role != ExperimentRole.baseline))))).scalar_one())
 
     def _stop_rules(self, stats: dict[str, int]) -> None:
         with session_scope(self.engine) as s:
             now = db_now(s)
             for p in s.execute(select(Program).where(Program.status == ProgramStatus.active,
                                                      Program.root_commit.is_not(None))).scalars():
-                view = self._load(s, p)
-                reason = self._exhausted(s, view, now)
-                if reason is None:
+                reason = self._exhausted(s, p, now)
+                if reason is None or self._busy(s, p):
                     continue
-                busy = any(e.status in ACTIVE_RUN for e in view.exps) or any(
-                    e.status == S.proposed and e.role == ExperimentRole.confirmation for e in view.exps) or any(
-                    e.status == S.succeeded and e.decision is None and e.role != ExperimentRole.baseline
-                    for e in view.exps) or any(
-                    j.program_id == p.id for j in self.inflight.values())
-                if not busy:
-                    p.status = ProgramStatus.finished
-                    p.status_reason = reason
-                    stats["finished"] += 1
-                    log.info("program %s finished: %s", p.slug, reason)
+                p.status = ProgramStatus.finished
+                p.status_reason = reason
+                stats["finished"] += 1
+                log.info("program %s finished: %s", p.slug, reason)
 
     # ------------------------------------------------------------------ feeding workers
     def _live_workers(self, s: Session) -> dict[str, int]:
@@ -759,7 +769,7 @@ class Scheduler:
             if not any(e.role == ExperimentRole.baseline for e in view.exps):
                 self._create_baselines(s, p, cfg.baseline_runs)
                 view = self._load(s, p)
-            exhausted = self._exhausted(s, view, db_now(s))
+            exhausted = self._exhausted(s, p, db_now(s))
             picked = set(self._pass_batch)  # picked earlier in this pass, not queued yet
             pending = sorted((e for e in view.exps if e.status == S.proposed and e.id not in picked),
                              key=lambda e: (0 if e.role == ExperimentRole.baseline else

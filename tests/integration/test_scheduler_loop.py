@@ -204,6 +204,50 @@ def test_greedy_stop_rule_and_finish(pg_env, tmp_path, monkeypatch):
     sched.close()
 
 
+
+def test_each_stop_rule_finishes_its_program(pg_env, tmp_path, monkeypatch):
+    """target_val_bpb (after a keep), every baseline failing, a passed deadline, max_hours: each
+    finishes the program once nothing of it is under way, with the rule as the reason."""
+    install(monkeypatch, tmp_path)
+    monkeypatch.setenv("FARM_LOOKAHEAD", "0")
+    reset_settings_cache()
+    greedy = {"kind": "greedy", "baseline_runs": 1}
+    with session_scope() as s:
+        ids = {
+            "target": create_program(s, name="target", instructions="# t", policy=greedy,
+                                     stop_rules={"target_val_bpb": 0.99}).id,
+            "baseline": create_program(s, name="baseline", instructions="# b", policy=greedy).id,
+        }
+        make_worker(s, "w1")
+    sched = _sched()
+    vals = {ids["target"]: iter([1.0, 0.98, 0.985, 0.97]), ids["baseline"]: iter([None, None])}
+    for _ in range(8):
+        sched.tick()
+        for e in queued():
+            finish(e.id, next(vals[e.program_id]))
+
+    def status(pid: int) -> tuple[ProgramStatus, str]:
+        with session_scope() as s:
+            prog = s.get(Program, pid)
+            return prog.status, prog.status_reason or ""
+
+    assert status(ids["target"]) == (ProgramStatus.finished, "head val_bpb 0.980000 reached the target 0.99")
+    assert status(ids["baseline"]) == (ProgramStatus.finished, "every baseline run failed: exit 1")
+    with session_scope() as s:  # the baseline program ran its one baseline and nothing else
+        assert s.execute(select(func.count()).select_from(Experiment).where(
+            Experiment.program_id == ids["baseline"], Experiment.status != S.proposed)).scalar_one() == 1
+        late = create_program(s, name="late", instructions="# l", policy=greedy,
+                              stop_rules={"deadline": "2020-01-01T00:00:00+00:00"}).id
+        old = create_program(s, name="old", instructions="# o", policy=greedy, stop_rules={"max_hours": 1})
+        old.created_at = old.created_at.replace(year=old.created_at.year - 1)
+        old_id = old.id
+    sched.tick()
+    assert status(late)[0] == ProgramStatus.finished and "deadline 2020-01-01" in status(late)[1]
+    assert status(old_id) == (ProgramStatus.finished, "ran for max_hours=1")
+    assert count(status=S.queued) == 0  # finished before anything was queued for them
+    sched.close()
+
+
 def test_answers_are_stored_together_and_survive_a_database_outage(pg_env, tmp_path, monkeypatch):
     """A pass stores its LLM answers in one transaction with a savepoint each: one answer that
     cannot be stored is skipped alone, and when the database is away the whole batch is kept for the
