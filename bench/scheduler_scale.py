@@ -58,6 +58,7 @@ class Fleet:
         self.inbox = {f"sim:{i}": queue.Queue[int]() for i in range(n)}
         self.idle_since: dict[str, float] = {}
         self.idle = 0.0  # worker-seconds with nothing to run
+        self.samples: list[tuple[int, int]] = []  # (idle workers, queued experiments), twice a second
         self.busy = 0.0
         self.done = 0
         self.measuring = False
@@ -77,7 +78,8 @@ class Fleet:
 
     def threads(self) -> list[threading.Thread]:
         out = [threading.Thread(target=self.dispatcher, daemon=True),
-               threading.Thread(target=self.heartbeats, daemon=True)]
+               threading.Thread(target=self.heartbeats, daemon=True),
+               threading.Thread(target=self.sampler, daemon=True)]
         out += [threading.Thread(target=self.worker, args=(wid,), daemon=True) for wid in self.inbox]
         return out
 
@@ -111,6 +113,22 @@ class Fleet:
                     handed += 1
             if not handed:
                 self.stop.wait(0.05)
+
+    def sampler(self) -> None:
+        """Twice a second while measuring: idle workers and queued experiments. Idle workers beside a
+        non-empty queue are the simulated fleet's own lag (claiming), not a lack of proposals."""
+        from sqlalchemy import func, select
+
+        from farm.db import session_scope
+        from farm.models import Experiment, ExperimentStatus
+
+        while not self.stop.wait(0.5):
+            if not self.measuring:
+                continue
+            with session_scope(self.engine) as s:
+                queued = s.execute(select(func.count()).select_from(Experiment)
+                                   .where(Experiment.status == ExperimentStatus.queued)).scalar_one()
+            self.samples.append((self.idle_q.qsize(), int(queued)))
 
     def heartbeats(self) -> None:
         from sqlalchemy import select, update
@@ -290,6 +308,7 @@ def run(args: argparse.Namespace, admin: str, redis_url: str) -> dict[str, Any]:
             t0 = time.monotonic()
             time.sleep(args.seconds)
             idle, busy, done = fleet.finish()
+            samples = list(fleet.samples)
             child.send_signal(signal.SIGTERM)
             wall = time.monotonic() - t0
             with session_scope() as s:
@@ -328,6 +347,10 @@ def run(args: argparse.Namespace, admin: str, redis_url: str) -> dict[str, Any]:
             "queries_per_decision": (b["queries"] - a["queries"]) / decisions if decisions else None,
             "ticks": ticks, "mean_tick_seconds": (b["tick_seconds"] - a["tick_seconds"]) / max(1, ticks),
             "phase_ms_total": phase,
+            "samples": len(samples),
+            "idle_with_empty_queue_percent": 100 * sum(1 for i, q in samples if i and not q) / max(1, len(samples)),
+            "idle_with_queued_percent": 100 * sum(1 for i, q in samples if i and q) / max(1, len(samples)),
+            "mean_queued": sum(q for _, q in samples) / max(1, len(samples)),
             "scheduler_cpu_percent": 100 * (b["cpu_seconds"] - a["cpu_seconds"]) / (b["wall"] - a["wall"])}
 
 
@@ -354,6 +377,9 @@ def main() -> None:
     print(f"idle worker-seconds waiting for a proposal: {r['idle_worker_seconds']:.1f} of "
           f"{r['capacity_worker_seconds']:.0f} = {r['idle_percent']:.2f} % of capacity (target < 1 %)")
     print(f"busy: {r['busy_percent']:.1f} % of capacity, {r['jobs_done']} jobs done")
+    print(f"samples ({r['samples']}, twice a second): idle workers and an empty queue "
+          f"{r['idle_with_empty_queue_percent']:.0f} %, idle workers beside queued experiments (the fleet's "
+          f"claiming lag) {r['idle_with_queued_percent']:.0f} %, mean queued {r['mean_queued']:.1f}")
     print(f"proposals per minute: {r['proposals_per_minute']:.1f} ({r['proposals']} in {r['measured_seconds']:.0f} s)")
     qpd = r["queries_per_decision"]
     print(f"database queries per decision: {qpd:.1f} ({r['queries']} queries, {r['decisions']} decisions)"

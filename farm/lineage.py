@@ -26,8 +26,10 @@ import io
 import os
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,6 +83,7 @@ class Lineage:
             git.Repo.init(self.path, bare=True)
         self.repo = git.Repo(self.path)
         self._loose = LooseObjectDB(str(self.path / "objects"))  # writes in-process (the repo's odb runs git)
+        self._read_lock = threading.Lock()
         self._lock_fd: int | None = None
 
     # ---- locking ----
@@ -147,10 +150,12 @@ class Lineage:
         return bytes(self._loose.store(IStream(kind, len(data), io.BytesIO(data))).binsha)
 
     def _read(self, binsha: bytes, kind: bytes) -> bytes:
-        info = self.repo.odb.stream(binsha)
+        with self._read_lock:  # one `git cat-file --batch` pipe per repository object
+            info = self.repo.odb.stream(binsha)
+            data = bytes(info.read())
         if info.type != kind:
             raise LineageError(f"{binsha.hex()[:12]} is a {info.type.decode()}, not a {kind.decode()}")
-        return bytes(info.read())
+        return data
 
     def _tree_entries(self, binsha: bytes) -> dict[bytes, tuple[bytes, bytes]]:
         data, out, i = self._read(binsha, b"tree"), {}, 0
@@ -228,13 +233,15 @@ class Lineage:
         if existing is not None:
             return existing
         try:
-            if self.repo.odb.info(bytes.fromhex(parent)).type != b"commit":
-                raise ValueError(parent)
+            with self._read_lock:
+                if self.repo.odb.info(bytes.fromhex(parent)).type != b"commit":
+                    raise ValueError(parent)
         except ValueError:
             raise LineageError(f"parent commit {parent[:12]} is not in the farm repository") from None
         sha = self.commit(files, parent=parent, message=message)
         try:  # a new ref, created with a lock file and a rename (GitPython), never over an existing one
-            git.Reference.create(self.repo, ref, sha, force=False)
+            with self._read_lock:  # GitPython may look the object up through the shared cat-file pipe
+                git.Reference.create(self.repo, ref, sha, force=False)
         except OSError:
             existing = self._ref_in_process(ref)
             if existing is None:
@@ -242,12 +249,30 @@ class Lineage:
             return existing
         return sha
 
+    def commit_candidates(self, items: list[tuple[str, int, dict[str, str], str, str]]
+                          ) -> list[str | LineageError]:
+        """`commit_candidate` for many (slug, experiment id, files, parent, message) at once, the object
+        and ref files written by a few threads (each is a file create and rename: I/O, not Python);
+        per item the commit or the LineageError it raised."""
+        def one(item: tuple[str, int, dict[str, str], str, str]) -> str | LineageError:
+            slug, exp_id, files, parent, message = item
+            try:
+                return self.commit_candidate(slug, exp_id, files, parent=parent, message=message)
+            except LineageError as exc:
+                return exc
+
+        if len(items) <= 1:
+            return [one(i) for i in items]
+        with ThreadPoolExecutor(max_workers=min(8, len(items)), thread_name_prefix="git-write") as pool:
+            return list(pool.map(one, items))
+
     def _ref_in_process(self, ref: str) -> str | None:
         r = git.Reference(self.repo, ref, check_path=False)
-        try:
-            return str(r.commit.hexsha) if r.is_valid() else None
-        except ValueError:
-            return None
+        with self._read_lock:
+            try:
+                return str(r.commit.hexsha) if r.is_valid() else None
+            except ValueError:
+                return None
 
     def branch_head(self, slug: str) -> str | None:
         return self.resolve(branch_ref(slug))

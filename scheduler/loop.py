@@ -834,32 +834,34 @@ class Scheduler:
         or found invalid (no git parent); rows no longer `proposed` are skipped."""
         if not exp_ids:
             return 0
-        handled, to_publish = 0, []
+        to_publish = []
         with session_scope(self.engine) as s:
             programs: dict[int, Program] = {}
-            for e in states.locked_many(s, exp_ids):
-                if e.status != S.proposed:
-                    continue
+            rows = [e for e in states.locked_many(s, exp_ids) if e.status == S.proposed]
+            for e in rows:
                 p = programs.get(e.program_id) or s.get(Program, e.program_id)
                 assert p is not None and p.root_commit is not None
                 programs[p.id] = p
-                handled += 1
                 if not e.parent_commit:
                     e.parent_commit = p.root_commit  # proposed before the branch existed: against the template
-                if e.commit_sha is None:
-                    msg = format_message(e.description, rationale=e.rationale, trailers={
-                        "Farm-Program": p.slug, "Farm-Experiment": str(e.id), "Farm-Proposer": e.proposer_kind,
-                        "Farm-Role": e.role.value})
-                    try:
-                        e.commit_sha = self.lineage.commit_candidate(p.slug, e.id, dict(e.files),
-                                                                     parent=e.parent_commit, message=msg)
-                    except LineageError as exc:
-                        states.move(e, S.invalid, expect={S.proposed}, status_reason=str(exc),
-                                    finished_at=utcnow())
-                        stats["invalid"] += 1
-                        continue
-                states.move(e, S.queued, expect={S.proposed}, queued_at=utcnow())
-                to_publish.append((e.id, e.hw_class, job_time_limit(p.time_budget, self.settings)))
+            uncommitted = [e for e in rows if e.commit_sha is None]
+            made = self.lineage.commit_candidates([
+                (programs[e.program_id].slug, e.id, dict(e.files), e.parent_commit,
+                 format_message(e.description, rationale=e.rationale, trailers={
+                     "Farm-Program": programs[e.program_id].slug, "Farm-Experiment": str(e.id),
+                     "Farm-Proposer": e.proposer_kind, "Farm-Role": e.role.value}))
+                for e in uncommitted])
+            for e, sha in zip(uncommitted, made, strict=True):
+                if isinstance(sha, LineageError):
+                    states.move(e, S.invalid, expect={S.proposed}, status_reason=str(sha), finished_at=utcnow())
+                    stats["invalid"] += 1
+                else:
+                    e.commit_sha = sha
+            for e in rows:
+                if states.move(e, S.queued, expect={S.proposed}, queued_at=utcnow()):
+                    to_publish.append((e.id, e.hw_class,
+                                       job_time_limit(programs[e.program_id].time_budget, self.settings)))
+        handled = len(rows)
         for exp_id, hw, limit in to_publish:  # after commit: a worker must find the row queued
             self._publish(exp_id, hw, limit)
             stats["queued"] += 1

@@ -140,3 +140,17 @@ def test_in_process_objects_are_the_ones_git_writes(tmp_path):
     assert git("--git-dir", str(tmp_path / "repo"), "fsck", "--strict", "--no-dangling") == ""
     with pytest.raises(LineageError, match="bad file path"):
         lin.commit_candidate("p", 2, {"../x": "y"}, parent=root, message="x\n")
+
+
+def test_commit_candidates_in_parallel_match_one_by_one(tmp_path):
+    lin = Lineage(tmp_path / "repo")
+    root = _root(lin)
+    items = [("p", i, {"train.py": f"A = {i}\n"}, root, f"c{i}\n") for i in range(1, 13)]
+    items.append(("p", 99, {"train.py": "x\n"}, "e" * 40, "orphan\n"))
+    made = lin.commit_candidates(items)
+    assert isinstance(made[-1], LineageError) and "not in the farm repository" in str(made[-1])
+    for (_, i, files, _, msg), sha in zip(items[:-1], made[:-1], strict=True):
+        assert isinstance(sha, str) and lin.resolve(candidate_ref("p", i)) == sha
+        assert lin.files_at(sha)["train.py"] == files["train.py"] and lin.message(sha) == msg
+    assert lin.commit_candidates(items[:3]) == made[:3]  # idempotent by ref
+    assert lin.resolve(candidate_ref("p", 99)) is None
