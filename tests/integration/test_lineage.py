@@ -151,6 +151,6 @@ def test_commit_candidates_in_parallel_match_one_by_one(tmp_path):
     assert isinstance(made[-1], LineageError) and "not in the farm repository" in str(made[-1])
     for (_, i, files, _, msg), sha in zip(items[:-1], made[:-1], strict=True):
         assert isinstance(sha, str) and lin.resolve(candidate_ref("p", i)) == sha
-        assert lin.files_at(sha)["train.py"] == files["train.py"] and lin.message(sha) == msg
+        assert lin.files_at(sha)["train.py"] == files["train.py"] and lin.message(sha).strip() == msg.strip()
     assert lin.commit_candidates(items[:3]) == made[:3]  # idempotent by ref
     assert lin.resolve(candidate_ref("p", 99)) is None
