@@ -1,9 +1,11 @@
 """`farm worker --gpu N` / `farm worker --cpu`: start one worker process (one per GPU or CPU slot).
 
 Sets the worker's identity in the environment, pins CUDA_VISIBLE_DEVICES, then execs a Celery
-worker (`--pool solo -c 1`: one job at a time; the training runs in its own process anyway) on the
-hardware class's queue. The Celery process itself probes the sandbox, prepares the data cache,
-registers in `workers` and starts its reaper thread (worker/lifecycle.py) before taking jobs.
+worker on the hardware class's queue: `--pool solo -c 1` with one slot, `--pool threads -c N` with N
+slots (a GPU worker's default is 2: the next candidate starts and compiles while one trains; the device
+gate, worker/gate.py, lets one timed run at a time use the GPU). The Celery process itself probes the
+sandbox, prepares the data cache, registers in `workers` and starts its reaper thread
+(worker/lifecycle.py) before taking jobs.
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ from cli.errors import fail
 app = typer.Typer(help="Run a worker.")
 
 
-def celery_argv(queue: str, node: str, loglevel: str) -> list[str]:
-    return [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "-Q", queue, "--pool", "solo",
-            "-c", "1", "-n", node, "--without-gossip", "--without-mingle", "--loglevel", loglevel]
+def celery_argv(queue: str, node: str, loglevel: str, slots: int = 1) -> list[str]:
+    # one slot: the solo pool; more: threads, each job's training runs in its own process anyway
+    pool = ["--pool", "solo", "-c", "1"] if slots <= 1 else ["--pool", "threads", "-c", str(slots)]
+    return [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "-Q", queue, *pool, "-n", node,
+            "--without-gossip", "--without-mingle", "--loglevel", loglevel]
 
 
 @app.command()
@@ -33,6 +37,10 @@ def worker(
                                                         "or `cpu`)"),
     name: str = typer.Option("", "--name", help="worker id (default: HOST:gpuN or HOST:cpuN)"),
     prepare: bool = typer.Option(True, "--prepare/--no-prepare", help="run the template's prepare.py first"),
+    slots: int = typer.Option(0, "--slots", min=0, max=4,
+                              help="jobs held at once: 2 starts and compiles the next candidate while one trains, "
+                                   "one timed run on the device at a time (default: FARM_WORKER_SLOTS, else 2 with "
+                                   "--gpu, 1 with --cpu)"),
     loglevel: str = typer.Option("INFO", "--loglevel"),
 ) -> None:
     """Consume this hardware class's queue, one experiment at a time."""
@@ -56,9 +64,12 @@ def worker(
         cls = hw_class or "cpu"
         worker_id = name or f"{host}:cpu{slot}"
     env.update(FARM_WORKER_ID=worker_id, FARM_WORKER_HW_CLASS=cls, FARM_WORKER_PREPARE="1" if prepare else "0")
+    if not slots:
+        slots = int(env.get("FARM_WORKER_SLOTS", "0") or 0) or (2 if gpu is not None else 1)
+    env["FARM_WORKER_SLOTS"] = str(slots)
     from farm.broker import queue_for
 
     node = worker_id.replace(":", "-") + "@" + host
     typer.echo(f"farm worker {worker_id}: queue {queue_for(cls)}", err=True)
-    argv = celery_argv(queue_for(cls), node, loglevel)
+    argv = celery_argv(queue_for(cls), node, loglevel, slots)
     os.execve(argv[0], argv, env)

@@ -266,6 +266,7 @@ class Worker(Base):
     cuda_version: Mapped[str | None] = mapped_column(String(64))
     sandbox: Mapped[str] = mapped_column(String(200), default="none")
     sandbox_ok: Mapped[bool] = mapped_column(Boolean, default=False)
+    slots: Mapped[int] = mapped_column(Integer, default=1, server_default="1")  # jobs it holds at once
     current_experiment_id: Mapped[int | None] = mapped_column(
         ForeignKey("experiments.id", use_alter=True, ondelete="SET NULL"))
     started_at: Mapped[datetime] = _ts()

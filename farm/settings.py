@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     # worker limits
     worker_memory_mb: int = Field(default=0, ge=0)  # 0: a share of the machine's memory
     startup_allowance: float = Field(default=120.0, ge=0)
+    # jobs a worker holds at once: 2 starts the next candidate while one trains (worker/gate.py);
+    # 0 = the default for the hardware: 2 on a GPU, 1 on a CPU (where start-up competes with training)
+    worker_slots: int = Field(default=0, ge=0, le=4)
     sandbox: Literal["auto", "bwrap", "unshare", "none"] = "auto"
 
     @field_validator("home", mode="after")

@@ -9,7 +9,7 @@ Each tick, under the repository lock (one scheduler at a time):
   4. decisions: every finished, undecided run is judged by scheduler.policy against its own parent
      (confirmation, replay onto a moved head, keep, discard), crashes get repair proposals;
   5. stop rules finish programs;
-  6. feeding: per hardware class, queued + running is topped up to live workers + lookahead, shared
+  6. feeding: per hardware class, queued + running is topped up to live workers' slots + lookahead, shared
      among active programs by weight (baselines first, then confirmations, pending proposals, then
      new proposals); a proposal is committed to git, marked queued, committed, then published.
 
@@ -688,9 +688,10 @@ class Scheduler:
 
     # ------------------------------------------------------------------ feeding workers
     def _live_workers(self, s: Session) -> dict[str, int]:
+        """Job slots of the live workers per hardware class (a two-slot worker holds the next job too)."""
         cutoff = db_now(s) - timedelta(seconds=2 * self.settings.heartbeat_interval)
-        rows = s.execute(select(Worker.hw_class, func.count()).where(Worker.stopped_at.is_(None),
-                                                                    Worker.last_heartbeat >= cutoff)
+        rows = s.execute(select(Worker.hw_class, func.sum(Worker.slots))
+                         .where(Worker.stopped_at.is_(None), Worker.last_heartbeat >= cutoff)
                          .group_by(Worker.hw_class)).all()
         return {hw: int(n) for hw, n in rows}
 

@@ -16,6 +16,13 @@ Contract with the worker (stable; the worker is built against it):
     FARM_CORPUS        bible (default, offline) | climbmix | synthetic | a folder of .txt / .parquet files
     FARM_NONCE_FD      optional inherited file descriptor; one line (a hex nonce) is read at import, then the fd
                        is closed and the variable deleted from os.environ
+    FARM_GATE_FD       optional inherited file descriptor (the worker's device gate): the harness reads one byte
+                       from it after the first optimizer step (the compile step) and before any later one, or
+                       before the evaluation when no step ran, and waits for it; EOF also opens it. A worker
+                       starts the next candidate while the current one trains, and opens the gate when the
+                       current one exits, so import, data loading and compile overlap the other's run but no
+                       timed step or evaluation ever does. The wait is reported as gate_wait_seconds and is
+                       neither start-up nor training.
     FARM_DEVICE        optional torch device override (e.g. cuda:1); default cuda for h100, cpu for cpu
     FARM_EVAL_TOKENS   optional smaller evaluation (tests, benchmarks); the result records eval_tokens, and
                        results are comparable only at equal eval_tokens
@@ -97,6 +104,47 @@ def _make_signer(nonce: str) -> Callable[[dict], dict]:
 
 
 _sign = _make_signer(_read_nonce())
+
+
+def _gate_fd() -> int | None:
+    raw = os.environ.pop("FARM_GATE_FD", None)
+    if raw is None:
+        return None
+    try:
+        fd = int(raw)
+        os.fstat(fd)
+    except (ValueError, OSError) as exc:
+        _die(EXIT_ENV, f"prepare: FARM_GATE_FD={raw!r} is not an open file descriptor: {exc}")
+    return fd
+
+
+_GATE = {"fd": _gate_fd(), "waited": 0.0}
+
+
+def _pass_gate() -> float:
+    """Wait until the worker opens the device gate (FARM_GATE_FD); once per process. Returns the seconds waited.
+    Before waiting, cached CUDA blocks go back to the driver so the run that holds the device has the room."""
+    fd = _GATE["fd"]
+    if fd is None:
+        return _GATE["waited"]
+    _GATE["fd"] = None
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+    t0 = time.perf_counter()
+    try:
+        while True:
+            try:
+                os.read(fd, 1)  # one byte, or EOF when the worker closed its end: either opens the gate
+                break
+            except InterruptedError:
+                continue
+    except OSError as exc:
+        _die(EXIT_ENV, f"prepare: reading the device gate failed: {exc}")
+    finally:
+        os.close(fd)
+    _GATE["waited"] = time.perf_counter() - t0
+    return _GATE["waited"]
 
 
 def harness_checksum(directory: str | os.PathLike) -> str:
@@ -834,13 +882,15 @@ class Clock:
 
     Call tick(tokens, loss) once per optimizer step, after the step. The first `untimed_steps` of the profile
     are not counted (compile warm-up); after them, all wall time between ticks is. A NaN loss or one above
-    LOSS_LIMIT prints FAIL and exits 3 at once."""
+    LOSS_LIMIT prints FAIL and exits 3 at once. The first tick waits at the worker's device gate (FARM_GATE_FD),
+    if any; that wait is counted nowhere."""
 
     def __init__(self) -> None:
         self.budget, self.max_steps, self.untimed = TIME_BUDGET, MAX_STEPS, PROFILE.untimed_steps
         self.steps = self.tokens = self.timed_tokens = 0
         self.training_seconds = 0.0
         self.timing_started_wall: float | None = None
+        self.gate_wait_seconds = 0.0
         self._last: float | None = None
         self._cuda = torch.device(DEVICE_NAME).type == "cuda"
 
@@ -851,6 +901,9 @@ class Clock:
         loss = float(loss)
         if not math.isfinite(loss) or loss > LOSS_LIMIT:
             _die(EXIT_FAIL, f"FAIL: loss {loss} at step {self.steps + 1}")
+        if self.steps == 0:
+            self.gate_wait_seconds = _pass_gate()
+            now = time.perf_counter()
         self.steps += 1
         self.tokens += int(tokens)
         if self.steps > self.untimed and self._last is not None:
@@ -971,6 +1024,8 @@ def evaluate_and_report(model, clock: Clock, *, depth: int, flops_per_token: flo
     if type(clock) is not Clock:
         _die(EXIT_REJECTED, "prepare: finish() needs the harness Clock")
     dev = next(model.parameters()).device
+    if clock.steps == 0:  # no step ran, so no tick waited at the device gate: the evaluation does
+        clock.gate_wait_seconds = _pass_gate()
     t_eval = time.time()
     if clock.timing_started_wall is None:  # no timed step: startup runs until the evaluation
         clock.timing_started_wall = t_eval
@@ -995,7 +1050,8 @@ def evaluate_and_report(model, clock: Clock, *, depth: int, flops_per_token: flo
         "test_bpb": test_bpb,
         "training_seconds": clock.training_seconds,
         "total_seconds": now - _T_START,
-        "startup_seconds": clock.timing_started_wall - _T_START,
+        "startup_seconds": clock.timing_started_wall - _T_START - clock.gate_wait_seconds,
+        "gate_wait_seconds": clock.gate_wait_seconds,
         "eval_seconds": now - t_eval,
         "peak_vram_mb": torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else 0.0,
         "mfu_percent": 100.0 * (flops_per_token or 0.0) * tok_per_s / H100_PEAK_FLOPS,
@@ -1023,7 +1079,7 @@ def _integrity_guard() -> Callable[[], list[str]]:
     module = sys.modules[__name__]
     names = ("evaluate_and_report", "evaluate_bpb", "bpb_terms", "bits_per_byte", "check_causal", "eval_rows",
              "_pack_eval_rows", "pack_rows", "_forward_logits", "format_summary", "result_digest", "_sign",
-             "_atomic_write", "load_data", "Clock", "_die")
+             "_atomic_write", "load_data", "Clock", "_die", "_pass_gate")
     originals = {name: getattr(module, name) for name in names}
     codes = {name: getattr(obj, "__code__", None) for name, obj in originals.items()}
     torch_originals = (F.cross_entropy, torch.Tensor.sum, json.dumps, hmac.new)

@@ -1,4 +1,5 @@
-"""The worker's Celery app: `celery -A worker.app worker -Q <queue> --pool solo -c 1 -n <name>`.
+"""The worker's Celery app: `celery -A worker.app worker -Q <queue> --pool solo -c 1 -n <name>`
+(`--pool threads -c 2` for a worker that starts its next job while one trains, see worker/gate.py).
 
 Configuration is farm.broker's (JSON only, acks_late, prefetch 1, task_track_started, deliberate
 task_reject_on_worker_lost=False, a visibility timeout longer than any job); per-job soft/hard time
@@ -24,11 +25,21 @@ app = make_celery()
 tasks.register(app)
 
 
-def _on_worker_init(**_: Any) -> None:
+def pool_slots(controller: Any) -> int | None:
+    """The jobs Celery really runs at once: 1 in the solo pool, else its concurrency (None if unknown)."""
+    pool = getattr(controller, "pool_cls", None)
+    name = pool if isinstance(pool, str) else getattr(pool, "__name__", "") or ""
+    if "solo" in name.lower():
+        return 1
+    concurrency = getattr(controller, "concurrency", None)
+    return concurrency if isinstance(concurrency, int) and concurrency > 0 else None
+
+
+def _on_worker_init(sender: Any = None, **_: Any) -> None:
     from worker import lifecycle
 
     try:
-        lifecycle.start(prepare=os.environ.get("FARM_WORKER_PREPARE", "1") != "0")
+        lifecycle.start(prepare=os.environ.get("FARM_WORKER_PREPARE", "1") != "0", slots=pool_slots(sender))
     except BaseException as exc:  # noqa: BLE001
         # Celery logs and swallows a signal handler's exception and starts consuming anyway: an
         # unregistered worker whose every job fails. Die before taking a message instead.

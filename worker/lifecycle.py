@@ -17,6 +17,7 @@ from farm.db import session_scope
 from farm.recovery import reap_and_requeue
 from farm.settings import Settings, get_settings
 from worker import identity
+from worker.gate import DeviceGate
 from worker.runner import Limits, WorkerContext, child_env_base
 from worker.sandbox import probe
 from worker.workdir import template_dir
@@ -31,12 +32,16 @@ class StartupError(RuntimeError):
     pass
 
 
-def build_context(settings: Settings | None = None) -> WorkerContext:
+def build_context(settings: Settings | None = None, slots: int | None = None) -> WorkerContext:
+    """`slots`: the jobs this process runs at once (Celery's concurrency); default FARM_WORKER_SLOTS, else 2 on a
+    GPU and 1 on a CPU."""
     s = settings or get_settings()
     ident = identity.detect()
     s.home.mkdir(parents=True, exist_ok=True)
     sandbox = probe(s.sandbox)
-    return WorkerContext(settings=s, identity=ident, sandbox=sandbox, limits=Limits.from_settings(s))
+    slots = slots or s.worker_slots or (1 if ident.gpu_index is None else 2)
+    return WorkerContext(settings=s, identity=ident, sandbox=sandbox, limits=Limits.from_settings(s), slots=slots,
+                         gate=DeviceGate() if slots > 1 else None)
 
 
 def prepare_data(ctx: WorkerContext, profile: str | None = None, timeout: float = 3600.0) -> None:
@@ -73,10 +78,11 @@ def _reaper_loop(ctx: WorkerContext, every: float) -> None:
             log.warning("reaper: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
 
 
-def start(settings: Settings | None = None, *, prepare: bool = True, reaper: bool = True) -> WorkerContext:
+def start(settings: Settings | None = None, *, prepare: bool = True, reaper: bool = True,
+          slots: int | None = None) -> WorkerContext:
     """Everything a worker does before it takes its first job."""
     global _ctx
-    ctx = build_context(settings)
+    ctx = build_context(settings, slots)
     if not ctx.sandbox.ok:
         banner = "!" * 78
         msg = (f"\n{banner}\nWORKER {ctx.worker_id}: SANDBOX NOT AVAILABLE ({ctx.sandbox.describe()}).\n"
@@ -89,7 +95,8 @@ def start(settings: Settings | None = None, *, prepare: bool = True, reaper: boo
     if prepare:
         prepare_data(ctx)
     with session_scope() as s:
-        identity.register(s, ctx.identity, sandbox=ctx.sandbox.describe(), sandbox_ok=ctx.sandbox.ok)
+        identity.register(s, ctx.identity, sandbox=ctx.sandbox.describe(), sandbox_ok=ctx.sandbox.ok,
+                          slots=ctx.slots)
     if reaper:
         _stop.clear()
         threading.Thread(target=_reaper_loop, args=(ctx, ctx.settings.heartbeat_interval), daemon=True,

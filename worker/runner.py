@@ -31,6 +31,7 @@ from farm.harness import harness_checksum
 from farm.models import Experiment, ExperimentStatus
 from farm.recovery import EVAL_ALLOWANCE
 from farm.settings import Settings
+from worker.gate import DeviceGate
 from worker.identity import Identity
 from worker.outcome import TAIL_LINES, Outcome, RunFacts, judge
 from worker.progress import Progress
@@ -78,6 +79,8 @@ class WorkerContext:
     sandbox: Sandbox
     limits: Limits
     python: str = field(default_factory=lambda: sys.executable)
+    slots: int = 1  # jobs this worker holds at once; with 2 the next candidate starts while one trains
+    gate: DeviceGate | None = None  # orders the slots' timed runs on the one device (worker/gate.py)
 
     @property
     def worker_id(self) -> str:
@@ -125,11 +128,13 @@ def child_env_base(ctx: WorkerContext, *, profile: str, workdir: Path) -> dict[s
     return env
 
 
-def child_env(ctx: WorkerContext, job: Job, workdir: Path, nonce_fd: int) -> dict[str, str]:
+def child_env(ctx: WorkerContext, job: Job, workdir: Path, nonce_fd: int, gate_fd: int | None = None) -> dict[str, str]:
     """The run's environment: the base plus the FARM_* run variables of this job."""
     env = child_env_base(ctx, profile=job.profile, workdir=workdir)
     env.update({"FARM_TIME_BUDGET": f"{job.budget:g}", "FARM_SEED": str(job.seed),
                 "FARM_RESULT_PATH": str(workdir / "result.json"), "FARM_NONCE_FD": str(nonce_fd)})
+    if gate_fd is not None:
+        env["FARM_GATE_FD"] = str(gate_fd)
     return env
 
 
@@ -195,6 +200,67 @@ class Execution:
     log_path: Path | None = None
 
 
+def _failed(child: ChildRun) -> bool:
+    return child.killed == "memory" or (child.killed is None and child.exit_code != 0)
+
+
+@dataclass
+class _Spawned:
+    child: ChildRun
+    nonce: str
+    t_spawn: float
+    gate_wait: float = 0.0
+    overlapped: bool = False  # it started while another run held the device
+    failed_waiting: bool = False  # it failed before the device was its own
+    marks: dict[str, float] = field(default_factory=dict)  # wall-clock spawned/gate_opened/exited (epoch s)
+
+
+def _spawn(ctx: WorkerContext, job: Job, workdir: Path, wd: Any, log_path: Path, wall_limit: float, *,
+           exclusive: bool) -> _Spawned:
+    """One start of the training process in the sandbox, in its turn at the device gate if the worker has
+    one. `exclusive`: wait for the turn before spawning (a retry of a run that failed while overlapped)."""
+    s = ctx.settings
+    turn = ctx.gate.turn() if ctx.gate is not None else None
+    nonce = secrets.token_hex(32)
+    rfd, wfd = os.pipe()
+    try:
+        os.write(wfd, (nonce + "\n").encode())
+    finally:
+        os.close(wfd)
+    overlapped = False
+    try:
+        if turn is not None:
+            if exclusive:
+                turn.wait_open()
+            overlapped = not turn.opened
+        mounts = Mounts(workdir=workdir, writable=(ctx.compile_cache,),
+                        readonly=(s.data_dir, ctx.template_cache),
+                        readonly_in_workdir=wd.readonly_paths(), hidden=hidden_paths(ctx))
+        argv = [*rlimit_prefix(ctx.limits.memory_mb, address_space=job.profile == "cpu",
+                               file_size_mb=ctx.limits.file_size_mb),
+                *ctx.sandbox.wrap([ctx.python, "train.py"], mounts)]
+        gate_fd = turn.read_fd if turn is not None else None
+        env = child_env(ctx, job, workdir, rfd, gate_fd)
+        t_spawn, spawned_at = time.perf_counter(), time.time()
+        child = supervise(argv, env=env, cwd=workdir, log_path=log_path, wall_limit=wall_limit,
+                          memory_mb=ctx.limits.memory_mb, log_cap=ctx.limits.log_cap_bytes,
+                          pass_fds=(rfd,) if gate_fd is None else (rfd, gate_fd), on_tick=_heartbeat(ctx, job.id),
+                          tick_every=s.heartbeat_interval, extra_time=turn.waited if turn is not None else None)
+    finally:
+        os.close(rfd)
+        if turn is not None:
+            opened = turn.opened
+            turn.done()
+    spawned = _Spawned(child, nonce, t_spawn)
+    if turn is not None:
+        now_wall, now_mono = time.time(), time.monotonic()
+        spawned.gate_wait, spawned.overlapped = turn.waited(), overlapped
+        spawned.failed_waiting = overlapped and not opened and _failed(child)
+        spawned.marks = {"spawned_at": spawned_at, "exited_at": now_wall,
+                         "gate_opened_at": now_wall - (now_mono - (turn.opened_at or now_mono))}
+    return spawned
+
+
 def execute(ctx: WorkerContext, job: Job) -> Execution:
     """Materialise, run and judge one claimed job (no database writes except heartbeats)."""
     t0 = time.perf_counter()
@@ -213,31 +279,24 @@ def execute(ctx: WorkerContext, job: Job) -> Execution:
         for d in (ctx.compile_cache / "inductor", ctx.compile_cache / "triton", ctx.template_cache,
                   s.data_dir):
             d.mkdir(parents=True, exist_ok=True)
-        nonce = secrets.token_hex(32)
-        rfd, wfd = os.pipe()
-        try:
-            os.write(wfd, (nonce + "\n").encode())
-        finally:
-            os.close(wfd)
-        try:
-            mounts = Mounts(workdir=workdir, writable=(ctx.compile_cache,),
-                            readonly=(s.data_dir, ctx.template_cache),
-                            readonly_in_workdir=wd.readonly_paths(), hidden=hidden_paths(ctx))
-            argv = [*rlimit_prefix(ctx.limits.memory_mb, address_space=job.profile == "cpu",
-                                   file_size_mb=ctx.limits.file_size_mb),
-                    *ctx.sandbox.wrap([ctx.python, "train.py"], mounts)]
-            env = child_env(ctx, job, workdir, rfd)
-            wall_limit = ctx.limits.wall_limit(job.budget)
-            t_spawn = time.perf_counter()
-            child = supervise(argv, env=env, cwd=workdir, log_path=log_path, wall_limit=wall_limit,
-                              memory_mb=ctx.limits.memory_mb, log_cap=ctx.limits.log_cap_bytes,
-                              pass_fds=(rfd,), on_tick=_heartbeat(ctx, job.id),
-                              tick_every=s.heartbeat_interval)
-        finally:
-            os.close(rfd)
-        t_done = time.perf_counter()
+        wall_limit = ctx.limits.wall_limit(job.budget)
+        run = _spawn(ctx, job, workdir, wd, log_path, wall_limit, exclusive=False)
+        t_spawn, restarted = run.t_spawn, False
+        if run.failed_waiting:
+            # it failed while the other slot's run held the device (out of device memory beside it, say):
+            # not a fair trial, so it gets one more start of its own, after the other run
+            log.warning("experiment %s failed before its turn on the device (%s); starting it again alone",
+                        job.id, run.child.killed or f"exit {run.child.exit_code}")
+            shutil.rmtree(workdir, ignore_errors=True)
+            wd = materialise(template_dir(job.template), workdir, job.files, job.editable,
+                             expected_digest=job.template_digest)
+            first_seconds = run.child.wall_seconds
+            run = _spawn(ctx, job, workdir, wd, log_path, wall_limit, exclusive=True)
+            run.child.wall_seconds += first_seconds  # both starts were training processes, not overhead
+            restarted = True
+        child, t_done = run.child, time.perf_counter()
         facts = RunFacts(exit_code=child.exit_code, killed=child.killed, tail=child.tail,
-                         result_text=_read_result(workdir / "result.json"), nonce=nonce,
+                         result_text=_read_result(workdir / "result.json"), nonce=run.nonce,
                          harness_before=wd.harness_sha256, harness_after=harness_checksum(workdir),
                          expected={"profile": job.profile, "seed": job.seed}, wall_limit=wall_limit,
                          memory_limit_mb=ctx.limits.memory_mb, peak_rss_mb=child.peak_rss_mb)
@@ -246,6 +305,9 @@ def execute(ctx: WorkerContext, job: Job) -> Execution:
                    "judge_seconds": time.perf_counter() - t_done, "peak_rss_mb": round(child.peak_rss_mb, 1),
                    "log_bytes": child.log_bytes, "log_truncated": child.log_truncated,
                    "wall_limit": wall_limit, "sandbox": ctx.sandbox.method}
+        if ctx.gate is not None:
+            timings.update(gate_wait_seconds=run.gate_wait, overlapped=run.overlapped, restarted_alone=restarted,
+                           **run.marks)
         if outcome.result:
             for key in ("startup_seconds", "training_seconds", "eval_seconds", "total_seconds"):
                 if isinstance(outcome.result.get(key), (int, float)):

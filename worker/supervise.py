@@ -161,9 +161,11 @@ def rlimit_prefix(memory_mb: float, *, address_space: bool, file_size_mb: float)
 
 def supervise(argv: Sequence[str], *, env: dict[str, str], cwd: Path, log_path: Path, wall_limit: float,
               memory_mb: float, log_cap: int, pass_fds: Sequence[int] = (),
-              on_tick: Callable[[Progress], bool] | None = None, tick_every: float = 5.0) -> ChildRun:
+              on_tick: Callable[[Progress], bool] | None = None, tick_every: float = 5.0,
+              extra_time: Callable[[], float] | None = None) -> ChildRun:
     """Start argv and watch it to the end. `on_tick(progress)` runs every `tick_every` seconds
-    (heartbeat); returning False kills the child (the claim was lost)."""
+    (heartbeat); returning False kills the child (the claim was lost). `extra_time()` extends the wall
+    limit by time the child spent waiting for its turn on the device (worker/gate.py)."""
     run = ChildRun()
     log_path.parent.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
@@ -183,7 +185,7 @@ def supervise(argv: Sequence[str], *, env: dict[str, str], cwd: Path, log_path: 
                 run.exit_code = code
                 break
             now = time.monotonic()
-            if now - start > wall_limit:
+            if now - start > wall_limit + (extra_time() if extra_time is not None else 0.0):
                 run.killed = "timeout"
                 break
             if memory_mb > 0 and now >= next_mem:

@@ -9,7 +9,7 @@ import pytest
 from farm.broker import make_celery, publish_experiment
 from farm.db import session_scope
 from farm.harness import harness_checksum
-from farm.models import Experiment, ExperimentStatus, Result
+from farm.models import Experiment, ExperimentStatus, Result, Worker
 from tests.factories import make_experiment, make_program
 from tests.workerkit import FINISHED, ROOT, rows, wait_status, worker_env, workers
 
@@ -40,3 +40,40 @@ def test_real_template_cpu_run_lands_signed_metrics_in_postgres(pg_env, tmp_path
     assert {"startup_seconds", "training_seconds", "eval_seconds", "setup_seconds", "child_seconds",
             "overhead_seconds"} <= set(res.timings)
     assert "val_bpb:" in res.log_tail
+
+
+@pytest.mark.slow
+def test_two_slot_worker_starts_the_next_run_early_but_never_trains_two_at_once(pg_env, tmp_path):
+    """A worker with two slots (the GPU default) starts the next candidate while one trains; the device gate
+    lets its first timed step begin only when the other has exited. Three copies of one deterministic run
+    (same seed, a step cap) must give the same val_bpb whether they were started early or not."""
+    train = (TEMPLATE / "train.py").read_text()
+    with session_scope() as s:
+        prog = make_program(s, time_budget=1000.0, template_digest=harness_checksum(TEMPLATE))
+        ids = [make_experiment(s, prog, files={"train.py": train}, seed=5, proposer_kind="baseline").id
+               for _ in range(3)]
+    app = make_celery()
+    for i in ids:
+        publish_experiment(i, "cpu", time_limit=600, app=app)
+    env = worker_env(pg_env, FARM_STARTUP_ALLOWANCE="150", FARM_EVAL_ALLOWANCE="90", FARM_WORKER_MEMORY_MB="4000",
+                     FARM_LOG_CAP_MB="4", FARM_WORKER_SLOTS="2", FARM_MAX_STEPS="3")
+    env.pop("FARM_TEMPLATE_DIR")
+    with workers(env, ["slots:cpu0"], tmp_path / "logs", timeout=180):
+        assert rows(Worker, id="slots:cpu0")[0].slots == 2
+        wait_status(ids, FINISHED, timeout=400)
+    results = {r.experiment_id: r for r in rows(Result) if r.experiment_id in ids}
+    for i in ids:
+        exp = rows(Experiment, id=i)[0]
+        assert exp.status == S.succeeded, f"{exp.status_reason}\n{results[i].log_tail}"
+    runs = sorted((results[i].timings for i in ids), key=lambda t: t["gate_opened_at"])
+    for before, after in zip(runs, runs[1:], strict=False):
+        # the device is handed over only when the holder has exited: no two timed runs at once
+        assert after["gate_opened_at"] >= before["exited_at"] - 0.01, (before, after)
+    # and at least one run was started while another held the device, waited, and was not restarted
+    early = [t for t in runs if t["overlapped"]]
+    assert early, runs
+    assert all(t["spawned_at"] < t["gate_opened_at"] and t["gate_wait_seconds"] > 0 for t in early)
+    assert not any(t["restarted_alone"] for t in runs)
+    bpbs = {results[i].val_bpb for i in ids}
+    assert len(bpbs) == 1, bpbs  # started early or not, the same run gives the same number
+    assert all(results[i].num_steps == 3 for i in ids)

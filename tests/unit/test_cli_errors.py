@@ -35,4 +35,4 @@ def test_db_upgrade_on_embedded_default(tmp_path):
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "farm.db").exists()
     r = _farm("db", "current", FARM_HOME=str(tmp_path))
-    assert r.stdout.strip() == "0003"
+    assert r.stdout.strip() == "0004"

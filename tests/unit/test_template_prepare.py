@@ -304,3 +304,60 @@ def test_hyperparameters_are_one_line_each():
     bad = [ln for ln in lines if not pattern.match(ln)]
     assert not bad, bad
     assert re.search(r"^KERNEL_OPS = \"linear_ce\"  # ", section, flags=re.M)
+
+
+# ----- device gate (FARM_GATE_FD) -----
+
+_GATED = """import time, prepare
+c = prepare.Clock()
+print("ready", flush=True)
+c.tick(1, 2.0)
+c.tick(1, 2.0)
+print(f"waited {c.gate_wait_seconds:.3f} training {c.training_seconds:.3f}", flush=True)
+"""
+
+
+def _gated_run(delay: float, *, close_instead: bool = False) -> tuple[int, str, float, float]:
+    """Run two ticks with a gate the test opens `delay` seconds after the child is ready for its first step."""
+    import time
+
+    rfd, wfd = os.pipe()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FARM_")}
+    env.update(FARM_PROFILE="cpu", FARM_GATE_FD=str(rfd), FARM_TIME_BUDGET="100")
+    proc = subprocess.Popen([sys.executable, "-c", _GATED], cwd=TEMPLATE, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, pass_fds=(rfd,))
+    os.close(rfd)
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()
+        assert first.strip() == "ready", first + proc.stdout.read()
+        time.sleep(delay)
+        if not close_instead:
+            os.write(wfd, b"g")
+        os.close(wfd)
+        out = proc.stdout.read()
+        code = proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    m = re.search(r"waited ([\d.]+) training ([\d.]+)", out)
+    assert m, out
+    return code, out, float(m.group(1)), float(m.group(2))
+
+
+def test_first_tick_waits_at_the_gate_and_the_wait_is_not_training():
+    code, out, waited, training = _gated_run(1.0)
+    assert code == 0, out
+    assert 0.9 < waited < 5.0
+    assert training < 0.5  # the second tick is timed (one untimed step on cpu); the wait is not in it
+
+
+def test_a_closed_gate_pipe_opens_the_gate():
+    # the worker died or closed its end: EOF lets the run go on (the sandbox ends it with its parent anyway)
+    code, out, waited, _ = _gated_run(0.3, close_instead=True)
+    assert code == 0, out
+    assert waited > 0.2
+
+
+def test_a_bad_gate_fd_is_an_environment_error():
+    proc = _python("import prepare", {"FARM_GATE_FD": "987"})
+    assert proc.returncode == 2 and "FARM_GATE_FD" in proc.stderr
