@@ -251,13 +251,12 @@ def _spawn(ctx: WorkerContext, job: Job, workdir: Path, wd: Any, log_path: Path,
         if turn is not None:
             opened = turn.opened
             turn.done()
-    spawned = _Spawned(child, nonce, t_spawn)
+    now_wall, now_mono = time.time(), time.monotonic()
+    spawned = _Spawned(child, nonce, t_spawn, marks={"spawned_at": spawned_at, "exited_at": now_wall})
     if turn is not None:
-        now_wall, now_mono = time.time(), time.monotonic()
         spawned.gate_wait, spawned.overlapped = turn.waited(), overlapped
         spawned.failed_waiting = overlapped and not opened and _failed(child)
-        spawned.marks = {"spawned_at": spawned_at, "exited_at": now_wall,
-                         "gate_opened_at": now_wall - (now_mono - (turn.opened_at or now_mono))}
+        spawned.marks["gate_opened_at"] = now_wall - (now_mono - (turn.opened_at or now_mono))
     return spawned
 
 
@@ -305,9 +304,9 @@ def execute(ctx: WorkerContext, job: Job) -> Execution:
                    "judge_seconds": time.perf_counter() - t_done, "peak_rss_mb": round(child.peak_rss_mb, 1),
                    "log_bytes": child.log_bytes, "log_truncated": child.log_truncated,
                    "wall_limit": wall_limit, "sandbox": ctx.sandbox.method}
+        timings.update(run.marks)
         if ctx.gate is not None:
-            timings.update(gate_wait_seconds=run.gate_wait, overlapped=run.overlapped, restarted_alone=restarted,
-                           **run.marks)
+            timings.update(gate_wait_seconds=run.gate_wait, overlapped=run.overlapped, restarted_alone=restarted)
         if outcome.result:
             for key in ("startup_seconds", "training_seconds", "eval_seconds", "total_seconds"):
                 if isinstance(outcome.result.get(key), (int, float)):
