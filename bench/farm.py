@@ -142,15 +142,16 @@ def _rows(exps: list[Any], results: dict[int, Any], t_start: Any, slots: int) ->
             "startup_seconds", "training_seconds", "eval_seconds", "gate_wait_seconds"))
         record = (e.finished_at - e.started_at).total_seconds() - t.get("setup_seconds", 0.0) - child \
             - t.get("report_seconds", 0.0)
-        # the timed window on the worker's clock: the harness's timing starts start-up + gate wait after spawn
-        train_start = t["spawned_at"] + startup + gate if "spawned_at" in t else None
+        # the timed window on the worker's clock (the harness reports when its timing started)
+        train_start = t.get("training_started_at")
         rows.append({
-            "id": e.id, "worker": e.worker_id, "status": e.status.value, "val_bpb": r.val_bpb,
+            "id": e.id, "worker": e.worker_id, "status": e.status.value, "reason": e.status_reason, "val_bpb": r.val_bpb,
             "queue_wait": wait, "starved": starved, "setup": setup, "startup": startup, "gate_wait": gate,
             "training": training, "eval": ev, "sandbox_exit": max(0.0, child - startup - gate - training - ev),
             "report": t.get("report_seconds", 0.0) + max(0.0, record),
             "decision": (e.decided_at - e.finished_at).total_seconds() if e.decided_at else None,
-            "finished": e.finished_at, "overlapped": bool(t.get("overlapped")),
+            "queued": queued, "started": e.started_at, "finished": e.finished_at, "free": free,
+            "overlapped": bool(t.get("overlapped")),
             "train_start": train_start, "train_end": train_start + training if train_start is not None else None})
     return rows
 
@@ -208,6 +209,9 @@ def report(s: dict[str, Any]) -> None:
     for r in s["rows"]:
         cells = " ".join(f"{r[c]:12.3f}" if r[c] is not None else f"{'-':>12}" for c in COLS)
         print(f"{r['id']:>4} {r['worker']:>11} {r['status']:>9} {cells}")
+    for r in s["rows"]:
+        if r["status"] != "succeeded":
+            print(f"  exp {r['id']} {r['status']}: {r['reason']}")
     m = s["means"]
     print(f"{'mean':>26} " + " ".join(f"{m[c]:12.3f}" for c in COLS))
     print(f"farm-controlled overhead per experiment (queue wait + setup + sandbox/exit + report): "

@@ -883,10 +883,15 @@ class Clock:
     Call tick(tokens, loss) once per optimizer step, after the step. The first `untimed_steps` of the profile
     are not counted (compile warm-up); after them, all wall time between ticks is. A NaN loss or one above
     LOSS_LIMIT prints FAIL and exits 3 at once. The first tick waits at the worker's device gate (FARM_GATE_FD),
-    if any; that wait is counted nowhere."""
+    if any; that wait is counted nowhere. Given the model (`Clock(model)`), it first runs one evaluation batch
+    through it (untimed, discarded), so that compiling the evaluation overlaps the other run too."""
 
-    def __init__(self) -> None:
+    def __init__(self, model=None) -> None:
         self.budget, self.max_steps, self.untimed = TIME_BUDGET, MAX_STEPS, PROFILE.untimed_steps
+        # optional: with a device gate, the first tick runs one evaluation batch through it before waiting, so a
+        # compiled model's evaluation graph is built while another run holds the device
+        self._model = model
+        self.eval_warmup_seconds = 0.0
         self.steps = self.tokens = self.timed_tokens = 0
         self.training_seconds = 0.0
         self.timing_started_wall: float | None = None
@@ -902,6 +907,8 @@ class Clock:
         if not math.isfinite(loss) or loss > LOSS_LIMIT:
             _die(EXIT_FAIL, f"FAIL: loss {loss} at step {self.steps + 1}")
         if self.steps == 0:
+            if self._model is not None and _GATE["fd"] is not None:
+                self.eval_warmup_seconds = _warm_evaluation(self._model)
             self.gate_wait_seconds = _pass_gate()
             now = time.perf_counter()
         self.steps += 1
@@ -973,6 +980,24 @@ def check_causal(model, rows: np.ndarray, dev: torch.device, tol: float = 0.05) 
     if not diff <= tol:
         _die(EXIT_REJECTED, f"prepare: model rejected: logits depend on later tokens (max change {diff:.4g})")
     return diff
+
+
+@torch.no_grad()
+def _warm_evaluation(model) -> float:
+    """One evaluation batch through the model in eval mode, shaped as evaluate_bpb shapes it, the logits discarded:
+    with torch.compile this builds the evaluation graph now instead of after training. Returns its seconds."""
+    t0 = time.perf_counter()
+    dev = next(model.parameters()).device
+    batch = torch.tensor(eval_rows("val")[:PROFILE.eval_batch], device=dev)
+    was_training = bool(getattr(model, "training", True))
+    model.eval()
+    try:
+        _forward_logits(model, batch[:, :-1])
+    finally:
+        model.train(was_training)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
 
 
 @torch.no_grad()
@@ -1052,6 +1077,8 @@ def evaluate_and_report(model, clock: Clock, *, depth: int, flops_per_token: flo
         "total_seconds": now - _T_START,
         "startup_seconds": clock.timing_started_wall - _T_START - clock.gate_wait_seconds,
         "gate_wait_seconds": clock.gate_wait_seconds,
+        "eval_warmup_seconds": clock.eval_warmup_seconds,
+        "training_started_at": clock.timing_started_wall,  # epoch seconds: the timed window on the worker's clock
         "eval_seconds": now - t_eval,
         "peak_vram_mb": torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else 0.0,
         "mfu_percent": 100.0 * (flops_per_token or 0.0) * tok_per_s / H100_PEAK_FLOPS,
@@ -1079,7 +1106,7 @@ def _integrity_guard() -> Callable[[], list[str]]:
     module = sys.modules[__name__]
     names = ("evaluate_and_report", "evaluate_bpb", "bpb_terms", "bits_per_byte", "check_causal", "eval_rows",
              "_pack_eval_rows", "pack_rows", "_forward_logits", "format_summary", "result_digest", "_sign",
-             "_atomic_write", "load_data", "Clock", "_die", "_pass_gate")
+             "_atomic_write", "load_data", "Clock", "_die", "_pass_gate", "_warm_evaluation")
     originals = {name: getattr(module, name) for name in names}
     codes = {name: getattr(obj, "__code__", None) for name, obj in originals.items()}
     torch_originals = (F.cross_entropy, torch.Tensor.sum, json.dumps, hmac.new)

@@ -337,7 +337,7 @@ def lr_multiplier(progress):
 # Loop
 # ======================================================================================================
 
-clock = prepare.Clock()
+clock = prepare.Clock(model)  # given the model, a gated start compiles the evaluation before its turn too
 smooth_loss, t_log = 0.0, time.time()
 while not clock.done:
     lrm = lr_multiplier(clock.progress)

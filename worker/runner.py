@@ -306,9 +306,10 @@ def execute(ctx: WorkerContext, job: Job) -> Execution:
                    "wall_limit": wall_limit, "sandbox": ctx.sandbox.method}
         timings.update(run.marks)
         if ctx.gate is not None:
-            timings.update(gate_wait_seconds=run.gate_wait, overlapped=run.overlapped, restarted_alone=restarted)
+            timings.update(turn_wait_seconds=run.gate_wait, overlapped=run.overlapped, restarted_alone=restarted)
         if outcome.result:
-            for key in ("startup_seconds", "training_seconds", "eval_seconds", "total_seconds"):
+            for key in ("startup_seconds", "training_seconds", "eval_seconds", "total_seconds", "gate_wait_seconds",
+                        "eval_warmup_seconds", "training_started_at"):
                 if isinstance(outcome.result.get(key), (int, float)):
                     timings[key] = outcome.result[key]
         return Execution(outcome, child, timings, log_path)

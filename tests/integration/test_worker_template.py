@@ -69,11 +69,16 @@ def test_two_slot_worker_starts_the_next_run_early_but_never_trains_two_at_once(
     for before, after in zip(runs, runs[1:], strict=False):
         # the device is handed over only when the holder has exited: no two timed runs at once
         assert after["gate_opened_at"] >= before["exited_at"] - 0.01, (before, after)
+        # and the harness began its timed window only after the gate opened
+        assert after["training_started_at"] >= after["gate_opened_at"] - 0.01, after
     # and at least one run was started while another held the device, waited, and was not restarted
     early = [t for t in runs if t["overlapped"]]
     assert early, runs
-    assert all(t["spawned_at"] < t["gate_opened_at"] and t["gate_wait_seconds"] > 0 for t in early)
+    assert all(t["spawned_at"] < t["gate_opened_at"] and t["turn_wait_seconds"] > 0 and t["gate_wait_seconds"] > 0
+               for t in early)
     assert not any(t["restarted_alone"] for t in runs)
+    # train.py hands its model to the Clock: an evaluation batch ran before the gate, and changed nothing below
+    assert all(t["eval_warmup_seconds"] > 0 for t in runs)
     bpbs = {results[i].val_bpb for i in ids}
     assert len(bpbs) == 1, bpbs  # started early or not, the same run gives the same number
     assert all(results[i].num_steps == 3 for i in ids)
