@@ -15,10 +15,11 @@ import difflib
 import re
 import subprocess
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -166,6 +167,26 @@ def unified_diff(base: dict[str, str], new: dict[str, str]) -> str:
     return text if not text or text.endswith("\n") else text + "\n"
 
 
+PENDING = -1  # in `known`: stored by the same batch, no id yet
+
+
+def known_duplicates(session: Session, program_id: int, digests: Iterable[str | None]) -> dict[str, int | None]:
+    """find_duplicate for many digests in one query: {digest: the experiment that has it, or None}. A batch passes
+    the dict to record_proposal (`known=`), which adds what it stores, so duplicates within the batch are found
+    too; a digest not in it is looked up as before."""
+    wanted = sorted({d for d in digests if d})
+    if not wanted:
+        return {}
+    found: dict[str, int | None] = dict.fromkeys(wanted)  # asked and not found: None
+    rows = session.execute(
+        select(Experiment.content_hash, func.min(Experiment.id))
+        .where(Experiment.program_id == program_id, Experiment.content_hash.in_(wanted),
+               Experiment.replicate_of.is_(None), Experiment.role != ExperimentRole.baseline)
+        .group_by(Experiment.content_hash)).all()
+    found.update({str(h): int(i) for h, i in rows})
+    return found
+
+
 def find_duplicate(session: Session, program_id: int, digest: str) -> int | None:
     return session.execute(
         select(Experiment.id).where(Experiment.program_id == program_id, Experiment.content_hash == digest,
@@ -203,20 +224,25 @@ def check_edit(base_files: dict[str, str], edit: Edit, editable: list[str]) -> C
 def record_proposal(session: Session, program: Program, *, parent_commit: str, base_files: dict[str, str],
                     edit: Edit, proposer_kind: str, description: str, rationale: str = "",
                     seed: int = 0, repair_of: int | None = None,
-                    role: ExperimentRole = ExperimentRole.candidate, checked: Checked | None = None) -> Experiment:
+                    role: ExperimentRole = ExperimentRole.candidate, checked: Checked | None = None,
+                    known: dict[str, int | None] | None = None, batch: bool = False) -> Experiment:
     """Validate an edit against `base_files` and store it as `proposed` (valid) or `invalid` (with reason).
 
     Never raises for a bad edit: the reason lands in `status_reason`. The caller commits; a valid
     proposal is then committed to git and queued by the scheduler. `checked`, when given, is
     `check_edit` of the same edit, done earlier (it is redone if it was made against other files).
+    `known`: known_duplicates of a batch (no query here). `batch`: only add the row (no savepoint, no flush):
+    the caller flushes the batch at once, and a duplicate that raced in raises IntegrityError there.
     """
     editable = list(program.editable_files)
     if checked is None or checked.base_digest != files_digest(base_files):
         checked = check_edit(base_files, edit, editable)
     files, digest, reason = checked.files, checked.digest, checked.reason
     if reason is None and digest is not None:
-        dup = find_duplicate(session, program.id, digest)
-        if dup is not None:
+        dup = known[digest] if known is not None and digest in known else find_duplicate(session, program.id, digest)
+        if dup == PENDING:
+            reason = "duplicate of another proposal stored with it"
+        elif dup is not None:
             reason = f"duplicate of experiment {dup}"
     exp = Experiment(program_id=program.id, role=role, parent_commit=parent_commit, files=files,
                      diff=checked.diff,
@@ -226,6 +252,11 @@ def record_proposal(session: Session, program: Program, *, parent_commit: str, b
                      hw_class=program.hw_class,
                      status=ExperimentStatus.invalid if reason else ExperimentStatus.proposed,
                      status_reason=reason)
+    if batch:
+        session.add(exp)
+        if known is not None and exp.content_hash:
+            known[exp.content_hash] = PENDING  # stored by this batch: a later edit with this content is a duplicate
+        return exp
     try:
         with session.begin_nested():
             session.add(exp)

@@ -160,11 +160,19 @@ def record_result(session: Session, experiment_id: int, worker_id: str, outcome:
 
 def set_decision(session: Session, experiment_id: int, decision: Decision) -> bool:
     exp = _locked(session, experiment_id)
+    if not decide_locked(exp, decision):
+        return False
+    session.flush()
+    return True
+
+
+def decide_locked(exp: Experiment | None, decision: Decision) -> bool:
+    """set_decision for a row this transaction has locked already (locked_many): no statement of its own; the
+    change is flushed with the transaction's others."""
     if exp is None or exp.status != S.succeeded or exp.decision is not None:
         return False
     exp.decision = decision
     exp.decided_at = utcnow()
-    session.flush()
     return True
 
 

@@ -32,14 +32,22 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, exists, func, or_, select
+from sqlalchemy import ColumnElement, and_, exists, func, or_, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, defer
 
 from farm import states
 from farm.broker import publish_experiment
-from farm.candidates import Edit, EditError, apply_edit, check_edit, content_hash, record_proposal
+from farm.candidates import (
+    Edit,
+    EditError,
+    apply_edit,
+    check_edit,
+    content_hash,
+    known_duplicates,
+    record_proposal,
+)
 from farm.db import as_utc, db_now, get_engine, session_scope
 from farm.lineage import Lineage, LineageError, format_message
 from farm.models import (
@@ -88,6 +96,7 @@ class ProgramView:
     exps: list[Experiment]
     results: dict[int, Result]
     by_id: dict[int, Experiment] = field(default_factory=dict)
+    locked: set[int] = field(default_factory=set)  # rows this transaction holds FOR UPDATE (decisions)
 
     def __post_init__(self) -> None:
         self.by_id = {e.id: e for e in self.exps}
@@ -318,33 +327,81 @@ class Scheduler:
         answered, self._unstored = self._unstored + answered, []
         if not answered:
             return
-        # One transaction for the pass's answers (64 workers bring dozens a pass), a savepoint each: a
-        # proposal that cannot be stored is logged and skipped, never taking the others with it. When
-        # the database itself is away, the whole batch is kept and stored by a later pass (answers cost
-        # LLM money).
+        # One transaction for the pass's answers (64 workers bring dozens a pass) and one INSERT for them all.
+        # If that fails for anything but the database being away, they are stored again one by one, a
+        # savepoint each, so a proposal that cannot be stored is logged and skipped, never taking the others
+        # with it. When the database itself is away, the whole batch is kept and stored by a later pass
+        # (answers cost LLM money).
         try:
-            with session_scope(self.engine) as s:
-                for job, proposal in answered:
-                    try:
-                        with s.begin_nested():
-                            self._record_in(s, job, proposal, stats)
-                    except (OperationalError, InterfaceError):
-                        raise
-                    except Exception:
-                        log.exception("program %d: could not store a proposal", job.program_id)
-                        stats["record_errors"] += 1
+            try:
+                self._store_batch(answered, stats)
+            except (OperationalError, InterfaceError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - retried one by one below, each failure logged there
+                log.warning("storing %d proposals at once failed (%s); storing them one by one", len(answered),
+                            str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                self._store_each(answered, stats)
         except (OperationalError, InterfaceError):
             self._unstored = answered
             raise
 
+    def _store_batch(self, answered: list[tuple[Job, Proposal]], stats: dict[str, int]) -> None:
+        stored: list[Experiment] = []
+        with session_scope(self.engine) as s:
+            digests: dict[int, list[str | None]] = defaultdict(list)
+            for job, proposal in answered:
+                digests[job.program_id].append(proposal.checked.digest if proposal.checked else None)
+            known = {pid: known_duplicates(s, pid, ds) for pid, ds in digests.items()}
+            links: list[dict[str, int]] = []
+            for job, proposal in answered:
+                exp = self._record_in(s, job, proposal, known=known[job.program_id])
+                if exp is not None:
+                    stored.append(exp)
+                    links += [{"call": cid, "exp": id(exp)} for cid in proposal.llm_call_ids]
+            s.flush()  # every row in one INSERT
+            ids = {id(e): e.id for e in stored}
+            if links:
+                s.execute(update(LLMCall), [{"id": link["call"], "experiment_id": ids[link["exp"]]} for link in links])
+        for exp in stored:
+            self._count(exp, stats)
+
+    def _store_each(self, answered: list[tuple[Job, Proposal]], stats: dict[str, int]) -> None:
+        with session_scope(self.engine) as s:
+            for job, proposal in answered:
+                try:
+                    with s.begin_nested():
+                        self._record_one(s, job, proposal, stats)
+                except (OperationalError, InterfaceError):
+                    raise
+                except Exception:
+                    log.exception("program %d: could not store a proposal", job.program_id)
+                    stats["record_errors"] += 1
+
     def _record(self, job: Job, proposal: Proposal, stats: dict[str, int]) -> int:
         with session_scope(self.engine) as s:
-            return self._record_in(s, job, proposal, stats)
+            return self._record_one(s, job, proposal, stats)
 
-    def _record_in(self, s: Session, job: Job, proposal: Proposal, stats: dict[str, int]) -> int:
+    def _record_one(self, s: Session, job: Job, proposal: Proposal, stats: dict[str, int]) -> int:
+        """Store one answer now (its own savepoint inside record_proposal), link its LLM calls, count it."""
+        exp = self._record_in(s, job, proposal)
+        if exp is None:
+            return 0
+        if proposal.llm_call_ids:
+            s.execute(update(LLMCall).where(LLMCall.id.in_(proposal.llm_call_ids)).values(experiment_id=exp.id))
+        self._count(exp, stats)
+        return exp.id
+
+    def _count(self, exp: Experiment, stats: dict[str, int]) -> None:
+        stats["invalid" if exp.status == S.invalid else "proposed"] += 1
+        if exp.status == S.invalid:
+            log.info("program %d: proposal #%d invalid: %s", exp.program_id, exp.id, exp.status_reason)
+
+    def _record_in(self, s: Session, job: Job, proposal: Proposal, *,
+                   known: dict[str, int | None] | None = None) -> Experiment | None:
+        """The answer's Experiment row: flushed at once, or (`known` given: part of a batch) only added."""
         program = s.get(Program, job.program_id)
         if program is None:
-            return 0
+            return None
         ctx = job.ctx
         base, edit, parent = ctx.head_files, proposal.edit, ctx.head_commit
         if job.repair_of is not None:
@@ -358,17 +415,11 @@ class Scheduler:
                 edit = Edit(files={n: fixed[n] for n in ctx.editable if n in fixed})
             except EditError:
                 pass  # record_proposal against the crashed files gives the reason
-        exp = record_proposal(s, program, parent_commit=parent, base_files=base, edit=edit,
-                              proposer_kind="repair" if job.repair_of else self._kind(program),
-                              description=proposal.description, rationale=proposal.rationale,
-                              repair_of=job.repair_of, checked=proposal.checked)
-        if proposal.llm_call_ids:
-            for call in s.execute(select(LLMCall).where(LLMCall.id.in_(proposal.llm_call_ids))).scalars():
-                call.experiment_id = exp.id
-        stats["invalid" if exp.status == S.invalid else "proposed"] += 1
-        if exp.status == S.invalid:
-            log.info("program %s: proposal #%d invalid: %s", program.slug, exp.id, exp.status_reason)
-        return exp.id
+        return record_proposal(s, program, parent_commit=parent, base_files=base, edit=edit,
+                               proposer_kind="repair" if job.repair_of else self._kind(program),
+                               description=proposal.description, rationale=proposal.rationale,
+                               repair_of=job.repair_of, checked=proposal.checked, known=known,
+                               batch=known is not None)
 
     def _kind(self, program: Program) -> str:
         conf = program.proposer or {}
@@ -413,6 +464,11 @@ class Scheduler:
         p = view.program
         head = p.head_commit
         cfg = PolicyConfig.from_dict(p.policy or {})
+        # every row a decision may be written to, locked (and re-read) in one statement instead of one each
+        undecided = [e.id for e in view.exps if e.status == S.succeeded and e.decision is None
+                     and e.role != ExperimentRole.baseline]
+        if undecided:
+            view.locked = {e.id for e in states.locked_many(s, undecided)}
         for e in view.exps:
             if e.status != S.succeeded or e.decision is not None or e.replicate_of is not None:
                 continue
@@ -581,11 +637,13 @@ class Scheduler:
         for x, why in [(e, reason), *((r, f"confirmation of #{e.id}: {reason}") for r in (reps or []))]:
             if x.status != S.succeeded or x.decision is not None:
                 continue
-            if states.set_decision(s, x.id, decision):
+            decided = (states.decide_locked(x, decision) if x.id in view.locked
+                       else states.set_decision(s, x.id, decision))
+            if decided:
+                # not flushed one by one: the pass's decisions go out together (autoflush before any read)
                 s.add(DecisionRecord(program_id=view.program.id, experiment_id=x.id, decision=decision,
                                      policy=policy, reason=why[:4000], head_before=hb, head_after=ha,
                                      statistics=_jsonable(stats)))
-        s.flush()
 
     def _repairs(self, s: Session, view: ProgramView, cfg: PolicyConfig, stats: dict[str, int]) -> None:
         chain = {e.id: e.repair_of for e in view.exps}

@@ -15,6 +15,7 @@ from farm.models import (
     Experiment,
     ExperimentRole,
     ExperimentStatus,
+    LLMCall,
     Program,
     ProgramStatus,
 )
@@ -309,6 +310,58 @@ def test_answers_are_stored_together_and_survive_a_database_outage(pg_env, tmp_p
     sched._collect(stats)  # the database is back: the kept answers are stored
     assert not sched._unstored
     assert sorted(e.description for e in queued_or_proposed()) == ["fifth", "first", "fourth", "third"]
+    sched.close()
+
+
+def test_a_batch_of_answers_finds_duplicates_among_itself_and_links_its_llm_calls(pg_env, tmp_path, monkeypatch):
+    """The pass stores its answers with one INSERT: an edit equal to one already stored, or to another answer
+    of the same batch, is invalid as a duplicate, and every answer's LLM calls point at its experiment."""
+    from collections import defaultdict
+    from concurrent.futures import Future
+
+    from scheduler.loop import Job
+    from scheduler.proposers import Proposal
+
+    install(monkeypatch, tmp_path)
+    with session_scope() as s:
+        pid = create_program(s, name="dups", instructions="# d", proposer={"kind": "mutation"}).id
+    sched = _sched()
+    sched.start()
+    with session_scope() as s:
+        prog = s.get(Program, pid)
+        ctx = sched._context(s, sched._load(s, prog), seed=0)
+        calls = []
+        for _ in range(4):
+            c = LLMCall(program_id=pid, model="m", purpose="propose")
+            s.add(c)
+            s.flush()
+            calls.append(c.id)
+
+    def answer(desc: str, lr: str, call: int) -> None:
+        fut: Future[Proposal] = Future()
+        edit = Edit(files={"train.py": TRAIN.replace("EMBEDDING_LR = 0.6", f"EMBEDDING_LR = {lr}")})
+        fut.set_result(Proposal(description=desc, rationale="", edit=edit, llm_call_ids=[call]))
+        sched.inflight[fut] = Job(pid, ctx)
+
+    answer("old", "0.11", calls[0])
+    stats: defaultdict[str, int] = defaultdict(int)
+    sched._collect(stats)
+    answer("again", "0.11", calls[1])  # the same content as a stored experiment
+    answer("new", "0.22", calls[2])
+    answer("twin", "0.22", calls[3])  # the same content as another answer of this batch
+    sched._collect(stats)
+    assert stats["proposed"] == 2 and stats["invalid"] == 2 and stats["record_errors"] == 0
+    with session_scope() as s:
+        exps = {e.description: e for e in s.execute(select(Experiment).where(Experiment.program_id == pid)
+                                                    .where(Experiment.proposer_kind != "baseline")).scalars()}
+        assert exps["old"].status == ExperimentStatus.proposed and exps["new"].status == ExperimentStatus.proposed
+        assert exps["again"].status == ExperimentStatus.invalid
+        assert exps["again"].status_reason == f"duplicate of experiment {exps['old'].id}"
+        assert exps["twin"].status == ExperimentStatus.invalid
+        assert "duplicate" in (exps["twin"].status_reason or "")
+        linked = dict(s.execute(select(LLMCall.id, LLMCall.experiment_id).where(LLMCall.id.in_(calls))).all())
+    assert linked == {calls[0]: exps["old"].id, calls[1]: exps["again"].id, calls[2]: exps["new"].id,
+                      calls[3]: exps["twin"].id}
     sched.close()
 
 
