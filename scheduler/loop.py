@@ -88,6 +88,15 @@ class Job:
     repair_of: int | None = None
 
 
+def run_value(status: ExperimentStatus, val_bpb: float | None, result_hw: str | None, exp_hw: str,
+              program_hw: str) -> float | None:
+    """The val_bpb a run counts with: succeeded, measured, and on the program's hardware class (runs are
+    compared within one class only)."""
+    if status != S.succeeded or val_bpb is None or (result_hw or exp_hw) != program_hw:
+        return None
+    return float(val_bpb)
+
+
 @dataclass
 class ProgramView:
     """One program's experiments and results, loaded once per pass."""
@@ -110,11 +119,9 @@ class ProgramView:
     # do, and nothing below reads them), so the per-commit index and sigma are computed once.
     def value(self, e: Experiment) -> float | None:
         r = self.results.get(e.id)
-        if r is None or e.status != S.succeeded or r.val_bpb is None:
+        if r is None:
             return None
-        if (r.hw_class or e.hw_class) != self.program.hw_class:  # compare within one hardware class only
-            return None
-        return float(r.val_bpb)
+        return run_value(e.status, r.val_bpb, r.hw_class, e.hw_class, self.program.hw_class)
 
     def runs_of(self, commit: str | None) -> list[float]:
         vals = [self.value(e) for e in self._by_commit.get(commit, [])] if commit else []
@@ -277,36 +284,59 @@ class Scheduler:
             s.flush()
             return row.id
 
-    def _context(self, s: Session, view: ProgramView, *, seed: int) -> ProposalContext:
-        p = view.program
+    def _context(self, s: Session, p: Program, *, seed: int | None = None) -> ProposalContext:
+        """What a proposer sees of the program: history, noise, head, known contents. Read as plain columns in
+        one query (no ORM objects: at thousands of experiments a pass would spend its time building them);
+        `seed` defaults to the number of experiments."""
         assert p.head_commit is not None
         cfg = PolicyConfig.from_dict(p.policy or {})
-        decisions = {d.experiment_id: d for d in s.execute(
-            select(DecisionRecord).where(DecisionRecord.program_id == p.id)).scalars()}
+        E, R, D = Experiment, Result, DecisionRecord
+        rows = s.execute(
+            select(E.id, E.role, E.proposer_kind, E.description, E.status, E.decision, E.replicate_of,
+                   E.parent_commit, E.commit_sha, E.content_hash, E.status_reason, E.hw_class,
+                   R.id.label("result_id"), R.val_bpb, R.hw_class.label("result_hw"), R.reason.label("result_reason"),
+                   D.id.label("decision_id"), D.reason.label("decision_reason"))
+            .outerjoin(R, R.experiment_id == E.id).outerjoin(D, D.experiment_id == E.id)
+            .where(E.program_id == p.id).order_by(E.id)).all()
+        values: dict[int, float] = {}
+        by_commit: dict[str, list[float]] = defaultdict(list)
+        for r in rows:
+            v = run_value(r.status, r.val_bpb, r.result_hw, r.hw_class, p.hw_class)
+            if v is not None:
+                values[r.id] = v
+            if r.commit_sha:
+                by_commit[r.commit_sha] += [v] if v is not None else []
+        listed = [r for r in rows if r.role != ExperimentRole.baseline and r.replicate_of is None]
+        # the log tail is read only where it is the reason shown (no decision, status or result reason)
+        need_tail = [r.id for r in listed if r.decision_id is None and not r.status_reason
+                     and r.result_id is not None and not r.result_reason]
+        tails = dict(s.execute(select(R.experiment_id, R.log_tail).where(R.experiment_id.in_(need_tail))).all()
+                     ) if need_tail else {}
         history: list[HistoryItem] = []
-        for e in view.exps:
-            if e.role == ExperimentRole.baseline or e.replicate_of is not None:
-                continue
-            val = view.value(e)
-            parent = view.runs_of(e.parent_commit)
+        for r in listed:
+            val = values.get(r.id)
+            parent = by_commit.get(r.parent_commit or "", [])
             delta = (mean(parent) - val) if (val is not None and parent) else None
-            d = decisions.get(e.id)
-            status = e.decision.value if e.decision else e.status.value
-            reason = d.reason if d else (e.status_reason or (self._result_reason(view, e)))
-            history.append(HistoryItem(e.id, e.role.value, e.proposer_kind, e.description, status, val, delta,
+            status = r.decision.value if r.decision else r.status.value
+            if r.decision_id is not None:
+                reason = r.decision_reason
+            elif r.status_reason:
+                reason = r.status_reason
+            elif r.result_id is not None:
+                reason = r.result_reason or (tails.get(r.id) or "")[-300:] or None
+            else:
+                reason = None
+            history.append(HistoryItem(r.id, r.role.value, r.proposer_kind, r.description, status, val, delta,
                                        reason))
-        head_runs = view.runs_of(p.head_commit)
+        head_runs = by_commit.get(p.head_commit, [])
         return ProposalContext(
             program_id=p.id, slug=p.slug, profile=p.profile, instructions=p.instructions,
             head_commit=p.head_commit, head_files=self.lineage.files_at(p.head_commit, list(p.editable_files)),
-            editable=list(p.editable_files), history=history, sigma=view.sigma(cfg),
+            editable=list(p.editable_files), history=history,
+            sigma=noise_sigma([g for g in by_commit.values() if g], prior=cfg.prior_sigma)[0],
             head_val_bpb=mean(head_runs) if head_runs else None,
-            known_hashes=frozenset(e.content_hash for e in view.exps if e.content_hash), seed=seed)
-
-    @staticmethod
-    def _result_reason(view: ProgramView, e: Experiment) -> str | None:
-        r = view.results.get(e.id)
-        return (r.reason or (r.log_tail or "")[-300:] or None) if r is not None else None
+            known_hashes=frozenset(r.content_hash for r in rows if r.content_hash),
+            seed=len(rows) if seed is None else seed)
 
     def _collect(self, stats: dict[str, int]) -> None:
         answered: list[tuple[Job, Proposal]] = []
@@ -438,6 +468,20 @@ class Scheduler:
             .options(defer(Result.log_tail))).scalars()}
         return ProgramView(program, exps, results)
 
+    @staticmethod
+    def _decision_rows(pid: int) -> ColumnElement[bool]:
+        """The experiments deciding needs, not the whole program: the undecided runs; every run of their parents'
+        commits (the comparison, and whether the parent is still running); every commit run more than once (the
+        noise estimate pools exactly those, and a candidate's confirmations share its commit); rows not
+        committed yet; crashed runs and repairs (repair chains)."""
+        E = Experiment
+        undecided = and_(E.status == S.succeeded, E.decision.is_(None))
+        parents = select(E.parent_commit).where(E.program_id == pid, undecided).scalar_subquery()
+        shared = (select(E.commit_sha).where(E.program_id == pid, E.commit_sha.is_not(None)).group_by(E.commit_sha)
+                  .having(func.count() >= 2).scalar_subquery())
+        return or_(undecided, E.commit_sha.in_(parents), E.commit_sha.in_(shared), E.commit_sha.is_(None),
+                   E.status == S.crashed, E.repair_of.is_not(None))
+
     def _decide(self, stats: dict[str, int]) -> None:
         with session_scope(self.engine) as s:
             ids = list(s.execute(select(Program.id).where(Program.root_commit.is_not(None))).scalars())
@@ -450,7 +494,7 @@ class Scheduler:
                 with session_scope(self.engine) as s:
                     program = s.get(Program, pid)
                     assert program is not None
-                    view = self._load(s, program)
+                    view = self._load(s, program, self._decision_rows(pid))
                     head_moved = self._decisions(s, view, stats, steps)
                 for step in steps:
                     step()
@@ -662,7 +706,7 @@ class Scheduler:
             if time.monotonic() < self.cooldown.get(view.program.id, 0.0):
                 return
             self.repairs_tried.add(e.id)
-            ctx = self._context(s, view, seed=0)
+            ctx = self._context(s, view.program, seed=0)
             ctx = replace(ctx, head_files={n: str(t) for n, t in e.files.items()}, repair_of=e.id,
                           repair_diff=e.diff, repair_log=(r.reason or "") + "\n" + log_tail if r else log_tail)
             self._submit(view.program, Job(view.program.id, ctx, repair_of=e.id))
@@ -823,23 +867,24 @@ class Scheduler:
             p = s.get(Program, program.id)
             if p is None or p.status != ProgramStatus.active:
                 return False
-            view = self._load(s, p)
-            cfg = PolicyConfig.from_dict(p.policy or {})
-            if not any(e.role == ExperimentRole.baseline for e in view.exps):
-                self._create_baselines(s, p, cfg.baseline_runs)
-                view = self._load(s, p)
+            # small queries, not a load of the program: this runs every pass for every program
+            if not s.scalar(select(exists().where(Experiment.program_id == p.id,
+                                                  Experiment.role == ExperimentRole.baseline))):
+                self._create_baselines(s, p, PolicyConfig.from_dict(p.policy or {}).baseline_runs)
             exhausted = self._exhausted(s, p, db_now(s))
             picked = set(self._pass_batch)  # picked earlier in this pass, not queued yet
-            pending = sorted((e for e in view.exps if e.status == S.proposed and e.id not in picked),
-                             key=lambda e: (0 if e.role == ExperimentRole.baseline else
-                                            1 if e.role == ExperimentRole.confirmation else 2, e.id))
+            proposed = s.execute(select(Experiment.id, Experiment.role).where(Experiment.program_id == p.id,
+                                                                             Experiment.status == S.proposed)).all()
+            pending = sorted(((i, role) for i, role in proposed if i not in picked),
+                             key=lambda x: (0 if x[1] == ExperimentRole.baseline else
+                                            1 if x[1] == ExperimentRole.confirmation else 2, x[0]))
             if exhausted:  # no new work; confirmations still run so that decisions complete
-                pending = [e for e in pending if e.role == ExperimentRole.confirmation]
-            pick = pending[0].id if pending else None
-            self._pass_pending[p.id] = [e.id for e in pending[1:]]
+                pending = [x for x in pending if x[1] == ExperimentRole.confirmation]
+            pick = pending[0][0] if pending else None
+            self._pass_pending[p.id] = [i for i, _ in pending[1:]]
             ctx: ProposalContext | None = None
             if pick is None and not exhausted and time.monotonic() >= self.cooldown.get(p.id, 0.0):
-                ctx = self._context(s, view, seed=len(view.exps))
+                ctx = self._context(s, p)
         if pick is not None:
             self._pass_batch.append(pick)
             return True

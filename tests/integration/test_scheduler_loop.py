@@ -269,7 +269,7 @@ def test_answers_are_stored_together_and_survive_a_database_outage(pg_env, tmp_p
     sched.start()
     with session_scope() as s:
         prog = s.get(Program, pid)
-        ctx = sched._context(s, sched._load(s, prog), seed=0)
+        ctx = sched._context(s, prog, seed=0)
 
     made = [0]
 
@@ -329,7 +329,7 @@ def test_a_batch_of_answers_finds_duplicates_among_itself_and_links_its_llm_call
     sched.start()
     with session_scope() as s:
         prog = s.get(Program, pid)
-        ctx = sched._context(s, sched._load(s, prog), seed=0)
+        ctx = sched._context(s, prog, seed=0)
         calls = []
         for _ in range(4):
             c = LLMCall(program_id=pid, model="m", purpose="propose")
@@ -369,3 +369,83 @@ def queued_or_proposed() -> list[Experiment]:
     with session_scope() as s:
         return list(s.execute(select(Experiment).where(Experiment.status.in_([S.queued, S.proposed]),
                                                        Experiment.role == ExperimentRole.candidate)).scalars())
+
+
+def test_proposal_context_matches_the_program_as_loaded(pg_env, tmp_path, monkeypatch):
+    """The proposal context is read as plain columns in one query; it must say what the loaded program says:
+    every history line (status, value, improvement on the parent, reason by precedence: decision, status
+    reason, result reason, log tail), the noise over replicated commits, the head's runs and known contents."""
+    from farm.models import Result
+    from scheduler.policy import PolicyConfig, mean
+
+    install(monkeypatch, tmp_path)
+    with session_scope() as s:
+        pid = create_program(s, name="ctx", instructions="# c", proposer={"kind": "mutation"}).id
+    sched = _sched()
+    sched.start()
+    with session_scope() as s:
+        prog = s.get(Program, pid)
+        head = prog.head_commit
+        other = "b" * 40
+
+        def exp(status, val=None, *, commit=head, parent=head, role=ExperimentRole.candidate, decision=None,
+                result_reason=None, tail=None, status_reason=None, hw="cpu", replicate_of=None, why=None):
+            e = Experiment(program_id=pid, role=role, parent_commit=parent, commit_sha=commit, proposer_kind="manual",
+                           hw_class="cpu", status=status, status_reason=status_reason, decision=decision,
+                           description=f"e{val}-{commit[:1]}", files={}, replicate_of=replicate_of,
+                           content_hash=None if role != ExperimentRole.candidate else f"h-{commit}")
+            s.add(e)
+            s.flush()
+            if val is not None or tail or result_reason:
+                s.add(Result(experiment_id=e.id, outcome=status, val_bpb=val, reason=result_reason, log_tail=tail,
+                             hw_class=hw))
+            if decision is not None:
+                s.add(DecisionRecord(program_id=pid, experiment_id=e.id, decision=decision, policy="confirm",
+                                     reason=why or "", head_before=head, head_after=head, statistics={}))
+            s.flush()
+            return e
+
+        exp(S.succeeded, 1.00, role=ExperimentRole.baseline)
+        exp(S.succeeded, 1.01, role=ExperimentRole.baseline)
+        kept = exp(S.succeeded, 0.98, commit=other, decision=Decision.keep, why="beat the head")
+        exp(S.succeeded, 0.985, commit=other, role=ExperimentRole.confirmation, replicate_of=kept.id,
+            decision=Decision.keep)
+        exp(S.succeeded, 1.02, commit="c" * 40, decision=Decision.discard, why="")  # an empty decision reason
+        exp(S.crashed, None, commit="d" * 40, status_reason="exit 1", tail="Traceback ...")
+        exp(S.crashed, None, commit="e" * 40, tail="x" * 400 + "TAIL")  # reason from the log tail
+        exp(S.timed_out, None, commit="f" * 40, result_reason="over the wall limit", tail="...")
+        exp(S.succeeded, 0.97, commit="1" * 40, hw="gpu.h100")  # another class: no value
+        exp(S.succeeded, 0.99, commit="2" * 40, parent=other)  # undecided, parent with two runs
+        exp(S.queued, None, commit="3" * 40)
+        s.commit()
+
+    with session_scope() as s:
+        prog = s.get(Program, pid)
+        ctx = sched._context(s, prog)
+        view = sched._load(s, prog)
+        cfg = PolicyConfig.from_dict(prog.policy or {})
+        # the oracle: the same context computed from the ORM view
+        want = []
+        for e in view.exps:
+            if e.role == ExperimentRole.baseline or e.replicate_of is not None:
+                continue
+            val = view.value(e)
+            parent = view.runs_of(e.parent_commit)
+            d = s.execute(select(DecisionRecord).where(DecisionRecord.experiment_id == e.id)).scalar_one_or_none()
+            r = view.results.get(e.id)
+            reason = d.reason if d else (e.status_reason or (
+                (r.reason or (r.log_tail or "")[-300:] or None) if r is not None else None))
+            want.append((e.id, e.role.value, e.description, e.decision.value if e.decision else e.status.value, val,
+                         (mean(parent) - val) if (val is not None and parent) else None, reason))
+        got = [(h.experiment_id, h.role, h.description, h.status, h.val_bpb, h.delta, h.reason) for h in ctx.history]
+        assert got == want
+        assert ctx.sigma == view.sigma(cfg)
+        assert ctx.head_val_bpb == mean(view.runs_of(prog.head_commit))
+        assert ctx.known_hashes == frozenset(e.content_hash for e in view.exps if e.content_hash)
+        assert ctx.seed == len(view.exps)
+    reasons = {h.description: h.reason for h in ctx.history}
+    assert reasons["e0.98-b"] == "beat the head" and reasons["e1.02-c"] == ""
+    assert reasons["eNone-d"] == "exit 1" and reasons["eNone-f"] == "over the wall limit"
+    assert reasons["eNone-e"] == ("x" * 400 + "TAIL")[-300:]
+    assert ctx.sigma is not None and len(ctx.history) == 8
+    sched.close()
