@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -109,14 +109,17 @@ def claim(session: Session, experiment_id: int, worker_id: str) -> bool:
     ok = transition(session, experiment_id, S.running, expect={S.queued}, worker_id=worker_id,
                     started_at=utcnow(), heartbeat_at=utcnow(), progress=0.0, current_loss=None)
     if ok:
+        # a worker with two slots claims the next job while one runs: the one it runs stays its current one
         session.execute(update(Worker).where(Worker.id == worker_id)
-                        .values(current_experiment_id=experiment_id, last_heartbeat=utcnow()))
+                        .values(current_experiment_id=func.coalesce(Worker.current_experiment_id, experiment_id),
+                                last_heartbeat=utcnow()))
     return ok
 
 
 def heartbeat(session: Session, experiment_id: int, worker_id: str, *, progress: float | None = None,
-              current_loss: float | None = None) -> bool:
-    """Stamp the experiment and its worker with the database clock; False if the claim was lost."""
+              current_loss: float | None = None, current: bool = False) -> bool:
+    """Stamp the experiment and its worker with the database clock; False if the claim was lost. `current`: this
+    run holds the worker's device, so it is the worker's current experiment."""
     values: dict[str, Any] = {"heartbeat_at": utcnow()}
     if progress is not None:
         values["progress"] = progress
@@ -127,8 +130,12 @@ def heartbeat(session: Session, experiment_id: int, worker_id: str, *, progress:
         .where(Experiment.id == experiment_id, Experiment.worker_id == worker_id,
                Experiment.status == S.running)
         .values(**values))
-    session.execute(update(Worker).where(Worker.id == worker_id).values(last_heartbeat=utcnow()))
-    return bool(getattr(res, "rowcount", 0))
+    ok = bool(getattr(res, "rowcount", 0))
+    worker_values: dict[str, Any] = {"last_heartbeat": utcnow()}
+    if current and ok:
+        worker_values["current_experiment_id"] = experiment_id
+    session.execute(update(Worker).where(Worker.id == worker_id).values(**worker_values))
+    return ok
 
 
 def record_result(session: Session, experiment_id: int, worker_id: str, outcome: ExperimentStatus,

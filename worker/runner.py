@@ -19,6 +19,7 @@ import secrets
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -180,12 +181,13 @@ def load_job(experiment_id: int) -> Job:
                    template_digest=p.template_digest, retry=exp.retry_count, hw_class=exp.hw_class)
 
 
-def _heartbeat(ctx: WorkerContext, job_id: int) -> Any:
+def _heartbeat(ctx: WorkerContext, job_id: int, holds_device: Callable[[], bool] | None = None) -> Any:
     def tick(progress: Progress) -> bool:
         try:
             with session_scope() as s:
                 return states.heartbeat(s, job_id, ctx.worker_id, progress=progress.percent,
-                                        current_loss=progress.loss)
+                                        current_loss=progress.loss,
+                                        current=holds_device() if holds_device is not None else False)
         except SQLAlchemyError as exc:  # a database hiccup is not a lost claim: keep training
             log.warning("heartbeat for experiment %s failed: %s", job_id, str(exc).splitlines()[0])
             return True
@@ -244,7 +246,8 @@ def _spawn(ctx: WorkerContext, job: Job, workdir: Path, wd: Any, log_path: Path,
         t_spawn, spawned_at = time.perf_counter(), time.time()
         child = supervise(argv, env=env, cwd=workdir, log_path=log_path, wall_limit=wall_limit,
                           memory_mb=ctx.limits.memory_mb, log_cap=ctx.limits.log_cap_bytes,
-                          pass_fds=(rfd,) if gate_fd is None else (rfd, gate_fd), on_tick=_heartbeat(ctx, job.id),
+                          pass_fds=(rfd,) if gate_fd is None else (rfd, gate_fd),
+                          on_tick=_heartbeat(ctx, job.id, (lambda: turn.opened) if turn is not None else lambda: True),
                           tick_every=s.heartbeat_interval, extra_time=turn.waited if turn is not None else None)
     finally:
         os.close(rfd)

@@ -96,6 +96,32 @@ def test_duplicate_claim_and_duplicate_result_refused(pg_url):
     engine.dispose()
 
 
+def test_a_two_slot_worker_shows_the_run_that_holds_its_device(pg_url):
+    """The second claim of a two-slot worker (the job it starts early) does not replace its current
+    experiment; the heartbeat of the run that holds the device sets it, and its result clears it."""
+    engine = make_engine(pg_url)
+    first = _setup_running(engine)
+    with session_scope(engine) as s:
+        second = make_experiment(s, s.get(Experiment, first).program).id
+    with session_scope(engine) as s:
+        assert states.claim(s, second, "w1")
+    with session_scope(engine) as s:
+        assert s.get(Worker, "w1").current_experiment_id == first
+        assert states.heartbeat(s, second, "w1", current=False)  # waiting for its turn
+    with session_scope(engine) as s:
+        assert s.get(Worker, "w1").current_experiment_id == first
+        assert states.record_result(s, first, "w1", S.succeeded, val_bpb=1.5)
+    with session_scope(engine) as s:
+        assert s.get(Worker, "w1").current_experiment_id is None
+        assert states.heartbeat(s, second, "w1", current=True)  # its turn: the device is its own
+    with session_scope(engine) as s:
+        assert s.get(Worker, "w1").current_experiment_id == second
+        assert not states.heartbeat(s, first, "w2", current=True)  # a lost claim never becomes current
+    with session_scope(engine) as s:
+        assert s.get(Worker, "w2").current_experiment_id is None
+    engine.dispose()
+
+
 def test_result_from_a_worker_that_lost_its_claim_is_refused(pg_url):
     engine = make_engine(pg_url)
     exp_id = _setup_running(engine)
