@@ -232,8 +232,11 @@ def _spawn(ctx: WorkerContext, job: Job, workdir: Path, wd: Any, log_path: Path,
     overlapped = False
     try:
         if turn is not None:
-            if exclusive:
-                turn.wait_open()
+            if exclusive:  # waiting for the other run to end (minutes): keep the claim's heartbeat fresh
+                beat = _heartbeat(ctx, job.id)
+                while not turn.wait_open(timeout=s.heartbeat_interval):
+                    if not beat(Progress()):
+                        return _Spawned(ChildRun(killed="claim_lost"), nonce, time.perf_counter())
             overlapped = not turn.opened
         mounts = Mounts(workdir=workdir, writable=(ctx.compile_cache,),
                         readonly=(s.data_dir, ctx.template_cache),

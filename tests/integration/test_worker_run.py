@@ -43,3 +43,41 @@ def test_queued_cpu_experiment_runs_and_metrics_land_in_postgres(pg_env, tmp_pat
         assert s.scalar(select(func.count()).select_from(Result).where(Result.experiment_id == dup_id)) == 1
         assert s.get(Experiment, dup_id).status == S.succeeded
         assert s.get(Worker, "test:cpu0").stopped_at is not None  # marked stopped on shutdown
+
+
+# A candidate that fails whenever it starts while the other slot's run holds the device (as an out-of-memory
+# beside it would): it reads its gate without blocking at start.
+BESIDE_TRAIN = '''import os, sys, time
+import prepare
+fd = int(os.environ["FARM_GATE_FD"])
+os.set_blocking(fd, False)
+try:
+    my_turn = os.read(fd, 1) != b""
+except BlockingIOError:
+    my_turn = False
+if not my_turn:
+    print("simulated: out of device memory beside the other run", flush=True)
+    sys.exit(1)
+time.sleep(prepare.TIME_BUDGET)
+prepare.finish(1.5 + 0.001 * (prepare.SEED % 7), steps=1)
+'''
+
+
+def test_two_slots_a_run_that_fails_before_its_turn_is_started_again_alone(pg_env, tmp_path):
+    with session_scope() as s:
+        prog = make_program(s, time_budget=4.0)  # long enough that the second starts while the first runs
+        ids = [make_experiment(s, prog, files={"train.py": BESIDE_TRAIN}, seed=i, content_hash=f"b{i}").id
+               for i in range(2)]
+    app = make_celery()
+    for i in ids:
+        publish_experiment(i, "cpu", time_limit=30, app=app)
+    with workers(worker_env(pg_env, FARM_WORKER_SLOTS="2"), ["slots:cpu0"], tmp_path / "logs"):
+        wait_status(ids, FINISHED, timeout=60)
+    results = [rows(Result, experiment_id=i)[0] for i in ids]
+    assert [rows(Experiment, id=i)[0].status for i in ids] == [S.succeeded, S.succeeded], [r.log_tail for r in results]
+    # one held the device from the start; the other failed beside it, then ran alone after it
+    assert sorted(r.timings["restarted_alone"] for r in results) == [False, True]
+    again = next(r for r in results if r.timings["restarted_alone"])
+    first = next(r for r in results if not r.timings["restarted_alone"])
+    assert again.timings["gate_opened_at"] >= first.timings["exited_at"] - 0.01
+    assert again.timings["spawned_at"] >= again.timings["gate_opened_at"] - 0.01  # spawned only in its turn
