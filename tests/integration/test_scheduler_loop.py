@@ -249,6 +249,18 @@ def test_each_stop_rule_finishes_its_program(pg_env, tmp_path, monkeypatch):
     sched.close()
 
 
+def _mutation_program(monkeypatch, tmp_path, name: str):  # type: ignore[no-untyped-def]
+    """A started scheduler with one mutation program, and the proposal context of its head."""
+    install(monkeypatch, tmp_path)
+    with session_scope() as s:
+        pid = create_program(s, name=name, instructions=f"# {name}", proposer={"kind": "mutation"}).id
+    sched = _sched()
+    sched.start()
+    with session_scope() as s:
+        ctx = sched._context(s, s.get(Program, pid), seed=0)
+    return pid, sched, ctx
+
+
 def test_answers_are_stored_together_and_survive_a_database_outage(pg_env, tmp_path, monkeypatch):
     """A pass stores its LLM answers in one transaction with a savepoint each: one answer that
     cannot be stored is skipped alone, and when the database is away the whole batch is kept for the
@@ -262,14 +274,7 @@ def test_answers_are_stored_together_and_survive_a_database_outage(pg_env, tmp_p
     from scheduler.loop import Job
     from scheduler.proposers import Proposal
 
-    install(monkeypatch, tmp_path)
-    with session_scope() as s:
-        pid = create_program(s, name="batch", instructions="# b", proposer={"kind": "mutation"}).id
-    sched = _sched()
-    sched.start()
-    with session_scope() as s:
-        prog = s.get(Program, pid)
-        ctx = sched._context(s, prog, seed=0)
+    pid, sched, ctx = _mutation_program(monkeypatch, tmp_path, "batch")
 
     made = [0]
 
@@ -322,14 +327,8 @@ def test_a_batch_of_answers_finds_duplicates_among_itself_and_links_its_llm_call
     from scheduler.loop import Job
     from scheduler.proposers import Proposal
 
-    install(monkeypatch, tmp_path)
+    pid, sched, ctx = _mutation_program(monkeypatch, tmp_path, "dups")
     with session_scope() as s:
-        pid = create_program(s, name="dups", instructions="# d", proposer={"kind": "mutation"}).id
-    sched = _sched()
-    sched.start()
-    with session_scope() as s:
-        prog = s.get(Program, pid)
-        ctx = sched._context(s, prog, seed=0)
         calls = []
         for _ in range(4):
             c = LLMCall(program_id=pid, model="m", purpose="propose")
