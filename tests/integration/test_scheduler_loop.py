@@ -4,6 +4,8 @@ replay onto a moved head, manual patches, stop rules, and restarts that duplicat
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import func, select
 
 from farm.candidates import Edit, record_proposal
@@ -23,14 +25,26 @@ from farm.programs import create_program
 from farm.settings import reset_settings_cache
 from farm.states import claim, record_result
 from scheduler.loop import Scheduler
+from scheduler.proposers import ProposerError
 from tests.factories import make_worker
 from tests.toy_template import TRAIN, install
 
 S = ExperimentStatus
 
 
-def _sched(published: list[int] | None = None) -> Scheduler:
-    return Scheduler(publish=lambda i, hw, **kw: (published if published is not None else []).append(i))
+def _sched(published: list[int] | None = None, *, propose: bool = True) -> Scheduler:
+    return Scheduler(publish=lambda i, hw, **kw: (published if published is not None else []).append(i),
+                     proposer_factory=None if propose else lambda program: _NoProposals())
+
+
+class _NoProposals:
+    """For tests that propose by hand: a mutation of the head could by chance equal what they expect a replay to
+    be (the mutation proposer's seed includes the head's sha, which includes a commit time)."""
+    kind = "manual"
+    inline = True
+
+    def propose(self, ctx: Any) -> Any:
+        raise ProposerError("this test proposes by hand")
 
 
 def finish(exp_id: int, val: float | None, worker: str = "w1") -> None:
@@ -107,7 +121,7 @@ def test_confirm_keep_replay_and_manual_patch(pg_env, tmp_path, monkeypatch):
         p = create_program(s, name="judge", instructions="# go", policy={"baseline_runs": 2, "k_sigma": 2.0})
         make_worker(s, "w1")
         pid = p.id
-    sched = _sched()
+    sched = _sched(propose=False)
     sched.tick()
     (b1,) = queued()
     assert b1.role == ExperimentRole.baseline
@@ -156,6 +170,7 @@ def test_confirm_keep_replay_and_manual_patch(pg_env, tmp_path, monkeypatch):
         b = s.get(Experiment, b_id)
         assert b.decision == Decision.discard
         rb = s.execute(select(DecisionRecord).where(DecisionRecord.experiment_id == b_id)).scalar_one()
+        assert "replay" in rb.statistics, rb.reason
         replay_id = rb.statistics["replay"]["experiment_id"]
         r = s.get(Experiment, replay_id)
         assert r.role == ExperimentRole.confirmation and r.proposer_kind == "replay"
