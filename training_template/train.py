@@ -204,41 +204,66 @@ def orthogonalize(G, dtype):
     return X if wide else X.mT
 
 
-class Muon(torch.optim.Optimizer):
-    """Muon for 2-D matrices, same-shape matrices updated as one stack: Nesterov momentum, Polar Express
-    orthogonalisation, NorMuon per-row variance normalisation, cautious weight decay."""
+def muon_update(params, grads, momentum, second, lr, weight_decay, mom, beta2, ortho_dtype):
+    """One Muon step for a group of same-shape matrices, in place: Nesterov momentum, Polar Express
+    orthogonalisation, NorMuon per-row variance normalisation, cautious weight decay. The four scalars are
+    Python floats (eager) or 0-d CPU tensors (compiled: a changing schedule then never recompiles)."""
+    g = torch.stack(grads)
+    momentum.lerp_(g, 1 - mom)
+    update = orthogonalize(g.lerp_(momentum, mom), ortho_dtype).float()
+    # NorMuon: rows (output neurons) normalised by a running mean square, overall norm kept
+    second.lerp_(update.square().mean(dim=-1, keepdim=True), 1 - beta2)
+    norm_before = update.norm(dim=(-2, -1), keepdim=True)
+    update = update * second.clamp_min(1e-10).rsqrt()
+    update = update * (norm_before / update.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-10))
+    rows, cols = g.shape[-2:]
+    stacked = torch.stack(params)
+    decay = (update * stacked > 0).to(stacked.dtype)  # cautious: decay only where the step shrinks |p|
+    shape_lr = lr * max(1.0, rows / cols) ** 0.5
+    stacked.sub_(shape_lr * update.to(stacked.dtype) + lr * weight_decay * decay * stacked)
+    torch._foreach_copy_(params, list(stacked.unbind(0)))
 
-    def __init__(self, params, lr, momentum, weight_decay, beta2, ortho_dtype):
+
+class Muon(torch.optim.Optimizer):
+    """Muon for 2-D matrices, same-shape matrices updated as one stack (muon_update). compile=True runs
+    muon_update through torch.compile (one graph per shape); if compiling fails, it says so once and goes on eagerly."""
+
+    def __init__(self, params, lr, momentum, weight_decay, beta2, ortho_dtype, compile=False):
         by_shape = {}
         for p in params:
             by_shape.setdefault(tuple(p.shape), []).append(p)
         groups = [{"params": ps} for ps in by_shape.values()]
         super().__init__(groups, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, beta2=beta2))
         self.ortho_dtype = ortho_dtype
+        self._compiled = torch.compile(muon_update, dynamic=False, fullgraph=True) if compile else None
+        self._compiled_shapes = set()  # groups whose compiled update has run (each shape compiles on its first step)
+        self._scalars = [torch.zeros((), dtype=torch.float32) for _ in range(4)]  # lr, wd, momentum, beta2
 
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
             params = group["params"]
-            grads = torch.stack([p.grad for p in params])
             state = self.state[params[0]]
             if not state:
-                state["momentum"] = torch.zeros_like(grads)
-                state["second"] = torch.zeros(grads.shape[:-1] + (1,), device=grads.device, dtype=torch.float32)
-            mom, buf, second = group["momentum"], state["momentum"], state["second"]
-            buf.lerp_(grads, 1 - mom)
-            update = orthogonalize(grads.lerp_(buf, mom), self.ortho_dtype).float()
-            # NorMuon: rows (output neurons) normalised by a running mean square, overall norm kept
-            second.lerp_(update.square().mean(dim=-1, keepdim=True), 1 - group["beta2"])
-            norm_before = update.norm(dim=(-2, -1), keepdim=True)
-            update = update * second.clamp_min(1e-10).rsqrt()
-            update = update * (norm_before / update.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-10))
-            rows, cols = params[0].shape
-            lr = group["lr"] * max(1.0, rows / cols) ** 0.5
-            stacked = torch.stack(params)
-            decay = (update * stacked > 0).to(stacked.dtype)  # cautious: decay only where the step shrinks |p|
-            stacked.sub_(lr * update.to(stacked.dtype) + group["lr"] * group["weight_decay"] * decay * stacked)
-            torch._foreach_copy_(params, list(stacked.unbind(0)))
+                shape, dev = (len(params), *params[0].shape), params[0].device
+                state["momentum"] = torch.zeros(shape, device=dev, dtype=torch.float32)
+                state["second"] = torch.zeros(shape[:-1] + (1,), device=dev, dtype=torch.float32)
+            scalars = [group["lr"], group["weight_decay"], group["momentum"], group["beta2"]]
+            buffers = (params, [p.grad for p in params], state["momentum"], state["second"])
+            if self._compiled is not None:
+                for tensor, value in zip(self._scalars, scalars, strict=True):
+                    tensor.fill_(value)
+                try:
+                    self._compiled(*buffers, *self._scalars, self.ortho_dtype)
+                    self._compiled_shapes.add(params[0].shape)
+                    continue
+                except Exception as exc:  # a compiler failure surfaces on a shape's first call, before any write
+                    if params[0].shape in self._compiled_shapes:
+                        raise
+                    print(f"Muon: torch.compile failed ({type(exc).__name__}: {str(exc)[:200]}); "
+                          "eager from now on", flush=True)
+                    self._compiled = None
+            muon_update(*buffers, *scalars, self.ortho_dtype)
 
 
 # ======================================================================================================
@@ -270,6 +295,7 @@ WARMUP_RATIO = 0.0  # fraction of progress spent warming the learning rate up
 WARMDOWN_RATIO = 0.5  # fraction of progress spent decaying it at the end
 FINAL_LR_FRAC = 0.0  # learning-rate multiplier reached at the end of warmdown
 COMPILE = True  # torch.compile the model (CUDA only; the CPU path runs eagerly)
+COMPILE_OPTIMIZER = True  # torch.compile the Muon update too (CUDA only)
 ATTN_IMPL = "flex"  # flex (FlexAttention, CUDA) or sdpa; the CPU always uses sdpa
 KERNEL_OPS = "linear_ce"  # ops that use the fused kernels of kernels/: "all", "none" or a comma list of kernels.OPS
 LOG_EVERY = pick(h100=25, cpu=10)  # print a progress line every this many steps
@@ -310,7 +336,7 @@ adam_groups = [
 ]
 adamw = torch.optim.AdamW(adam_groups, betas=ADAM_BETAS, eps=1e-10, weight_decay=0.0, fused=cuda)
 muon = Muon(matrices, lr=MATRIX_LR, momentum=MUON_MOMENTUM, weight_decay=WEIGHT_DECAY, beta2=MUON_BETA2,
-            ortho_dtype=torch.bfloat16 if cuda else torch.float32)
+            ortho_dtype=torch.bfloat16 if cuda else torch.float32, compile=COMPILE_OPTIMIZER and cuda)
 optimizers = [adamw, muon]
 for opt in optimizers:
     for group in opt.param_groups:

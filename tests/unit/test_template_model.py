@@ -1,5 +1,5 @@
-"""The baseline model and optimizer of training_template/train.py, loaded without running the script: the file
-is executed up to its Setup banner, which must not touch a device, the data or the compiler."""
+"""The baseline model and optimizer of training_template/train.py, loaded without running the script
+(tests/template_defs.py)."""
 
 from __future__ import annotations
 
@@ -14,23 +14,12 @@ sys.path.insert(0, str(TEMPLATE))
 
 import prepare  # noqa: E402
 
+from tests.template_defs import load_train_defs  # noqa: E402
+
 
 @pytest.fixture(scope="module")
 def train_defs() -> dict:
-    source = (TEMPLATE / "train.py").read_text()
-    head = source.split("# Setup\n")[0]
-    namespace: dict = {"__name__": "train_defs"}
-    real_compile, real_cuda = torch.compile, torch.cuda.is_available
-
-    def forbidden(*args, **kwargs):
-        raise AssertionError("train.py queried the device or compiled at import")
-
-    torch.compile, torch.cuda.is_available = forbidden, forbidden
-    try:
-        exec(compile(head, str(TEMPLATE / "train.py"), "exec"), namespace)
-    finally:
-        torch.compile, torch.cuda.is_available = real_compile, real_cuda
-    return namespace
+    return load_train_defs()
 
 
 def test_polar_express_orthogonalises(train_defs):
@@ -120,3 +109,47 @@ def test_flex_attention_masks_match_sdpa(train_defs, monkeypatch):
     train_defs["configure_attention"]("flex", 128, [64, 128], "cpu")
     for w in (64, 128):
         assert torch.allclose(train_defs["attend"](q, k, v, w), expected[w], atol=1e-5)
+
+
+def _muon_run(train_defs, steps: int, **kwargs) -> list[torch.Tensor]:
+    """Two groups (16x8 twice, 8x16 once), a schedule that changes lr and momentum every step, fixed grads."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(*shape)) for shape in ((16, 8), (16, 8), (8, 16))]
+    grads = [[torch.randn_like(p) for p in params] for _ in range(steps)]
+    muon = train_defs["Muon"](params, lr=0.02, momentum=0.85, weight_decay=0.1, beta2=0.95,
+                              ortho_dtype=torch.float32, **kwargs)
+    for i in range(steps):
+        for p, g in zip(params, grads[i], strict=True):
+            p.grad = g
+        for group in muon.param_groups:
+            group["lr"], group["momentum"] = 0.02 * (1 - i / steps), 0.85 + 0.03 * i
+        muon.step()
+    return [p.detach().clone() for p in params]
+
+
+def test_compiled_muon_update_matches_eager_and_never_recompiles(train_defs):
+    # COMPILE_OPTIMIZER on CUDA: the same update through torch.compile (fullgraph, so a graph break fails
+    # here), with the schedule's scalars as 0-d tensors. Tolerance: float32 throughout, and Inductor's fused
+    # reductions (the norms) sum in another order, so results agree to float32 rounding, not bit for bit.
+    eager = _muon_run(train_defs, 4)
+    torch._dynamo.reset()
+    compiled = _muon_run(train_defs, 1, compile=True)  # compiles each shape once
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(_muon_run(train_defs, 1), compiled, strict=True))
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(recompile_limit=2, fail_on_recompile_limit_hit=True):
+        compiled = _muon_run(train_defs, 4, compile=True)  # lr and momentum change every step
+    for a, b in zip(eager, compiled, strict=True):
+        assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+
+
+def test_muon_goes_on_eagerly_when_compiling_fails(train_defs, monkeypatch, capsys):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+
+    def fake_compile(fn, **kwargs):
+        return broken
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    fallback = _muon_run(train_defs, 3, compile=True)
+    assert capsys.readouterr().out.count("Muon: torch.compile failed (RuntimeError: no compiler here)") == 1
+    assert all(torch.equal(a, b) for a, b in zip(_muon_run(train_defs, 3), fallback, strict=True))
