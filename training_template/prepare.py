@@ -26,6 +26,10 @@ Contract with the worker (stable; the worker is built against it):
     FARM_DEVICE        optional torch device override (e.g. cuda:1); default cuda for h100, cpu for cpu
     FARM_EVAL_TOKENS   optional smaller evaluation (tests, benchmarks); the result records eval_tokens, and
                        results are comparable only at equal eval_tokens
+    FARM_TORCH_PROFILE optional path: torch.profiler records FARM_TORCH_PROFILE_STEPS (default 3) timed optimizer
+                       steps, from the second timed one, and writes a text summary there (device busy time,
+                       time by kind of kernel, the optimizers' share, the top kernels) and the raw table as
+                       PATH.json. For diagnosis: the profiled steps run slower and count as training time.
   result: JSON at FARM_RESULT_PATH with "nonce" and "digest" = result_digest(payload, nonce), written before the
     `---` summary is printed on stdout; finish() then ends the process with exit code 0.
   exit codes: 0 ok, 1 uncaught exception, 2 bad environment, 3 FAIL (NaN / exploding loss / non-finite bpb),
@@ -233,6 +237,8 @@ CORPUS = os.environ.get("FARM_CORPUS", "").strip() or "bible"
 DEVICE_NAME = os.environ.get("FARM_DEVICE", "").strip() or PROFILE.device
 MAX_SEQ_LEN = PROFILE.seq_len
 EVAL_TOKENS = _env_number("FARM_EVAL_TOKENS", int, PROFILE.eval_tokens)  # tests/bench may shrink it; recorded
+TORCH_PROFILE = os.environ.get("FARM_TORCH_PROFILE", "").strip() or None
+TORCH_PROFILE_STEPS = _env_number("FARM_TORCH_PROFILE_STEPS", int, 3)
 
 # The heavy imports come after the nonce and the environment are settled, so a bad setup fails in milliseconds.
 import numpy as np  # noqa: E402
@@ -877,6 +883,111 @@ def _pack_eval_rows(split: str, profile: Profile) -> np.ndarray:
 # Clock: training time, progress, fast fail
 # ======================================================================================================
 
+class StepProfile:
+    """FARM_TORCH_PROFILE: torch.profiler over `steps` timed optimizer steps (from the second timed one, so no
+    compile or warm-up is in it), written as a text summary to `path` and the raw table to `path`.json."""
+
+    # kinds of CUDA kernel, by name (first match wins)
+    KINDS = (
+        ("matmul (cuBLAS / CUTLASS)", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "wgmma")),
+        ("attention (FlexAttention / SDPA)", ("flex", "triton_tem_", "flash", "fmha", "attention")),
+        ("farm Triton kernels", ("_softcap_ce_", "_rms_norm_", "_rotary_", "_relu_squared_")),
+        ("Inductor fused (triton_*)", ("triton_",)),
+        ("copies and fills", ("memcpy", "memset", "copy", "fill", "catarraybatched")),
+    )
+    OTHER = "other ATen (eager ops)"
+
+    def __init__(self, path: str, steps: int, cuda: bool) -> None:
+        self.path, self.steps, self.cuda = Path(path), max(1, steps), cuda
+        self._prof: torch.profiler.profile | None = None
+        self._t0 = 0.0
+        self._profiled = 0
+        self.written = False
+
+    def tick(self, timed_index: int) -> None:
+        """Called by the clock after each step, with how many timed steps are done (<= 0 before timing)."""
+        if timed_index == 1 and self._prof is None and not self.written:
+            acts = [torch.profiler.ProfilerActivity.CPU]
+            if self.cuda:
+                acts.append(torch.profiler.ProfilerActivity.CUDA)
+            self._prof = torch.profiler.profile(activities=acts)
+            self._prof.__enter__()
+            self._t0 = time.perf_counter()
+        elif self._prof is not None:
+            self._profiled = timed_index - 1
+            if self._profiled >= self.steps:
+                self.stop()
+
+    def stop(self) -> None:
+        if self._prof is None:
+            return
+        if self.cuda:
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - self._t0
+        prof, self._prof = self._prof, None
+        prof.__exit__(None, None, None)
+        try:
+            self._write(prof.key_averages(), wall)
+        except Exception as exc:  # a diagnosis must never cost the run its result
+            print(f"prepare: FARM_TORCH_PROFILE: summary not written: {type(exc).__name__}: {exc}", flush=True)
+
+    @classmethod
+    def kind(cls, name: str) -> str:
+        low = name.lower()
+        for kind, needles in cls.KINDS:
+            if any(n in low for n in needles):
+                return kind
+        return cls.OTHER
+
+    def _write(self, table, wall: float) -> None:
+        steps = max(1, self._profiled)
+        on_device = getattr(torch.autograd, "DeviceType", None)
+        rows = []
+        for evt in table:
+            device = getattr(evt, "device_type", None)
+            rows.append({
+                "name": evt.key, "calls": int(evt.count),
+                "kernel": on_device is not None and device == on_device.CUDA,
+                "self_device_us": float(getattr(evt, "self_device_time_total", 0.0) or 0.0),
+                "device_us": float(getattr(evt, "device_time_total", 0.0) or 0.0),
+                "self_cpu_us": float(evt.self_cpu_time_total), "cpu_us": float(evt.cpu_time_total),
+            })
+        kernels = [r for r in rows if r["kernel"] and r["self_device_us"] > 0]
+        busy_us = sum(r["self_device_us"] for r in kernels)
+        lines = [f"torch.profiler over {self._profiled} timed step(s) on {DEVICE_NAME}: {wall:.3f} s wall, "
+                 f"{wall / steps * 1e3:.1f} ms per step (slower than unprofiled)"]
+        if kernels:
+            by_kind: dict[str, float] = {}
+            for r in kernels:
+                by_kind[self.kind(r["name"])] = by_kind.get(self.kind(r["name"]), 0.0) + r["self_device_us"]
+            lines.append(f"device busy {busy_us / 1e6:.3f} s = {100 * busy_us / 1e6 / wall:.1f} % of the wall "
+                         "(kernels, one stream)")
+            lines.append("")
+            lines.append(f"{'kind of kernel':40s} {'ms/step':>9s} {'% busy':>7s}")
+            for kind, us in sorted(by_kind.items(), key=lambda kv: -kv[1]):
+                lines.append(f"{kind:40s} {us / 1e3 / steps:9.2f} {100 * us / busy_us:7.1f}")
+            key, top, unit = "self_device_us", kernels, "device"
+        else:
+            key, top, unit = "self_cpu_us", [r for r in rows if r["self_cpu_us"] > 0], "CPU"
+        optimizer = [r for r in rows if r["name"].startswith("Optimizer.step#")]
+        if optimizer:
+            lines.append("")
+            lines.append(f"{'optimizer step (all its kernels)':40s} {'ms/step':>9s} {'CPU ms':>7s}")
+            for r in sorted(optimizer, key=lambda r: r["name"]):
+                lines.append(f"{r['name']:40s} {r['device_us'] / 1e3 / steps:9.2f} {r['cpu_us'] / 1e3 / steps:7.2f}")
+        total = sum(r[key] for r in top) or 1.0
+        lines.append("")
+        lines.append(f"top {unit} time ({'ms/step':>7s} {'%':>5s} {'calls':>6s})")
+        for r in sorted(top, key=lambda r: -r[key])[:30]:
+            lines.append(f"{r[key] / 1e3 / steps:9.2f} {100 * r[key] / total:5.1f} {r['calls']:6d}  {r['name'][:110]}")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text("\n".join(lines) + "\n")
+        Path(f"{self.path}.json").write_text(json.dumps(
+            {"steps": self._profiled, "wall_seconds": wall, "device": DEVICE_NAME, "events": rows}, indent=0))
+        self.written = True
+        print(f"prepare: profile of {self._profiled} step(s) written to {self.path}", flush=True)
+
+
 class Clock:
     """Counts optimizer steps and the training time, as the harness sees it.
 
@@ -898,6 +1009,7 @@ class Clock:
         self.gate_wait_seconds = 0.0
         self._last: float | None = None
         self._cuda = torch.device(DEVICE_NAME).type == "cuda"
+        self._profile = StepProfile(TORCH_PROFILE, TORCH_PROFILE_STEPS, self._cuda) if TORCH_PROFILE else None
 
     def tick(self, tokens: int, loss: float | torch.Tensor) -> None:
         if self._cuda:
@@ -918,7 +1030,14 @@ class Clock:
             self.timed_tokens += int(tokens)
         if self.steps == self.untimed:
             self.timing_started_wall = time.time()
+        if self._profile is not None:
+            self._profile.tick(self.steps - self.untimed)
         self._last = now
+
+    def close(self) -> None:
+        """End what the clock started (an unfinished profile is written with the steps it has)."""
+        if self._profile is not None:
+            self._profile.stop()
 
     @property
     def progress(self) -> float:
@@ -1048,6 +1167,7 @@ def evaluate_and_report(model, clock: Clock, *, depth: int, flops_per_token: flo
     """Evaluate val and test, build and sign the result (no writing, no exit)."""
     if type(clock) is not Clock:
         _die(EXIT_REJECTED, "prepare: finish() needs the harness Clock")
+    clock.close()
     dev = next(model.parameters()).device
     if clock.steps == 0:  # no step ran, so no tick waited at the device gate: the evaluation does
         clock.gate_wait_seconds = _pass_gate()

@@ -141,6 +141,29 @@ def test_same_seed_same_steps_same_bpb_from_a_read_only_cache(prepared, tmp_path
             p.chmod(p.stat().st_mode | 0o200)
 
 
+def test_torch_profile_summarises_timed_steps_and_keeps_the_result(prepared, tmp_path):
+    # FARM_TORCH_PROFILE: the steps after the first timed one go through torch.profiler; on the CPU the summary
+    # lists CPU time (no kernels) and both optimizers' steps, and the run's result is written as usual.
+    data, cache = prepared
+    path, summary = tmp_path / "r.json", tmp_path / "prof" / "profile.txt"
+    env = farm_env(data, cache, path, FARM_TIME_BUDGET="1000", FARM_MAX_STEPS="8", FARM_EVAL_TOKENS="8192",
+                   FARM_TORCH_PROFILE=str(summary), FARM_TORCH_PROFILE_STEPS="4")
+    proc, _ = run([sys.executable, "train.py"], env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(path.read_text())["num_steps"] == 8
+    text = summary.read_text()
+    assert text.startswith("torch.profiler over 4 timed step(s) on cpu"), text[:200]
+    assert re.search(r"^Optimizer\.step#Muon\.step .*\d", text, re.M) and "Optimizer.step#AdamW.step" in text
+    assert re.search(r"^ +\d+\.\d+ +\d+\.\d +\d+  aten::mm$", text, re.M), text
+    raw = json.loads(Path(f"{summary}.json").read_text())
+    assert raw["steps"] == 4 and any(e["name"] == "aten::mm" and e["calls"] > 0 for e in raw["events"])
+    # a run that ends inside the profiled window writes what it has
+    env.update(FARM_MAX_STEPS="3", FARM_TORCH_PROFILE_STEPS="10")
+    proc, _ = run([sys.executable, "train.py"], env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert summary.read_text().startswith("torch.profiler over 1 timed step(s) on cpu")
+
+
 @pytest.mark.slow
 def test_exploding_learning_rate_fails_fast_with_exit_3(prepared, tmp_path):
     copy = candidate_copy(tmp_path, lambda src: re.sub(r"^(\w+_LR) = \S+", r"\1 = 1e30", src, flags=re.M))

@@ -361,3 +361,43 @@ def test_a_closed_gate_pipe_opens_the_gate():
 def test_a_bad_gate_fd_is_an_environment_error():
     proc = _python("import prepare", {"FARM_GATE_FD": "987"})
     assert proc.returncode == 2 and "FARM_GATE_FD" in proc.stderr
+
+
+# ----- FARM_TORCH_PROFILE summary on CUDA -----
+
+def test_step_profile_summary_groups_cuda_kernels_by_kind(tmp_path):
+    # No GPU here: the summary's CUDA branch gets the events a CUDA profile has (kernels with device time,
+    # optimizer ranges that own their kernels' device time) as stand-ins for torch's key_averages() rows.
+    from types import SimpleNamespace
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+
+    def evt(key, count, self_dev, dev=0.0, device=cuda, cpu_us=0.0):
+        return SimpleNamespace(key=key, count=count, device_type=device, self_device_time_total=self_dev,
+                               device_time_total=dev or self_dev, self_cpu_time_total=cpu_us, cpu_time_total=cpu_us)
+
+    table = [
+        evt("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", 40, 120_000.0),
+        evt("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT", 20, 60_000.0),
+        evt("triton_tem_fused_flex_attention_0", 16, 50_000.0),
+        evt("triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_1", 64, 30_000.0),
+        evt("_softcap_ce_fwd_kernel", 8, 10_000.0),
+        evt("Memcpy HtoD (Pinned -> Device)", 8, 2_000.0),
+        evt("void at::native::vectorized_elementwise_kernel<4, ...>", 100, 8_000.0),
+        evt("Optimizer.step#Muon.step", 2, 0.0, dev=20_000.0, device=cpu, cpu_us=3_000.0),
+        evt("aten::mm", 60, 0.0, device=cpu, cpu_us=5_000.0),
+    ]
+    profile = prepare.StepProfile(str(tmp_path / "p.txt"), 2, cuda=False)
+    profile._profiled = 2
+    profile._write(table, wall=0.4)
+    text = (tmp_path / "p.txt").read_text()
+    busy = 280_000.0
+    assert f"device busy 0.280 s = {100 * busy / 1e6 / 0.4:.1f} % of the wall" in text
+    kinds = {m.group(1).strip(): float(m.group(2)) for m in
+             re.finditer(r"^(.{40}) +(\d+\.\d+) +\d+\.\d$", text, re.M)}
+    assert kinds == {"matmul (cuBLAS / CUTLASS)": 90.0, "attention (FlexAttention / SDPA)": 25.0,
+                     "Inductor fused (triton_*)": 15.0, "farm Triton kernels": 5.0, "copies and fills": 1.0,
+                     "other ATen (eager ops)": 4.0}
+    assert re.search(r"^Optimizer\.step#Muon\.step +10\.00 +1\.50$", text, re.M)
+    top = text.split("top device time")[1].splitlines()[1:]
+    assert top[0].split()[:3] == ["60.00", "42.9", "40"] and "aten::mm" not in text.split("top device time")[1]
