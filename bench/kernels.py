@@ -7,7 +7,9 @@ kernel configuration (tokens/s, MFU, peak VRAM from train.py's summary). Prints 
     python bench/kernels.py                      # CUDA, baseline shapes
     python bench/kernels.py --step               # ... plus one train.py run per kernel config (none;linear_ce;all)
     python bench/kernels.py --step --budget 30 --corpus synthetic --eval-tokens 4194304   # shorter runs
-    python bench/kernels.py --device cpu --small # reduced CPU mode: references only, kernels skipped
+    python bench/kernels.py --no-ops --step --configs "linear_ce;linear_ce COMPILE_OPTIMIZER=False"  # A/B an edit
+    python bench/kernels.py --no-ops --step --configs linear_ce --torch-profile artifacts/prof  # where time goes
+    python bench/kernels.py --device cpu --small # reduced CPU mode: references only (--step runs the cpu profile)
 
 Targets on an H100 (docs/kernels.md): lm_head+loss peak memory at least 50 % below torch.compile,
 template MFU at least 45 %, peak VRAM under 30 GB.
@@ -155,13 +157,19 @@ def _text(data) -> str:
     return data.decode(errors="replace") if isinstance(data, bytes) else (data or "")
 
 
-def run_template(ops: str, args) -> dict | str:
-    """Run train.py in a scratch copy of the template with FARM_KERNELS=ops; its signed result JSON."""
+def _slug(config: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", config.strip()) or "config"
+
+
+def run_template(config: str, args) -> dict | str:
+    """Run train.py in a scratch copy of the template for one --configs entry, "OPS [NAME=VALUE ...]":
+    FARM_KERNELS=OPS, each NAME=VALUE (and every --set) edited into train.py. Its signed result JSON."""
+    ops, *edits = config.split()
     with tempfile.TemporaryDirectory(prefix="farm-kernel-bench-") as tmp:
         work = Path(tmp) / "template"
         shutil.copytree(TEMPLATE, work, ignore=shutil.ignore_patterns("__pycache__", "result.json"))
         train = work / "train.py"
-        for assignment in args.set or []:  # as a candidate would edit the line: the value, comment kept
+        for assignment in [*(args.set or []), *edits]:  # as a candidate would edit the line: the value, comment kept
             name, _, value = assignment.partition("=")
             text, n = re.subn(rf"^{re.escape(name.strip())} = .*?(  # .*)?$",
                               lambda m, line=f"{name.strip()} = {value.strip()}": line + (m.group(1) or ""),
@@ -172,6 +180,8 @@ def run_template(ops: str, args) -> dict | str:
         env = dict(os.environ, FARM_KERNELS=ops if ops != "none" else "0",
                    FARM_RESULT_PATH=str(Path(tmp) / "result.json"))
         env.pop("TRITON_INTERPRET", None)
+        if args.torch_profile:
+            env["FARM_TORCH_PROFILE"] = str(Path(args.torch_profile).resolve() / f"{_slug(config)}.txt")
         for flag, var in ((args.budget, "FARM_TIME_BUDGET"), (args.eval_tokens, "FARM_EVAL_TOKENS"),
                           (args.corpus, "FARM_CORPUS")):
             if flag is not None:
@@ -183,7 +193,7 @@ def run_template(ops: str, args) -> dict | str:
             proc = subprocess.CompletedProcess(exc.cmd, -9, _text(exc.stdout), _text(exc.stderr))
         if args.log:
             with open(args.log, "a") as f:
-                f.write(f"===== FARM_KERNELS={ops} exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}\n")
+                f.write(f"===== {config} exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}\n")
         if proc.returncode == -9:
             return f"timed out after {args.step_timeout} s"
         if proc.returncode != 0:
@@ -191,19 +201,19 @@ def run_template(ops: str, args) -> dict | str:
         return json.loads((Path(tmp) / "result.json").read_text())
 
 
-def bench_step(args) -> None:
+def bench_step(args) -> bool:
+    """The whole-template runs of --step; False when one of them failed."""
     print()
-    if args.device != "cuda":
-        print("Whole-step comparison skipped: it runs train.py's full time budget, which needs CUDA.")
-        return
     if not args.step:
         print("Whole-step comparison not run (add --step: one train.py run per --configs entry).")
-        return
+        return True
     results = {}
-    for ops in args.configs.split(";"):
-        edits = f" and {', '.join(args.set)}" if args.set else ""
-        print(f"running train.py with FARM_KERNELS={ops}{edits} ...", flush=True)
-        results[ops] = res = run_template(ops, args)
+    for config in (c.strip() for c in args.configs.split(";") if c.strip()):
+        ops, *edits = config.split()
+        edits += args.set or []
+        print(f"running train.py with FARM_KERNELS={ops}{' and ' + ', '.join(edits) if edits else ''} ...",
+              flush=True)
+        results[config] = res = run_template(config, args)
         if isinstance(res, str):
             print(f"  FAILED ({res})", flush=True)
             continue
@@ -211,16 +221,25 @@ def bench_step(args) -> None:
               f"peak VRAM {res['peak_vram_mb']:,.0f} MiB  val_bpb {res['val_bpb']:.6f}  steps {res['num_steps']}  "
               f"training {res['training_seconds']:.1f} s  startup {res['startup_seconds']:.1f} s  "
               f"eval {res['eval_seconds']:.1f} s", flush=True)
-    base = results.get("none")
+    first = next(iter(results), None)
+    base = results.get(first) if first is not None else None
     if isinstance(base, dict):
-        for ops, res in results.items():
-            if ops != "none" and isinstance(res, dict):
-                print(f"{ops} / none: tokens/s x{res['tokens_per_second'] / base['tokens_per_second']:.3f}, "
-                      f"peak VRAM x{res['peak_vram_mb'] / base['peak_vram_mb']:.3f}, "
+        for config, res in results.items():
+            if config != first and isinstance(res, dict):
+                print(f"{config} / {first}: tokens/s {_ratio(res, base, 'tokens_per_second')}, "
+                      f"peak VRAM {_ratio(res, base, 'peak_vram_mb')}, "
                       f"val_bpb {res['val_bpb'] - base['val_bpb']:+.6f}")
+    failed = [config for config, res in results.items() if isinstance(res, str)]
+    if failed:
+        print(f"{len(failed)} of {len(results)} runs failed: {'; '.join(failed)}")
+    return not failed
 
 
-def main() -> None:
+def _ratio(res: dict, base: dict, key: str) -> str:
+    return f"x{res[key] / base[key]:.3f}" if base[key] else "n/a"
+
+
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--small", action="store_true", help="tiny shapes (CPU smoke run)")
@@ -230,7 +249,8 @@ def main() -> None:
     parser.add_argument("--no-ops", action="store_true", help="skip the per-op table")
     parser.add_argument("--step", action="store_true", help="also run train.py once per --configs entry")
     parser.add_argument("--configs", default="none;linear_ce;all",
-                        help="';'-separated FARM_KERNELS values for --step (none, all, or comma lists of ops)")
+                        help="';'-separated runs for --step, each 'OPS [NAME=VALUE ...]': a FARM_KERNELS value "
+                             "(none, all, or a comma list of ops) and train.py edits; ratios are against the first")
     parser.add_argument("--budget", type=float, help="FARM_TIME_BUDGET for --step (default: the profile's)")
     parser.add_argument("--eval-tokens", type=int, help="FARM_EVAL_TOKENS for --step (default: the profile's)")
     parser.add_argument("--corpus", help="FARM_CORPUS for --step (default: bible)")
@@ -238,6 +258,9 @@ def main() -> None:
     parser.add_argument("--set", action="append", metavar="NAME=VALUE",
                         help="edit a hyperparameter line of train.py in the run's copy (repeatable)")
     parser.add_argument("--log", help="append each train.py run's output to this file")
+    parser.add_argument("--torch-profile", metavar="DIR",
+                        help="profile a few timed steps of each --step run (FARM_TORCH_PROFILE) into DIR/CONFIG.txt; "
+                             "profiled runs are slower, so their tokens/s are not benchmark figures")
     args = parser.parse_args()
     if args.device == "cpu" and not args.small:
         print("--device cpu implies --small")
@@ -245,8 +268,8 @@ def main() -> None:
     args.iters = args.iters or (3 if args.device == "cpu" else 20)
     if not args.no_ops:
         bench_ops(args)
-    bench_step(args)
+    return 0 if bench_step(args) else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
