@@ -3,21 +3,23 @@
 # (installs nothing). In order of what it decides, each phase getting what is left of the time given (a
 # slow phase costs the later ones, never the logs of the earlier ones):
 #   1. the CUDA kernel tests (tests/gpu)
-#   2. the whole template, default vs the Muon update left eager (COMPILE_OPTIMIZER=False): tokens/s, MFU
+#   2. the whole template: default, the Muon update left eager (COMPILE_OPTIMIZER=False), and SDPA's causal
+#      kernel for the full-context layers (ATTN_IMPL='mixed'): tokens/s, MFU, peak VRAM
 #   3. one default run under torch.profiler: where the device time of a step goes (profile/*.txt)
-#   4. three default runs through the device gate with two slots: the device time between timed runs
+#   4. three default runs (the profile's full evaluation) through the device gate with two slots: the
+#      device time between timed runs
 #   5. the per-kernel table against eager and torch.compile
 # Results go to $OUT (default artifacts/gpu):
 #   env.txt summary.txt tests.log step.log train.log profile.log profile/ gap.log gap_runs.log gap.json ops.log
 # Every bench it runs is also run on the CPU by tests/integration/test_bench_device_scripts.py.
 #
-#   bench/gpu_check.sh [SECONDS] [STEP_BUDGET]     # defaults: 540 s in all, 20 s of training per step run
+#   bench/gpu_check.sh [SECONDS] [STEP_BUDGET]     # defaults: 570 s in all, 15 s of training per step run
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-artifacts/gpu}
 mkdir -p "$OUT"
-deadline=$(( $(date +%s) + ${1:-540} ))
-step_budget=${2:-20}
+deadline=$(( $(date +%s) + ${1:-570} ))
+step_budget=${2:-15}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 export FARM_PROFILE=h100 FARM_CORPUS=synthetic
@@ -53,13 +55,13 @@ phase "CUDA kernel tests" 60 tests.log env FARM_TEST_CUDA=1 "$PY" -m pytest -q -
 wait "$prepare_pid" || { note "data cache build failed:"; tail -n 5 /tmp/farm-gpu-prepare.log | tee -a "$OUT/summary.txt"; }
 
 step_timeout=$(( step_budget + 170 ))
-common=(--budget "$step_budget" --corpus synthetic --eval-tokens 4194304)
-phase "template: default vs eager optimizer" 200 step.log "$PY" bench/kernels.py --no-ops --step "${common[@]}" \
-  --configs "linear_ce;linear_ce COMPILE_OPTIMIZER=False" --step-timeout "$step_timeout" --log "$OUT/train.log"
+phase "template: default vs eager optimizer vs mixed attention" 200 step.log "$PY" bench/kernels.py --no-ops --step \
+  --budget "$step_budget" --corpus synthetic --eval-tokens 1048576 --step-timeout "$step_timeout" --log "$OUT/train.log" \
+  --configs "linear_ce;linear_ce COMPILE_OPTIMIZER=False;linear_ce ATTN_IMPL='mixed'"
 phase "template under torch.profiler" 90 profile.log "$PY" bench/kernels.py --no-ops --step --budget 8 \
   --corpus synthetic --eval-tokens 1048576 --configs linear_ce --step-timeout 200 --torch-profile "$OUT/profile" \
   --log "$OUT/train.log"
-phase "device gap with two slots" 120 gap.log "$PY" bench/gate_gap.py --runs 3 --slots 2 --budget 15 \
-  --corpus synthetic --eval-tokens 4194304 --timeout "$(( $(left) - 15 ))" --log "$OUT/gap_runs.log" --json "$OUT/gap.json"
+phase "device gap with two slots" 100 gap.log "$PY" bench/gate_gap.py --runs 3 --slots 2 --budget 10 \
+  --corpus synthetic --timeout "$(( $(left) - 15 ))" --log "$OUT/gap_runs.log" --json "$OUT/gap.json"
 phase "per-kernel table" 45 ops.log "$PY" bench/kernels.py --iters 10
 note "done at $(date +%T), $(left) s to spare"

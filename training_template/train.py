@@ -40,10 +40,11 @@ ATTENTION = {"impl": "sdpa", "block_masks": {}}  # set once by configure_attenti
 
 def configure_attention(impl, seq_len, windows, device):
     """sdpa: dense boolean window masks, any device. flex: FlexAttention with block-sparse masks built here,
-    once per window, so the compiled graph only looks them up."""
+    once per window, so the compiled graph only looks them up. mixed: flex for the sliding windows, SDPA's
+    causal kernel (FlashAttention / cuDNN on a GPU) for the layers that see the whole context."""
     ATTENTION["impl"] = impl
-    if impl == "flex":
-        for w in set(windows):
+    if impl in ("flex", "mixed"):
+        for w in set(windows) - ({seq_len} if impl == "mixed" else set()):
             ATTENTION["block_masks"][(seq_len, w)] = create_block_mask(
                 window_mask_mod(w), B=None, H=None, Q_LEN=seq_len, KV_LEN=seq_len, device=device)
 
@@ -51,7 +52,7 @@ def configure_attention(impl, seq_len, windows, device):
 def attend(q, k, v, window):
     """Causal attention over the last `window` positions; q, k, v: (B, H, T, D)."""
     T = q.size(2)
-    if ATTENTION["impl"] == "flex":
+    if ATTENTION["impl"] == "flex" or (ATTENTION["impl"] == "mixed" and window < T):
         return flex_attention(q, k, v, block_mask=ATTENTION["block_masks"][(T, window)])
     if window >= T:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -296,7 +297,7 @@ WARMDOWN_RATIO = 0.5  # fraction of progress spent decaying it at the end
 FINAL_LR_FRAC = 0.0  # learning-rate multiplier reached at the end of warmdown
 COMPILE = True  # torch.compile the model (CUDA only; the CPU path runs eagerly)
 COMPILE_OPTIMIZER = True  # torch.compile the Muon update too (CUDA only)
-ATTN_IMPL = "flex"  # flex (FlexAttention, CUDA) or sdpa; the CPU always uses sdpa
+ATTN_IMPL = "flex"  # flex (FlexAttention, CUDA), sdpa, or mixed (flex for windows, sdpa causal for L); CPU: sdpa
 KERNEL_OPS = "linear_ce"  # ops that use the fused kernels of kernels/: "all", "none" or a comma list of kernels.OPS
 LOG_EVERY = pick(h100=25, cpu=10)  # print a progress line every this many steps
 

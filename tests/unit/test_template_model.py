@@ -109,6 +109,12 @@ def test_flex_attention_masks_match_sdpa(train_defs, monkeypatch):
     train_defs["configure_attention"]("flex", 128, [64, 128], "cpu")
     for w in (64, 128):
         assert torch.allclose(train_defs["attend"](q, k, v, w), expected[w], atol=1e-5)
+    # mixed: FlexAttention only where a window is shorter than the sequence, SDPA's causal kernel elsewhere
+    monkeypatch.setitem(train_defs, "ATTENTION", {"impl": "sdpa", "block_masks": {}})
+    train_defs["configure_attention"]("mixed", 128, [64, 128, 64], "cpu")
+    assert set(train_defs["ATTENTION"]["block_masks"]) == {(128, 64)}
+    for w in (64, 128):
+        assert torch.allclose(train_defs["attend"](q, k, v, w), expected[w], atol=1e-5)
 
 
 def _muon_run(train_defs, steps: int, **kwargs) -> list[torch.Tensor]:
