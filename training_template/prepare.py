@@ -952,7 +952,10 @@ class StepProfile:
                 "device_us": float(getattr(evt, "device_time_total", 0.0) or 0.0),
                 "self_cpu_us": float(evt.self_cpu_time_total), "cpu_us": float(evt.cpu_time_total),
             })
-        kernels = [r for r in rows if r["kernel"] and r["self_device_us"] > 0]
+        # record_function ranges (optimizer steps, compiled regions) come back twice: the CPU range and its span
+        # on the device under the same name; only names no CPU event has are kernels (or copies)
+        cpu_names = {r["name"] for r in rows if not r["kernel"]}
+        kernels = [r for r in rows if r["kernel"] and r["name"] not in cpu_names and r["self_device_us"] > 0]
         busy_us = sum(r["self_device_us"] for r in kernels)
         lines = [f"torch.profiler over {self._profiled} timed step(s) on {DEVICE_NAME}: {wall:.3f} s wall, "
                  f"{wall / steps * 1e3:.1f} ms per step (slower than unprofiled)"]
@@ -969,12 +972,16 @@ class StepProfile:
             key, top, unit = "self_device_us", kernels, "device"
         else:
             key, top, unit = "self_cpu_us", [r for r in rows if r["self_cpu_us"] > 0], "CPU"
-        optimizer = [r for r in rows if r["name"].startswith("Optimizer.step#")]
+        optimizer: dict[str, tuple[float, float]] = {}  # name -> (device us, CPU us), either row may carry either
+        for r in rows:
+            if r["name"].startswith("Optimizer.step#"):
+                dev_us, cpu_us = optimizer.get(r["name"], (0.0, 0.0))
+                optimizer[r["name"]] = (max(dev_us, r["device_us"]), max(cpu_us, r["cpu_us"]))
         if optimizer:
             lines.append("")
             lines.append(f"{'optimizer step (all its kernels)':40s} {'ms/step':>9s} {'CPU ms':>7s}")
-            for r in sorted(optimizer, key=lambda r: r["name"]):
-                lines.append(f"{r['name']:40s} {r['device_us'] / 1e3 / steps:9.2f} {r['cpu_us'] / 1e3 / steps:7.2f}")
+            for name, (dev_us, cpu_us) in sorted(optimizer.items()):
+                lines.append(f"{name:40s} {dev_us / 1e3 / steps:9.2f} {cpu_us / 1e3 / steps:7.2f}")
         total = sum(r[key] for r in top) or 1.0
         lines.append("")
         lines.append(f"top {unit} time ({'ms/step':>7s} {'%':>5s} {'calls':>6s})")

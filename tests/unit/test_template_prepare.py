@@ -385,6 +385,9 @@ def test_step_profile_summary_groups_cuda_kernels_by_kind(tmp_path):
         evt("Memcpy HtoD (Pinned -> Device)", 8, 2_000.0),
         evt("void at::native::vectorized_elementwise_kernel<4, ...>", 100, 8_000.0),
         evt("Optimizer.step#Muon.step", 2, 0.0, dev=20_000.0, device=cpu, cpu_us=3_000.0),
+        evt("Optimizer.step#Muon.step", 2, 21_000.0),  # the same range's span on the device: not a kernel
+        evt("Optimizer.step#AdamW.step", 2, 4_000.0),  # here only the device span carries the time
+        evt("Optimizer.step#AdamW.step", 2, 0.0, device=cpu, cpu_us=1_000.0),
         evt("aten::mm", 60, 0.0, device=cpu, cpu_us=5_000.0),
     ]
     profile = prepare.StepProfile(str(tmp_path / "p.txt"), 2, cuda=False)
@@ -398,6 +401,7 @@ def test_step_profile_summary_groups_cuda_kernels_by_kind(tmp_path):
     assert kinds == {"matmul (cuBLAS / CUTLASS)": 90.0, "attention (FlexAttention / SDPA)": 25.0,
                      "Inductor fused (triton_*)": 15.0, "farm Triton kernels": 5.0, "copies and fills": 1.0,
                      "other ATen (eager ops)": 4.0}
-    assert re.search(r"^Optimizer\.step#Muon\.step +10\.00 +1\.50$", text, re.M)
+    assert re.search(r"^Optimizer\.step#Muon\.step +10\.50 +1\.50$", text, re.M), text
+    assert re.search(r"^Optimizer\.step#AdamW\.step +2\.00 +0\.50$", text, re.M), text
     top = text.split("top device time")[1].splitlines()[1:]
     assert top[0].split()[:3] == ["60.00", "42.9", "40"] and "aten::mm" not in text.split("top device time")[1]
