@@ -32,3 +32,17 @@ def load_train_defs() -> dict:
     finally:
         torch.compile, torch.cuda.is_available = real_compile, real_cuda  # type: ignore[assignment]
     return namespace
+
+
+def run_muon(defs: dict, params: list, grads: list[list[torch.Tensor]], *, lr: float, weight_decay: float,
+             ortho_dtype: torch.dtype, compile: bool = False) -> None:
+    """train.py's Muon over `params`, one step per entry of `grads`, with a schedule that moves every step as
+    train.py's does (lr decaying linearly, momentum rising from 0.85 by 0.02 a step)."""
+    muon = defs["Muon"](params, lr=lr, momentum=0.85, weight_decay=weight_decay, beta2=0.95,
+                        ortho_dtype=ortho_dtype, compile=compile)
+    for i, step_grads in enumerate(grads):
+        for p, g in zip(params, step_grads, strict=True):
+            p.grad = g
+        for group in muon.param_groups:
+            group["lr"], group["momentum"] = lr * (1 - i / len(grads)), 0.85 + 0.02 * i
+        muon.step()

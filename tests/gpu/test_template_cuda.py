@@ -8,7 +8,7 @@ import torch
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
 
-from tests.template_defs import load_train_defs  # noqa: E402
+from tests.template_defs import load_train_defs, run_muon  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 # the baseline's Muon groups: c_q/c_k/c_v/c_proj of 8 blocks, c_fc, mlp c_proj, ve_gate of 4 blocks
@@ -20,14 +20,7 @@ def _run(defs, steps: int, compile: bool) -> tuple[list[torch.Tensor], list[torc
     params = [torch.nn.Parameter(torch.randn(*s, device="cuda", generator=gen) * 0.02) for s in SHAPES]
     start = [p.detach().clone() for p in params]
     grads = [[torch.randn(*s, device="cuda", generator=gen) for s in SHAPES] for _ in range(steps)]
-    muon = defs["Muon"](params, lr=0.04, momentum=0.85, weight_decay=0.2, beta2=0.95, ortho_dtype=torch.bfloat16,
-                        compile=compile)
-    for i in range(steps):
-        for p, g in zip(params, grads[i], strict=True):
-            p.grad = g
-        for group in muon.param_groups:
-            group["lr"], group["momentum"] = 0.04 * (1 - i / steps), 0.85 + 0.02 * i
-        muon.step()
+    run_muon(defs, params, grads, lr=0.04, weight_decay=0.2, ortho_dtype=torch.bfloat16, compile=compile)
     torch.cuda.synchronize()
     return start, [p.detach() for p in params]
 

@@ -14,7 +14,7 @@ sys.path.insert(0, str(TEMPLATE))
 
 import prepare  # noqa: E402
 
-from tests.template_defs import load_train_defs  # noqa: E402
+from tests.template_defs import load_train_defs, run_muon  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -122,14 +122,7 @@ def _muon_run(train_defs, steps: int, **kwargs) -> list[torch.Tensor]:
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(*shape)) for shape in ((16, 8), (16, 8), (8, 16))]
     grads = [[torch.randn_like(p) for p in params] for _ in range(steps)]
-    muon = train_defs["Muon"](params, lr=0.02, momentum=0.85, weight_decay=0.1, beta2=0.95,
-                              ortho_dtype=torch.float32, **kwargs)
-    for i in range(steps):
-        for p, g in zip(params, grads[i], strict=True):
-            p.grad = g
-        for group in muon.param_groups:
-            group["lr"], group["momentum"] = 0.02 * (1 - i / steps), 0.85 + 0.03 * i
-        muon.step()
+    run_muon(train_defs, params, grads, lr=0.02, weight_decay=0.1, ortho_dtype=torch.float32, **kwargs)
     return [p.detach().clone() for p in params]
 
 
