@@ -58,9 +58,9 @@ def run(runs: int, slots: int, env: dict[str, str], log_path: Path, timeout: flo
                 rc = proc.poll()
                 if rc is None:
                     continue
+                out[i].update(exit_code=rc, exited=time.time())  # noted before the next turn opens
                 turn.done()  # the holder exited: the next turn opens now, as the worker does it
                 del active[i]
-                out[i].update(exit_code=rc, exited=time.time())
                 if rc == 0 and result.exists():
                     out[i].update(json.loads(result.read_text()))
             time.sleep(0.02)
