@@ -6,7 +6,9 @@ A candidate is code an LLM wrote; it must not reach the farm's state. Methods, b
            process the candidate forks dies with the sandbox); the root filesystem read-only;
            the farm home, database and broker folders hidden under empty tmpfs mounts; only its
            workdir (and the compile cache) writable; the harness files read-only inside the
-           workdir; all capabilities dropped, so even as root it cannot undo a mount.
+           workdir; all capabilities dropped, so even as root it cannot undo a mount. Its /dev is
+           fresh (null, zero, urandom, ...) plus the host's GPU device nodes, bound back so that
+           CUDA still finds the GPU the worker was given.
   unshare  `unshare -n` (root) or `unshare -rn`: network isolation only (no filesystem isolation).
   none     nothing: the worker runs, but says so loudly at start-up and in `workers.sandbox_ok`.
 
@@ -63,15 +65,26 @@ def runtime_paths() -> tuple[Path, ...]:
     return tuple(sorted({Path(p).resolve() for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}))
 
 
+# The device nodes CUDA opens (the GPU itself is chosen by CUDA_VISIBLE_DEVICES, set by the worker):
+# bwrap's fresh /dev has none of them, so without these every CUDA run saw no GPU.
+GPU_DEVICE_GLOBS = ("nvidia*", "nvidia-caps", "dri")
+
+
+def gpu_device_nodes(dev: Path = Path("/dev")) -> list[Path]:
+    return sorted({p for g in GPU_DEVICE_GLOBS for p in dev.glob(g)})
+
+
 def _covered(p: Path, roots: Sequence[Path]) -> bool:
     return any(p == r or r in p.parents for r in roots)
 
 
-def bwrap_argv(argv: Sequence[str], m: Mounts) -> list[str]:
+def bwrap_argv(argv: Sequence[str], m: Mounts, dev: Path = Path("/dev")) -> list[str]:
     cmd = ["bwrap", "--die-with-parent", "--new-session",
            "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
            "--cap-drop", "ALL",
            "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
+    for node in gpu_device_nodes(dev):
+        cmd += ["--dev-bind", str(node), f"/dev/{node.name}"]
     # parents before children, so a later mount is never hidden by an earlier tmpfs
     for p in sorted({Path(p) for p in m.hidden}, key=lambda p: len(p.parts)):
         if p.is_dir():

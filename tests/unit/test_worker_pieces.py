@@ -74,6 +74,30 @@ def test_bwrap_hides_before_it_binds(tmp_path):
     assert argv[-3:] == ["--", "python", "train.py"]
 
 
+def test_bwrap_binds_the_gpu_device_nodes_back(tmp_path):
+    """Regression: bwrap's fresh /dev has no /dev/nvidia*, so every CUDA candidate ran without a GPU
+    (`needs CUDA`, recorded as a crash). Stand-in nodes (plain files) go through the same code."""
+    import shutil
+    import subprocess
+
+    dev = tmp_path / "dev"
+    (dev / "nvidia-caps").mkdir(parents=True)
+    for name in ("nvidia0", "nvidiactl", "nvidia-uvm", "nvidia-caps/nvidia-cap1", "kvm"):
+        (dev / name).write_text(name)
+    work = tmp_path / "w"
+    work.mkdir()
+    argv = bwrap_argv(["sh", "-c", "ls /dev /dev/nvidia-caps && cat /dev/nvidia0"], Mounts(workdir=work), dev=dev)
+    assert f"--dev-bind {dev / 'nvidia0'} /dev/nvidia0" in " ".join(argv)
+    assert "kvm" not in " ".join(argv)  # only GPU nodes come back
+    if not shutil.which("bwrap"):
+        pytest.skip("bwrap not installed: the argv is checked, the run is not")
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    listed = r.stdout.split()
+    assert {"nvidia0", "nvidiactl", "nvidia-uvm", "nvidia-caps", "nvidia-cap1", "null"} <= set(listed)
+    assert "kvm" not in listed and r.stdout.rstrip().endswith("nvidia0")
+
+
 def test_payload_and_message_parsing(tmp_path):
     assert parse_experiment_id(7) == 7 and parse_experiment_id("8") == 8
     assert parse_experiment_id(True) is None and parse_experiment_id({"id": 1}) is None
