@@ -14,9 +14,11 @@ Policies, judged against the candidate's own parent (the head it was proposed ag
 - greedy: the reference rule, keep when val_bpb < the parent's mean (for parity and comparison).
 - confirm (default): a screening run that beats the parent's mean by more than
   margin = max(k_sigma * sigma, min_delta) earns `confirm_runs` more seeds; the change is kept only
-  if the mean over its runs still beats the parent's mean by the margin.
+  if the mean over its runs still beats the parent's mean by the margin (with confirm_runs 0, on the
+  screening run alone).
 Sanity guards (both policies): a run below `min_val_bpb` or an improvement above `max_jump` is held
-for confirmation and never kept on one run; a confirmed mean below the floor is discarded.
+for confirmation and never kept on one run, even with confirm_runs 0 (one confirmation run); a confirmed
+mean below the floor is discarded.
 
 A replay (a change that improved on its parent, re-applied onto a head that had moved) carries its
 original improvements as `prior_deltas`: they count as runs of evidence next to the replay's own.
@@ -124,7 +126,9 @@ def judge(cfg: PolicyConfig, runs: Sequence[float], parent_runs: Sequence[float]
         if d > 0 and mean(own) > 0:
             return v("keep", f"val_bpb {mean(runs):.6f} < parent {parent_mean:.6f}")
         return v("discard", f"val_bpb {mean(runs):.6f} >= parent {parent_mean:.6f}")
-    if n == 1:
+    # confirm_runs 0 is the cheap setting: a screening run past the margin is kept by the rule below,
+    # without a confirmation run (a sanity-flagged one was held above all the same)
+    if n == 1 and (d <= m or cfg.confirm_runs > 0):
         if d > m:
             return v("confirm", f"screening beats parent by {d:.6f} > margin {m:.6f}: confirm on another seed")
         return v("discard", f"improvement {d:.6f} <= margin {m:.6f} (k={cfg.k_sigma:g}, sigma={sigma:.6f})")

@@ -193,6 +193,37 @@ def test_confirm_keep_replay_and_manual_patch(pg_env, tmp_path, monkeypatch):
     s2.close()
 
 
+def test_confirm_runs_zero_keeps_without_a_confirmation_run(pg_env, tmp_path, monkeypatch):
+    """The cheap setting of docs/policy.md: a screening run past the margin is kept at once, no
+    confirmation queued (judge used to ask for one whatever confirm_runs said)."""
+    install(monkeypatch, tmp_path)
+    monkeypatch.setenv("FARM_LOOKAHEAD", "0")
+    reset_settings_cache()
+    with session_scope() as s:
+        pid = create_program(s, name="cheap", instructions="# go", policy={"baseline_runs": 2, "confirm_runs": 0}).id
+        make_worker(s, "w1")
+    sched = _sched(propose=False)
+    for _ in range(2):
+        sched.tick()
+        (b,) = queued()
+        finish(b.id, 1.0)
+    with session_scope() as s:
+        prog = s.get(Program, pid)
+        c = record_proposal(s, prog, parent_commit=prog.root_commit, base_files={"train.py": TRAIN},
+                            proposer_kind="manual", description="lr up",
+                            edit=Edit(files={"train.py": TRAIN.replace("cpu=0.02", "cpu=0.03")}))
+        c_id = c.id
+    sched.tick()
+    assert [e.id for e in queued()] == [c_id]
+    finish(c_id, 0.98)  # 0.02 better than the baselines; the margin is 2 x sigma, about 0.003
+    sched.tick()
+    with session_scope() as s:
+        prog = s.get(Program, pid)
+        assert s.get(Experiment, c_id).decision == Decision.keep and prog.head_experiment_id == c_id
+    assert count(replicate_of=c_id) == 0
+    sched.close()
+
+
 def test_greedy_stop_rule_and_finish(pg_env, tmp_path, monkeypatch):
     install(monkeypatch, tmp_path)
     monkeypatch.setenv("FARM_LOOKAHEAD", "0")

@@ -51,6 +51,16 @@ def test_confirm_runs_two_asks_twice():
     assert judge(cfg, [0.99, 0.99, 0.99], [1.0], SIGMA).action == "keep"
 
 
+def test_confirm_runs_zero_keeps_on_the_screening_run():
+    # docs/policy.md offers {"confirm_runs": 0} as the cheap setting: no confirmation run is spent
+    cfg = PolicyConfig(confirm_runs=0)
+    v = judge(cfg, [0.990], [1.0, 1.0], SIGMA)
+    assert v.action == "keep" and v.stats["n"] == 1, v
+    assert judge(cfg, [0.997], [1.0, 1.0], SIGMA).action == "discard"  # within the margin
+    # a suspicious result is still held for one confirmation run, whatever confirm_runs says
+    assert judge(PolicyConfig(confirm_runs=0, max_jump=0.005), [0.990], [1.0], SIGMA).action == "confirm"
+
+
 @pytest.mark.parametrize("kind", ["greedy", "confirm"])
 def test_sanity_guards_hold_for_confirmation(kind):
     cfg = PolicyConfig(kind=kind, min_val_bpb=0.5, max_jump=0.1)
