@@ -121,7 +121,9 @@ def progress_figure(rows: list[Row], title: str) -> Figure:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("experiment")
     ax.set_ylabel("val_bpb (lower is better)")
-    ax.set_title(title, loc="left", fontsize=11)
+    # the title carries the program's name, which a person typed: `$...$` in it is text, not mathtext
+    # (an unbalanced or unknown one made the render raise)
+    ax.set_title(title, loc="left", fontsize=11, parse_math=False)
     ax.grid(True, color="#eaeef2", linewidth=0.8)
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)

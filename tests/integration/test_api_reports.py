@@ -70,3 +70,20 @@ def test_farm_export(live_api, tmp_path):
     assert (out / "progress.png").read_bytes()[:4] == b"\x89PNG" and (out / "progress.svg").stat().st_size > 1000
     res = CliRunner().invoke(app, ["export", "missing"])
     assert res.exit_code != 0
+
+
+def test_a_name_with_dollar_signs_is_drawn_as_text(live_api, tmp_path):
+    # matplotlib reads `$...$` as mathtext: an unbalanced or unknown one made the plot (and export) fail
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    c = live_api.client()
+    for name in ("budget $x^$ sweep", "cost $5 vs $\\frac"):
+        pid = c.post("/programs", json={"name": name, "instructions": "# go"}).json()["id"]
+        svg = c.get(f"/programs/{pid}/progress.svg")
+        assert svg.status_code == 200, svg.text[:200]
+        assert f"{name}: 0 runs" in svg.text  # the name as typed, not typeset
+        assert c.get(f"/programs/{pid}/progress.png").status_code == 200
+        res = CliRunner().invoke(app, ["export", str(pid), "--out", str(tmp_path / str(pid))])
+        assert res.exit_code == 0, res.output
