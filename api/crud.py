@@ -41,7 +41,7 @@ SortKey = Literal["id", "val_bpb", "created_at", "finished_at"]
 
 def get_program(session: Session, *, ref: str) -> Program | None:
     """A program by numeric id or by slug; None for anything else."""
-    if ref.isdigit() and len(ref) < 11:
+    if ref.isascii() and ref.isdigit() and len(ref) < 11:  # isdigit() alone accepts '³', which int() refuses
         return session.get(Program, int(ref)) if 0 < int(ref) <= MAX_ID else None
     if SLUG.match(ref):
         return session.execute(select(Program).where(Program.slug == ref)).scalar_one_or_none()

@@ -42,6 +42,8 @@ def slugify(name: str) -> str:
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:80]
     if not slug:
         raise ProgramError("the program name must contain a letter or digit")
+    if slug.isdigit():  # every lookup reads an all-digit reference as an id, so such a slug would be unreachable
+        slug = f"p-{slug}"
     return slug
 
 

@@ -92,5 +92,17 @@ def test_errors(live_api):
     assert r.status_code == 422 and "body.name" in r.json()["detail"]
     r = c.post("/programs", content=b"{not json", headers={"Content-Type": "application/json"})
     assert r.status_code == 422 and r.json()["detail"].startswith("body")
-    for ref in ("999999", "99999999999999", "no-such", "%00", "UPPER"):
+    # "%C2%B3" is '³', which str.isdigit() accepts and int() refuses
+    for ref in ("999999", "99999999999999", "no-such", "%00", "UPPER", "%C2%B3", "%D9%A3"):
         assert c.get(f"/programs/{ref}").status_code == 404, ref
+
+
+def test_an_all_digit_name_gets_a_slug_that_is_not_an_id(live_api):
+    c = live_api.client()
+    c.post("/programs", json=BODY)  # program 1, so that "1" as a slug would find the wrong one
+    for name in ("2024", "1"):
+        created = c.post("/programs", json={**BODY, "name": name}).json()
+        assert not created["slug"].isdigit(), created["slug"]
+        r = c.get(f"/programs/{created['slug']}")
+        assert r.status_code == 200 and r.json()["id"] == created["id"], r.text[:200]
+
