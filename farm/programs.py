@@ -7,9 +7,11 @@ then `head_commit` is empty and the head files are the template's editable files
 from __future__ import annotations
 
 import re
+import secrets
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from farm.harness import harness_checksum
@@ -34,6 +36,9 @@ DEFAULT_POLICY: dict[str, Any] = {
 }
 
 
+SLUG_TRIES = 6  # the last one with a random suffix
+
+
 class ProgramError(ValueError):
     pass
 
@@ -47,8 +52,10 @@ def slugify(name: str) -> str:
     return slug
 
 
-def unique_slug(session: Session, name: str) -> str:
+def unique_slug(session: Session, name: str, *, random_suffix: bool = False) -> str:
     base = slugify(name)
+    if random_suffix:
+        return f"{base}-{secrets.token_hex(4)}"
     slug, n = base, 1
     while session.execute(select(Program.id).where(Program.slug == slug)).first() is not None:
         n += 1
@@ -69,19 +76,30 @@ def create_program(session: Session, *, name: str, instructions: str, profile: s
     merged_policy = {**DEFAULT_POLICY, **(policy or {})}
     if merged_policy["kind"] not in ("confirm", "greedy"):
         raise ProgramError("policy.kind must be 'confirm' or 'greedy'")
-    slug = unique_slug(session, name)
-    program = Program(
-        name=name.strip(), slug=slug, instructions=instructions, template=template,
+    values: dict[str, Any] = dict(
+        name=name.strip(), instructions=instructions, template=template,
         # the worker's own definition of the harness (prepare.py + kernels/*.py), so that documentation
         # files in the template (README.md) cannot make every run of the program refused
         template_digest=harness_checksum(template_dir(template)), editable_files=editable, profile=profile,
         hw_class=hw_class or PROFILES[profile]["hw_class"],
         time_budget=float(time_budget or PROFILES[profile]["time_budget"]),
         proposer=dict(proposer or {}), policy=merged_policy, stop_rules=dict(stop_rules or {}),
-        weight=weight, status=ProgramStatus.active, branch=f"research/{slug}")
-    session.add(program)
-    session.flush()
-    return program
+        weight=weight, status=ProgramStatus.active)
+    # Requests for one name at the same moment all see the same free slug, and the unique index refuses
+    # all but one: the others take the next free suffix. Each round lets at least one through, so a
+    # burst larger than the tries ends on a random suffix rather than an error.
+    for attempt in range(SLUG_TRIES):
+        slug = unique_slug(session, name, random_suffix=attempt == SLUG_TRIES - 1)
+        program = Program(**values, slug=slug, branch=f"research/{slug}")
+        try:
+            with session.begin_nested():
+                session.add(program)
+                session.flush()
+            return program
+        except IntegrityError:
+            if attempt == SLUG_TRIES - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 def head_files(session: Session, program: Program) -> dict[str, str]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 from farm.models import Decision, ExperimentRole, ExperimentStatus, LLMCall, Result
 from tests.factories import make_experiment
 
@@ -106,3 +108,25 @@ def test_an_all_digit_name_gets_a_slug_that_is_not_an_id(live_api):
         r = c.get(f"/programs/{created['slug']}")
         assert r.status_code == 200 and r.json()["id"] == created["id"], r.text[:200]
 
+
+def test_concurrent_creates_with_one_name_all_succeed(live_api):
+    # each request picks the same free slug; the unique index refuses all but one
+    codes: list[int] = []
+    slugs: list[str] = []
+    barrier = threading.Barrier(8)
+
+    def create() -> None:
+        c = live_api.client()
+        barrier.wait()
+        r = c.post("/programs", json={**BODY, "name": "same name"})
+        codes.append(r.status_code)
+        slugs.append(r.json()["slug"] if r.status_code == 201 else "")
+
+    for _ in range(4):
+        threads = [threading.Thread(target=create) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert codes == [201] * 32, codes
+    assert len(set(slugs)) == 32
