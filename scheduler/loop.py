@@ -154,7 +154,8 @@ class Scheduler:
         self._note_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="git-notes")  # in order
         self._notes: list[Future[None]] = []
         self._pass_ctx: dict[int, ProposalContext] = {}  # per _fill pass: program -> context sent
-        self._pass_pending: dict[int, list[int]] = {}  # per _fill pass: program -> proposed ids to queue
+        self._pass_pending: dict[int, list[tuple[int, ExperimentRole]]] = {}  # per _fill pass: proposed rows to queue
+        self._pass_room: dict[int, int] = {}  # per _fill pass: program -> runs max_experiments still allows
         self._pass_batch: list[int] = []  # per _fill pass: ids picked for queueing, queued in one transaction
         self.inflight: dict[Future[Proposal], Job] = {}
         self._unstored: list[tuple[Job, Proposal]] = []  # answers a database outage kept from being stored
@@ -705,6 +706,10 @@ class Scheduler:
                 continue
             if time.monotonic() < self.cooldown.get(view.program.id, 0.0):
                 return
+            # a program past a stop rule (spend cap, max_experiments, ...) takes no new work: its repair
+            # would never be queued, and the call would spend past the cap. Asked only when a repair is due
+            if self._exhausted(s, view.program, db_now(s)) is not None:
+                return
             self.repairs_tried.add(e.id)
             ctx = self._context(s, view.program, seed=0)
             ctx = replace(ctx, head_files={n: str(t) for n, t in e.files.items()}, repair_of=e.id,
@@ -800,6 +805,7 @@ class Scheduler:
     def _fill(self, stats: dict[str, int]) -> None:
         self._pass_ctx = {}
         self._pass_pending = {}
+        self._pass_room = {}
         self._pass_batch = []
         try:
             self._fill_classes(stats)
@@ -846,14 +852,47 @@ class Scheduler:
                 else:
                     blocked.add(p.id)
 
+    def _room(self, s: Session, p: Program) -> int | None:
+        """How many more runs max_experiments allows (None: no cap): the runs in the database, less the
+        proposer calls in flight (each answer is a run to come; a call whose answer cannot run is spend
+        for nothing)."""
+        cap = (p.stop_rules or {}).get("max_experiments")
+        if cap is None:
+            return None
+        ran = s.execute(select(func.count()).select_from(Experiment).where(
+            Experiment.program_id == p.id, Experiment.status.not_in([S.proposed, S.invalid]))).scalar_one()
+        return int(cap) - int(ran) - sum(1 for j in self.inflight.values() if j.program_id == p.id)
+
+    def _take_room(self, pid: int, role: ExperimentRole | None) -> bool:
+        """Count one more run (role None: a proposer call) against this pass's room; False at the cap.
+        The rows picked in a pass stay `proposed` until its end, so the database count alone let one pass
+        queue past max_experiments. Confirmations are never refused: they complete a decision."""
+        if role == ExperimentRole.confirmation or pid not in self._pass_room:
+            return True
+        if self._pass_room[pid] <= 0:
+            return False
+        self._pass_room[pid] -= 1
+        return True
+
+    def _next_pending(self, pid: int) -> int | None:
+        """The next pending row of this pass the cap allows (skipping those it does not), or None."""
+        queue_next = self._pass_pending.get(pid) or []
+        while queue_next:
+            exp_id, role = queue_next.pop(0)
+            if self._take_room(pid, role):
+                return exp_id
+        return None
+
     def _feed_one(self, program: Program, stats: dict[str, int]) -> bool:
         """Queue (or start proposing) one more experiment for this program; False if it has nothing."""
-        queue_next = self._pass_pending.get(program.id)
-        if queue_next:  # pending rows found earlier in this pass: queued with the pass's batch
-            self._pass_batch.append(queue_next.pop(0))
+        pick = self._next_pending(program.id)
+        if pick is not None:  # pending rows found earlier in this pass: queued with the pass's batch
+            self._pass_batch.append(pick)
             return True
         cached = self._pass_ctx.get(program.id)
         if cached is not None:
+            if not self._take_room(program.id, None):
+                return False
             # this pass already found nothing pending here and sent the proposer this context: more
             # slots of the same pass get the same context (another seed) without reloading the
             # program and reading git again (64 free workers cost 64 full reloads before)
@@ -872,6 +911,10 @@ class Scheduler:
                                                   Experiment.role == ExperimentRole.baseline))):
                 self._create_baselines(s, p, PolicyConfig.from_dict(p.policy or {}).baseline_runs)
             exhausted = self._exhausted(s, p, db_now(s))
+            if p.id not in self._pass_room:  # once a pass: rows picked in it are still `proposed` here
+                room = self._room(s, p)
+                if room is not None:
+                    self._pass_room[p.id] = room
             picked = set(self._pass_batch)  # picked earlier in this pass, not queued yet
             proposed = s.execute(select(Experiment.id, Experiment.role).where(Experiment.program_id == p.id,
                                                                              Experiment.status == S.proposed)).all()
@@ -880,10 +923,11 @@ class Scheduler:
                                             1 if x[1] == ExperimentRole.confirmation else 2, x[0]))
             if exhausted:  # no new work; confirmations still run so that decisions complete
                 pending = [x for x in pending if x[1] == ExperimentRole.confirmation]
-            pick = pending[0][0] if pending else None
-            self._pass_pending[p.id] = [i for i, _ in pending[1:]]
+            self._pass_pending[p.id] = list(pending)
+            pick = self._next_pending(p.id)
             ctx: ProposalContext | None = None
-            if pick is None and not exhausted and time.monotonic() >= self.cooldown.get(p.id, 0.0):
+            if (pick is None and not exhausted and time.monotonic() >= self.cooldown.get(p.id, 0.0)
+                    and self._take_room(p.id, None)):
                 ctx = self._context(s, p)
         if pick is not None:
             self._pass_batch.append(pick)

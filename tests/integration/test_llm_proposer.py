@@ -203,3 +203,36 @@ def test_spend_cap_stops_proposals_and_finishes(pg_env, tmp_path, monkeypatch):
             prog = s.execute(select(Program)).scalar_one()
             assert prog.status == ProgramStatus.finished and "spend" in (prog.status_reason or "")
     assert get_settings().lookahead >= 0
+
+
+def test_spend_cap_stops_repairs(pg_env, tmp_path, monkeypatch):
+    """A crash after the program reached its spend cap gets no repair call: the program takes no new
+    work (its repair could not be queued), and a repair's LLM call is spend like any other."""
+    install(monkeypatch, tmp_path)
+    trace = 'Traceback (most recent call last):\n  File "train.py", line 9\nNameError: name \'DEPHT\' is not defined'
+    with ScriptedLLM([{"content": GOOD}]) as srv:
+        with session_scope() as s:
+            pid = create_program(s, name="rep", instructions="# go", proposer={
+                "kind": "llm", "model": "openai/scripted", "api_base": srv.base, "api_key": "k"},
+                policy={"baseline_runs": 1, "max_repairs": 2}, stop_rules={"max_spend_usd": 0.5}).id
+            make_worker(s, "w1")
+        sched = Scheduler(publish=lambda *a, **k: None)
+        try:
+            sched.tick()
+            _finish_queued(1.0)  # baseline
+            sched.tick()
+            sched.wait_for_proposals(120)
+            sched.tick()  # the candidate is queued
+            with session_scope() as s:  # the cap is reached while it runs
+                s.add(LLMCall(program_id=pid, model="openai/scripted", cost_usd=0.6))
+            srv.set_script([{"content": WHOLE}])
+            _finish_queued(1.0, crash_log=trace)
+            for _ in range(3):
+                sched.tick()
+                sched.wait_for_proposals(120)
+        finally:
+            sched.close()
+        assert not [r for r in srv.requests if "# Repair" in r["messages"][1]["content"]]
+        with session_scope() as s:
+            prog = s.get(Program, pid)
+            assert prog.status == ProgramStatus.finished and "spend" in (prog.status_reason or "")

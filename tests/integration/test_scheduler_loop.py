@@ -252,6 +252,67 @@ def test_greedy_stop_rule_and_finish(pg_env, tmp_path, monkeypatch):
 
 
 
+def test_max_experiments_holds_within_one_pass(pg_env, tmp_path, monkeypatch):
+    """Many free workers and a cap of 4: the pass that finds 6 pending proposals queues 2 (the
+    baselines are the other 2); _exhausted was checked once per program per pass, and the rest of
+    the pass queued on without looking again."""
+    install(monkeypatch, tmp_path)
+    monkeypatch.setenv("FARM_LOOKAHEAD", "0")
+    reset_settings_cache()
+    with session_scope() as s:
+        pid = create_program(s, name="cap", instructions="# go", policy={"baseline_runs": 2},
+                             stop_rules={"max_experiments": 4}).id
+        for i in range(8):
+            make_worker(s, f"w{i}")
+    sched = _sched(propose=False)
+    sched.tick()
+    for e in queued():
+        finish(e.id, 1.0, worker="w0")
+    with session_scope() as s:
+        prog = s.get(Program, pid)
+        for i in range(6):
+            record_proposal(s, prog, parent_commit=prog.root_commit, base_files={"train.py": TRAIN},
+                            proposer_kind="manual", description=f"lr {i}",
+                            edit=Edit(files={"train.py": TRAIN.replace("cpu=0.02", f"cpu=0.0{i + 3}")}))
+    sched.tick()
+    assert len(queued()) == 2 and count(status=S.proposed) == 4
+    sched.close()
+
+
+class _PooledProposer:
+    """Answers on the scheduler's thread pool, as the LLM proposer does: one learning rate per seed."""
+    kind = "llm"
+    inline = False
+
+    def propose(self, ctx: Any) -> Any:
+        from scheduler.proposers import Proposal
+
+        text = ctx.head_files["train.py"].replace("cpu=0.02", f"cpu=0.{ctx.seed + 30}")
+        return Proposal(description=f"lr seed {ctx.seed}", rationale="", edit=Edit(files={"train.py": text}))
+
+
+def test_max_experiments_bounds_the_proposer_calls_of_a_pass(pg_env, tmp_path, monkeypatch):
+    """The calls started from the pass's cached context count against the cap too: 8 free workers,
+    2 baselines and max_experiments=4 start 2 calls, not 6 (whose answers could not all run)."""
+    install(monkeypatch, tmp_path)
+    monkeypatch.setenv("FARM_LOOKAHEAD", "0")
+    reset_settings_cache()
+    with session_scope() as s:
+        create_program(s, name="capllm", instructions="# go", policy={"baseline_runs": 2},
+                       stop_rules={"max_experiments": 4})
+        for i in range(8):
+            make_worker(s, f"w{i}")
+    sched = Scheduler(publish=lambda *a, **k: None, proposer_factory=lambda program: _PooledProposer())
+    first = sched.tick()
+    assert first["queued"] == 2 and first["llm_calls_started"] == 2, first
+    sched.wait_for_proposals()
+    for e in queued():
+        finish(e.id, 1.0, worker="w0")
+    second = sched.tick()  # the answers are stored and queued; the cap is reached: no call
+    assert second["queued"] == 2 and second.get("llm_calls_started", 0) == 0, second
+    sched.close()
+
+
 def test_each_stop_rule_finishes_its_program(pg_env, tmp_path, monkeypatch):
     """target_val_bpb (after a keep), every baseline failing, a passed deadline, max_hours: each
     finishes the program once nothing of it is under way, with the rule as the reason."""
