@@ -11,6 +11,7 @@ deployment set FARM_PUBLIC_DASHBOARD.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -83,21 +84,26 @@ def render(request: Request, name: str, ctx: dict[str, Any], code: int = 200) ->
     return templates.TemplateResponse(request, name, ctx, status_code=code)
 
 
-def page(request: Request, session: Session, settings: Settings, name: str, ctx: dict[str, Any]) -> Response:
+# Pages and fragments take a builder, not a context: it runs only after the login check, so a visitor
+# without a token cannot tell an existing program or experiment (redirect) from a missing one (404).
+Context = Callable[[], dict[str, Any]]
+
+
+def page(request: Request, session: Session, settings: Settings, name: str, ctx: Context) -> Response:
     try:
         token = viewer(request, session, settings)
     except LoginRequired:
         target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         return RedirectResponse(f"/login?next={quote(target)}", status_code=status.HTTP_303_SEE_OTHER)
-    return render(request, name, {**ctx, "viewer": token, "public": settings.public_dashboard})
+    return render(request, name, {**ctx(), "viewer": token, "public": settings.public_dashboard})
 
 
-def fragment(request: Request, session: Session, settings: Settings, name: str, ctx: dict[str, Any]) -> Response:
+def fragment(request: Request, session: Session, settings: Settings, name: str, ctx: Context) -> Response:
     try:
         token = viewer(request, session, settings)
     except LoginRequired:
         return HTMLResponse("login required", status_code=status.HTTP_401_UNAUTHORIZED)
-    return render(request, name, {**ctx, "viewer": token})
+    return render(request, name, {**ctx(), "viewer": token})
 
 
 def _program_or_404(session: Session, ref: str) -> Any:
@@ -142,17 +148,18 @@ def logout() -> Response:
 
 @router.get("/")
 def programs_page(request: Request, session: SessionDep, settings: SettingsDep) -> Response:
-    return page(request, session, settings, "programs.html", {"programs": crud.list_programs(session)})
+    return page(request, session, settings, "programs.html", lambda: {"programs": crud.list_programs(session)})
 
 
 @router.get("/ui/programs/live")
 def programs_live(request: Request, session: SessionDep, settings: SettingsDep) -> Response:
-    return fragment(request, session, settings, "_programs.html", {"programs": crud.list_programs(session)})
+    return fragment(request, session, settings, "_programs.html",
+                    lambda: {"programs": crud.list_programs(session)})
 
 
 @router.get("/ui/programs/new")
 def new_program_page(request: Request, session: SessionDep, settings: SettingsDep) -> Response:
-    return page(request, session, settings, "new_program.html", {"profiles": PROFILES})
+    return page(request, session, settings, "new_program.html", lambda: {"profiles": PROFILES})
 
 
 def _program_ctx(session: Session, ref: str, offset: int) -> dict[str, Any]:
@@ -166,31 +173,34 @@ def _program_ctx(session: Session, ref: str, offset: int) -> dict[str, Any]:
 @router.get("/ui/programs/{ref}")
 def program_page(request: Request, ref: str, session: SessionDep, settings: SettingsDep,
                  offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0) -> Response:
-    return page(request, session, settings, "program.html", _program_ctx(session, ref, offset))
+    return page(request, session, settings, "program.html", lambda: _program_ctx(session, ref, offset))
 
 
 @router.get("/ui/programs/{ref}/live")
 def program_live(request: Request, ref: str, session: SessionDep, settings: SettingsDep,
                  offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0) -> Response:
-    return fragment(request, session, settings, "_program_live.html", _program_ctx(session, ref, offset))
+    return fragment(request, session, settings, "_program_live.html", lambda: _program_ctx(session, ref, offset))
 
 
 @router.get("/ui/experiments/{experiment_id}")
 def experiment_fragment(request: Request, experiment_id: int, session: SessionDep, settings: SettingsDep) -> Response:
-    detail = crud.experiment_detail(session, experiment_id=experiment_id,
-                                    heartbeat_interval=settings.heartbeat_interval)
-    if detail is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no experiment {experiment_id}")
-    return fragment(request, session, settings, "_experiment.html", {"e": detail})
+    def ctx() -> dict[str, Any]:
+        detail = crud.experiment_detail(session, experiment_id=experiment_id,
+                                        heartbeat_interval=settings.heartbeat_interval)
+        if detail is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no experiment {experiment_id}")
+        return {"e": detail}
+
+    return fragment(request, session, settings, "_experiment.html", ctx)
 
 
 @router.get("/ui/workers")
 def workers_page(request: Request, session: SessionDep, settings: SettingsDep) -> Response:
-    workers = crud.list_workers(session, heartbeat_interval=settings.heartbeat_interval)
-    return page(request, session, settings, "workers.html", {"workers": workers})
+    return page(request, session, settings, "workers.html",
+                lambda: {"workers": crud.list_workers(session, heartbeat_interval=settings.heartbeat_interval)})
 
 
 @router.get("/ui/workers/live")
 def workers_live(request: Request, session: SessionDep, settings: SettingsDep) -> Response:
-    workers = crud.list_workers(session, heartbeat_interval=settings.heartbeat_interval)
-    return fragment(request, session, settings, "_workers.html", {"workers": workers})
+    return fragment(request, session, settings, "_workers.html",
+                    lambda: {"workers": crud.list_workers(session, heartbeat_interval=settings.heartbeat_interval)})

@@ -78,3 +78,21 @@ def test_body_limit(start_api):
         reply = sock.recv(4096)
     assert not reply.startswith(b"HTTP/1.1 201")  # the server reads 100 bytes: invalid JSON, never a program
     assert c.get("/programs").json()[0]["name"] == "ok" and len(c.get("/programs").json()) == 1
+
+
+def test_private_dashboard_reveals_no_ids(live_api):
+    # the login check comes before the lookup: an existing and a missing id answer alike
+    pid = live_api.client().post("/programs", json={"name": "p", "instructions": "y"}).json()["id"]
+    anon = live_api.client(token=None, follow_redirects=False)
+    for ref in (str(pid), "999", "%C2%B3"):
+        r = anon.get(f"/ui/programs/{ref}")
+        assert r.status_code == 303 and r.headers["location"].startswith("/login"), (ref, r.status_code)
+        assert anon.get(f"/ui/programs/{ref}/live").status_code == 401, ref
+    with live_api.session() as s:
+        from farm.models import Program
+        from tests.factories import make_experiment
+
+        eid = make_experiment(s, s.get(Program, pid)).id
+    for ref in (str(eid), "999"):
+        assert anon.get(f"/ui/experiments/{ref}").status_code == 401, ref
+
