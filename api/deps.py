@@ -1,7 +1,8 @@
 """Dependencies every route shares: the database session, the settings, and the bearer token.
 
 Auth model: every write needs a live token (Authorization: Bearer ..., or the dashboard's HttpOnly
-cookie set by the login form); reads need one too unless FARM_PUBLIC_DASHBOARD opts in.
+cookie set by the login form); reads need one too unless FARM_PUBLIC_DASHBOARD opts in (then a wrong
+bearer token is still refused, and a stale cookie counts as none).
 """
 
 from __future__ import annotations
@@ -62,9 +63,11 @@ def require_token(request: Request, session: SessionDep,
 def read_access(request: Request, session: SessionDep, settings: SettingsDep,
                 creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> ApiToken | None:
     """A token for reads, unless the dashboard is public (then a token is optional, but a wrong one is 401)."""
-    plain = presented_token(request, creds)
-    if plain is None and settings.public_dashboard:
-        return None
+    if settings.public_dashboard and (creds is None or not creds.credentials):
+        # Only the dashboard's cookie, if anything: a stale one is ignored, as the public page itself
+        # ignores it, so that the plot and results.tsv the page links to load for the same browser.
+        plain = request.cookies.get(COOKIE)
+        return verify_token(session, plain=plain) if plain else None
     return require_token(request, session, creds)
 
 

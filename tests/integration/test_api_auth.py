@@ -96,3 +96,14 @@ def test_private_dashboard_reveals_no_ids(live_api):
     for ref in (str(eid), "999"):
         assert anon.get(f"/ui/experiments/{ref}").status_code == 401, ref
 
+
+def test_public_dashboard_ignores_a_stale_cookie(start_api):
+    # the public page renders for a browser whose login cookie went stale; the plot and the
+    # results.tsv it links to must too. A wrong bearer token is still refused.
+    live = start_api(public_dashboard=True)
+    pid = live.client().post("/programs", json={"name": "p", "instructions": "y"}).json()["id"]
+    stale = live.client(token=None, cookies={"farm_token": "rf_revoked"})
+    assert stale.get(f"/ui/programs/{pid}").status_code == 200
+    for path in (f"/programs/{pid}", f"/programs/{pid}/progress.svg", f"/programs/{pid}/results.tsv"):
+        assert stale.get(path).status_code == 200, path
+        assert live.client(token="rf_wrong").get(path).status_code == 401, path
