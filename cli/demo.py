@@ -23,6 +23,7 @@ from typing import Any
 import typer
 from rich.console import Console, Group
 from rich.live import Live
+from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
@@ -198,8 +199,9 @@ def render(snap: Snapshot, *, url: str, remaining: float, out: Path) -> Group:
         prog = f"{r['progress']:.0f}%" if r["status"] == "running" and r["progress"] is not None else ""
         status = r["status"] + (f" (retry {r['retries']})" if r["retries"] else "")
         dec = Text(r["decision"], style="bold green" if r["decision"] == "keep" else "")
+        # descriptions are LLM text and worker ids host names: Text, so `[...]` is not read as markup
         table.add_row(str(r["id"]), r["role"], Text(status, style=colours.get(r["status"], "")), prog,
-                      _fmt(r["val_bpb"]), dec, r["worker"], r["description"])
+                      _fmt(r["val_bpb"]), dec, Text(r["worker"]), Text(r["description"]))
     return Group(Panel(lines, title="researchfarm demo", border_style="cyan"), table)
 
 
@@ -257,7 +259,7 @@ def leaderboard_table(board: list[dict[str, Any]]) -> Table:
         table.add_column(col)
     for i, r in enumerate(board, 1):
         table.add_row(str(i), f"{r['val_bpb']:.4f}", r["decision"] or "-", r["role"], str(r["id"]),
-                      r["description"][:70])
+                      Text(r["description"][:70]))
     return table
 
 
@@ -271,12 +273,12 @@ def run_demo(*, minutes: float, budget: float, out: Path, workers: int) -> int:
         raise CLIError(f"port {settings.api_port} is in use; set FARM_API_PORT to a free one")
     mode = f"LLM {settings.llm_model}" if settings.llm_model else "mutation proposer (no LLM)"
     console.print(f"[bold]farm demo[/]: {minutes:g} min of research on the cpu profile, {budget:g} s per run, "
-                  f"{mode}; farm home {settings.home}")
+                  + escape(f"{mode}; farm home {settings.home}"))
     info = prepare(settings, quiet=True)
     program_id = submit_program(settings, budget=budget, name="demo: faster small GPT")
     # CPU workers even on a GPU machine: the demo's program is on the cpu profile
     farm = Farm(settings, child_specs(settings, cpu=True, workers=workers), grace=STOP_GRACE,
-                echo=lambda m: console.print(f"[yellow]farm demo:[/] {m}", highlight=False))
+                echo=lambda m: console.print(f"[yellow]farm demo:[/] {escape(m)}", highlight=False))
     url = dashboard_url(settings)
     interrupted = False
     with StopSignal() as stop:
@@ -284,9 +286,9 @@ def run_demo(*, minutes: float, budget: float, out: Path, workers: int) -> int:
         started = time.monotonic()
         deadline = started + minutes * 60
         if farm.wait_for_api(timeout=60, cancel=lambda: stop.requested):
-            console.print(f"dashboard: [bold cyan]{url}[/]" + (f"   token: {info.plain}" if info.plain else ""))
+            console.print(f"dashboard: [bold cyan]{escape(url)}[/]" + (f"   token: {info.plain}" if info.plain else ""))
         else:
-            console.print("[red]the API did not come up[/]; see " + str(settings.logs_dir / "api.log"))
+            console.print("[red]the API did not come up[/]; see " + escape(str(settings.logs_dir / "api.log")))
         seen: dict[int, str] = {}
         winding_down = False
         live_ok = console.is_terminal
@@ -322,10 +324,10 @@ def run_demo(*, minutes: float, budget: float, out: Path, workers: int) -> int:
                   + ", ".join(f"{k} {v}" for k, v in sorted(snap.counts.items())))
     if snap.first_val_bpb is not None and snap.best_val_bpb is not None:
         console.print(f"val_bpb {snap.first_val_bpb:.4f} (first baseline) -> {snap.best_val_bpb:.4f} (best kept)")
-    console.print(f"outputs in [bold]{out}[/]: " + ", ".join(p.name for p in paths))
-    console.print(f"the farm repository is {settings.repo_dir} (branch {snap.program['branch']})")
+    console.print(f"outputs in [bold]{escape(str(out))}[/]: " + escape(", ".join(p.name for p in paths)))
+    console.print(escape(f"the farm repository is {settings.repo_dir} (branch {snap.program['branch']})"))
     if farm.failed:
-        console.print(f"[red]{farm.failed}[/]")
+        console.print(f"[red]{escape(farm.failed)}[/]")
         return 1
     return 130 if interrupted else 0
 

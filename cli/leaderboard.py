@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from cli.client import Api
 
@@ -24,13 +25,14 @@ def leaderboard(
         info = api.get(f"/programs/{program}")
         page = api.get(f"/programs/{program}/experiments", params=params)
     sigma = info.get("noise_sigma")
-    table = Table(title=f"{info['name']} ({info['slug']}): {page['total']} measured runs"
-                        + (f", noise sigma {sigma:.5f}" if sigma is not None else ""),
+    # names and descriptions are people's and LLMs' text: Text cells, so `[...]` in them is not rich markup
+    table = Table(title=Text(f"{info['name']} ({info['slug']}): {page['total']} measured runs"
+                             + (f", noise sigma {sigma:.5f}" if sigma is not None else ""), style="table.title"),
                   title_justify="left", header_style="bold")
     for col in ("#", "exp", "val_bpb", "delta", "decision", "commit", "description"):
         table.add_column(col, justify="right" if col in ("#", "exp", "val_bpb", "delta") else "left")
     for rank, e in enumerate(page["items"], 1):
         delta = f"{e['delta']:+.6f}" if e.get("delta") is not None else "-"
         table.add_row(str(rank), str(e["id"]), f"{e['val_bpb']:.6f}" if e["val_bpb"] is not None else "-", delta,
-                      e.get("decision") or "-", (e.get("commit_sha") or "")[:7], e["description"][:60])
+                      e.get("decision") or "-", (e.get("commit_sha") or "")[:7], Text(e["description"][:60]))
     Console().print(table)

@@ -22,13 +22,15 @@ def _fmt(v: float | None, digits: int = 6) -> str:
 
 
 def render(programs: list[dict[str, Any]], workers: list[dict[str, Any]]) -> Group:
+    # worker ids, GPU names and descriptions come from hosts, people and LLMs: Text cells, so `[...]`
+    # in them prints as typed instead of being read as rich markup
     pt = Table(title="programs", title_justify="left", expand=True, header_style="bold")
     for col in ("id", "program", "status", "best val_bpb", "baseline", "done", "running", "queued", "failed"):
         pt.add_column(col, justify="right" if col not in ("program", "status") else "left")
     for p in programs:
         c = p["counts"]
         failed = sum(c.get(k, 0) for k in ("crashed", "timed_out", "refused", "lost"))
-        pt.add_row(str(p["id"]), p["slug"], p["status"], _fmt((p.get("best") or {}).get("val_bpb")),
+        pt.add_row(str(p["id"]), Text(p["slug"]), p["status"], _fmt((p.get("best") or {}).get("val_bpb")),
                    _fmt(p.get("baseline_val_bpb")), str(c.get("succeeded", 0)), str(c.get("running", 0)),
                    str(c.get("queued", 0) + c.get("proposed", 0)), str(failed))
     wt = Table(title="workers", title_justify="left", expand=True, header_style="bold")
@@ -40,8 +42,8 @@ def render(programs: list[dict[str, Any]], workers: list[dict[str, Any]]) -> Gro
                     if prog is not None and w.get("current_experiment_id") else Text("idle", style="dim"))
         exp = (f"#{w['current_experiment_id']} {w.get('current_description') or ''}"[:40]
                if w.get("current_experiment_id") else "-")
-        wt.add_row(w["id"], w.get("gpu_name") or w["hw_class"],
-                   Text(w["state"], style=STATE_STYLE.get(w["state"], "")), exp, bar,
+        wt.add_row(Text(w["id"]), Text(w.get("gpu_name") or w["hw_class"]),
+                   Text(w["state"], style=STATE_STYLE.get(w["state"], "")), Text(exp), bar,
                    _fmt(w.get("current_loss"), 3), f"{w['seconds_since_heartbeat']:.0f}s ago")
     if not workers:
         wt.add_row("-", "-", "no workers registered", "-", "", "", "")

@@ -65,3 +65,26 @@ def test_token_create_shows_once_and_works(live_api):
     assert r.returncode != 0 and "already exists" in r.stderr
     r = farm("token", "list")
     assert "alice" in r.stdout and plain not in r.stdout
+
+
+def test_leaderboard_and_status_print_brackets_as_text(live_api):
+    # names, descriptions and worker ids are user or LLM text: rich markup in them must print as typed
+    from farm.models import ExperimentStatus, Program, Result
+    from tests.factories import make_experiment, make_worker
+
+    c = live_api.client()
+    pid = c.post("/programs", json={"name": "lr [/2] [bold]study", "instructions": "x"}).json()["id"]
+    with live_api.session() as s:
+        p = s.get(Program, pid)
+        e = make_experiment(s, p, status=ExperimentStatus.succeeded, description="scale logits[i] by [/ 2]")
+        s.add(Result(experiment_id=e.id, outcome=ExperimentStatus.succeeded, val_bpb=1.0))
+        running = make_experiment(s, p, status=ExperimentStatus.running, description="try [red]x[/red]")
+        w = make_worker(s, "host[1]")
+        w.current_experiment_id = running.id
+    env = {"FARM_API_URL": live_api.url, "FARM_API_TOKEN": live_api.token}
+    r = farm("leaderboard", str(pid), **env)
+    assert r.returncode == 0, r.stderr[-400:]
+    assert "lr [/2] [bold]study" in r.stdout and "scale logits[i] by [/ 2]" in r.stdout, r.stdout
+    r = farm("status", **env)
+    assert r.returncode == 0, r.stderr[-400:]
+    assert "host[1]" in r.stdout and "try [red]x[/red]" in r.stdout, r.stdout
