@@ -59,6 +59,8 @@ class PolicyConfig(BaseModel):
     confirm_runs: int | None = Field(default=None, ge=0, le=50)
     min_val_bpb: float | None = Field(default=None, ge=0, le=100, description="sanity floor")
     max_jump: float | None = Field(default=None, ge=0, le=100, description="larger improvements need confirmation")
+    prior_sigma: float | None = Field(default=None, gt=0, le=1, description="noise (bpb) assumed before the "
+                                      "replicated runs measure it")
     max_repairs: int | None = Field(default=None, ge=0, le=20)
 
 
@@ -69,7 +71,8 @@ class ProposerConfig(BaseModel):
     kind: Literal["llm", "mutation", "manual"] | None = Field(default=None, description="manual: only people")
     model: Annotated[Text, Field(max_length=200)] | None = Field(default=None, examples=["openai/gpt-4o-mini"])
     temperature: float | None = Field(default=None, ge=0, le=2)
-    max_in_flight: int | None = Field(default=None, ge=0, le=1000, description="proposals queued ahead")
+    max_in_flight: int | None = Field(default=None, ge=1, le=1000, description="at most this many of the "
+                                      "program's runs queued or running at once, proposer calls included")
 
 
 class StopRules(BaseModel):

@@ -841,12 +841,17 @@ class Scheduler:
             total = busy.get(hw, 0) + inflight_hw
             blocked: set[int] = set()
             weights = {p.id: max(float(p.weight), 1e-9) for p in progs}
+            # the program's own bound (proposer.max_in_flight) on its load: runs queued or running and
+            # proposer calls in flight, confirmations included (they are runs too)
+            limits = {p.id: int(lim) for p in progs if (lim := (p.proposer or {}).get("max_in_flight")) is not None}
             while total < capacity:
                 open_ = [p for p in progs if p.id not in blocked]
                 if not open_:
                     break
                 p = min(open_, key=lambda q: ((load[q.id] + 1) / weights[q.id], q.id))
-                if self._feed_one(p, stats):
+                if p.id in limits and load[p.id] >= limits[p.id]:
+                    blocked.add(p.id)
+                elif self._feed_one(p, stats):
                     load[p.id] += 1
                     total += 1
                 else:

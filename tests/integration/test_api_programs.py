@@ -67,6 +67,22 @@ def test_detail_figures(live_api):
     assert summary["best"]["val_bpb"] == 0.990 and summary["counts"]["succeeded"] == 5
 
 
+def test_every_policy_knob_the_scheduler_reads_is_accepted(live_api):
+    """docs/policy.md documents every field of scheduler.policy.PolicyConfig; the API must take each
+    (it refused `prior_sigma` with a 422)."""
+    from dataclasses import fields
+
+    from scheduler.policy import PolicyConfig
+
+    policy = {f.name: getattr(PolicyConfig(), f.name) for f in fields(PolicyConfig)} | {"prior_sigma": 0.001}
+    c = live_api.client()
+    r = c.post("/programs", json={**BODY, "name": "every knob", "policy": policy})
+    assert r.status_code == 201, r.text
+    assert r.json()["policy"] == policy
+    r = c.post("/programs", json={**BODY, "name": "no noise", "policy": {"prior_sigma": 0}})
+    assert r.status_code == 422 and "prior_sigma" in r.json()["detail"]
+
+
 def test_pause_resume_stop(live_api):
     c = live_api.client()
     slug = c.post("/programs", json=BODY).json()["slug"]

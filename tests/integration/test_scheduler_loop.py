@@ -313,6 +313,31 @@ def test_max_experiments_bounds_the_proposer_calls_of_a_pass(pg_env, tmp_path, m
     sched.close()
 
 
+def test_max_in_flight_bounds_a_programs_runs_and_calls(pg_env, tmp_path, monkeypatch):
+    """proposer.max_in_flight (accepted by the API, read nowhere before): 8 free workers, yet at most 3
+    of the program's runs queued or running and proposer calls in flight at once."""
+    install(monkeypatch, tmp_path)
+    monkeypatch.setenv("FARM_LOOKAHEAD", "0")
+    reset_settings_cache()
+    with session_scope() as s:
+        create_program(s, name="narrow", instructions="# go", policy={"baseline_runs": 2},
+                       proposer={"kind": "llm", "max_in_flight": 3})
+        for i in range(8):
+            make_worker(s, f"w{i}")
+    sched = Scheduler(publish=lambda *a, **k: None, proposer_factory=lambda program: _PooledProposer())
+    first = sched.tick()
+    assert first["queued"] == 2 and first["llm_calls_started"] == 1, first
+    sched.wait_for_proposals()
+    for e in queued():
+        finish(e.id, 1.0, worker="w0")
+    second = sched.tick()  # the answer is queued and two more calls start: 3 again
+    assert second["queued"] == 1 and second["llm_calls_started"] == 2, second
+    sched.wait_for_proposals()
+    assert sched.tick().get("llm_calls_started", 0) == 0  # 3 runs queued: nothing more
+    assert len(queued()) == 3
+    sched.close()
+
+
 def test_each_stop_rule_finishes_its_program(pg_env, tmp_path, monkeypatch):
     """target_val_bpb (after a keep), every baseline failing, a passed deadline, max_hours: each
     finishes the program once nothing of it is under way, with the rule as the reason."""
