@@ -26,7 +26,10 @@ class Api:
         if token is None:
             token = s.api_token.get_secret_value() or _saved_token(s.home)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+        try:
+            self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+        except httpx.InvalidURL as exc:  # not an HTTPError: request() would not catch it
+            raise CLIError(f"the API URL {self.url!r} is not valid ({exc}): check FARM_API_URL") from None
 
     def __enter__(self) -> Api:
         return self

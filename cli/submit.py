@@ -45,7 +45,10 @@ def submit(
     weight: Annotated[float, typer.Option(help="Share of the farm relative to other programs")] = 1.0,
 ) -> None:
     """Submit PROGRAM (markdown) to the farm through the REST API."""
-    text = program.read_text(encoding="utf-8")
+    try:
+        text = program.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise CLIError(f"{program} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
     body: dict[str, Any] = {
         "name": name or default_name(program, text), "instructions": text, "profile": profile, "weight": weight,
         "proposer": _json_option(proposer, "proposer"), "policy": _json_option(policy, "policy"),

@@ -36,3 +36,18 @@ def test_db_upgrade_on_embedded_default(tmp_path):
     assert (tmp_path / "farm.db").exists()
     r = _farm("db", "current", FARM_HOME=str(tmp_path))
     assert r.stdout.strip() == "0004"
+
+
+def test_submit_of_a_file_that_is_not_utf8_is_one_line(tmp_path):
+    md = tmp_path / "latin1.md"
+    md.write_bytes("# Café study\nlower val_bpb\n".encode("latin-1"))
+    r = _farm("submit", str(md), FARM_HOME=str(tmp_path), FARM_API_URL="http://127.0.0.1:1")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "UTF-8" in r.stderr and str(md) in r.stderr, r.stderr
+
+
+def test_bad_api_url_is_one_line(tmp_path):
+    for url in ("http://127.0.0.1:87650", "http://127.0.0.1:abc", "http://[::1"):
+        r = _farm("status", FARM_HOME=str(tmp_path), FARM_API_URL=url)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, (url, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1 and "FARM_API_URL" in r.stderr, (url, r.stderr)
