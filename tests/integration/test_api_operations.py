@@ -65,3 +65,18 @@ def test_metrics(live_api):
     assert 'farm_llm_spend_usd_total{program="m"} 1.5' in text
     assert "# TYPE farm_queue_depth gauge" in text
     assert live_api.client(token=None).get("/metrics").status_code == 401
+
+
+def test_the_api_pages_the_docs_name_are_served(live_api):
+    # docs/programs.md once sent readers to /docs, which the app does not serve (no CDN scripts)
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    anon = live_api.client(token=None)
+    texts = [p.read_text() for p in [root / "README.md", *sorted((root / "docs").glob("*.md"))]]
+    paths = {m for t in texts for m in re.findall(r"http://(?:<api>|127\.0\.0\.1:8765)(/[\w./-]*)", t)}
+    assert "/openapi.json" in paths
+    for path in sorted(paths):
+        r = anon.get(path)
+        assert r.status_code != 404, path
