@@ -7,9 +7,11 @@ other proposal. It reads top-level lines of the form
     NAME = pick(h100=0.04, cpu=0.02)  # comment     (the value of the program's profile is perturbed)
 
 and changes one (sometimes two) of them by name-aware rules: learning rates by factors, depth by
-+-1, batch sizes by powers of two, warmup/warmdown ratios by steps clamped to [0, 1], other numbers
-by small factors. Strings, booleans and seeds are left alone. Only the value text changes, so the
-rest of the line (comment, other profiles) stays byte-identical.
++-1, batch sizes by powers of two, ratios and fractions within [0, 1] (a *_RATIO above 1, such as
+ASPECT_RATIO, is an ordinary number) by steps clamped to [0, 1], warm-up and step counts as ordinary
+numbers, other numbers by small factors. An integer stays an integer; a draw that rounds to no change
+(or a positive value to 0) is no proposal. Strings, booleans and seeds are left alone. Only the value
+text changes, so the rest of the line (comment, other profiles) stays byte-identical.
 """
 
 from __future__ import annotations
@@ -94,16 +96,20 @@ def _fmt(value: float | int, is_int: bool) -> str:
     return text if any(c in text for c in ".e") else text + ".0"
 
 
-def perturb(hp: Hyperparameter, rng: random.Random) -> float | int | None:
+def _rule(hp: Hyperparameter, rng: random.Random) -> float | int:
     name, v = hp.name, hp.value
     if "DEPTH" in name or "N_LAYER" in name or name.endswith("LAYERS"):
         return max(1, int(v) + rng.choice((-1, 1)))
     if "BATCH" in name or "TOKENS" in name:
         new = v * 2 if rng.random() < 0.5 else v / 2
         return max(1, int(new)) if hp.is_int else new
-    if "RATIO" in name or "FRAC" in name:
+    # a fraction only when it is one: ASPECT_RATIO = 32 or MLP_RATIO = 4 are sizes (clamped to 1 before)
+    if ("RATIO" in name or "FRAC" in name) and 0 <= v <= 1:
         step = rng.choice((-0.2, -0.1, 0.1, 0.2))
         return round(min(1.0, max(0.0, float(v) + step)), 3)
+    # a step count, whatever else the name says (MUON_MOMENTUM_WARMUP = 30 was capped at 0.999 as a momentum)
+    if "WARMUP" in name or "STEPS" in name:
+        return _ordinary(hp, rng)
     if "LR" in name or "LEARNING_RATE" in name:
         return float(v) * rng.choice((0.5, 0.7, 1.4, 2.0))
     if "DECAY" in name or "BETA" in name or "MOMENTUM" in name:
@@ -111,11 +117,26 @@ def perturb(hp: Hyperparameter, rng: random.Random) -> float | int | None:
             return 0.1
         new = float(v) * rng.choice((0.8, 1.25))
         return min(new, 0.999) if ("BETA" in name or "MOMENTUM" in name) else new
+    return _ordinary(hp, rng)
+
+
+def _ordinary(hp: Hyperparameter, rng: random.Random) -> float | int:
+    v = hp.value
     if hp.is_int:
         if abs(v) >= 8:
             return int(v) * 2 if rng.random() < 0.5 else max(1, int(v) // 2)
         return max(0, int(v) + rng.choice((-1, 1)))
     return float(v) * rng.choice((0.8, 1.25))
+
+
+def perturb(hp: Hyperparameter, rng: random.Random) -> float | int | None:
+    """The new value as it will be written (an int stays an int), or None when that is no change or
+    rounding took it out of range (a positive value at 0): "WEIGHT_DECAY 0 -> 0" was proposed before."""
+    raw = _rule(hp, rng)
+    new = round(raw) if hp.is_int else float(_fmt(raw, False))
+    if new == hp.value or (raw > 0 and new <= 0):
+        return None
+    return new
 
 
 def mutate(source: str, profile: str, rng: random.Random, *, n_changes: int = 1) -> tuple[str, str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 
@@ -53,6 +54,47 @@ def test_name_aware_rules():
         lr = perturb(hps["MATRIX_LR"], rng)
         assert lr is not None and round(lr / 0.02, 6) in (0.5, 0.7, 1.4, 2.0)
         assert perturb(hps["WEIGHT_DECAY"], rng) == 0.1
+
+
+REAL = (Path(__file__).resolve().parents[2] / "training_template" / "train.py").read_text()
+
+
+@pytest.mark.parametrize("profile", ["cpu", "h100"])
+def test_real_template_hyperparameters_are_perturbed_sanely(profile):
+    """On the real train.py: ASPECT_RATIO (32) and MLP_RATIO (4) were clamped to [0, 1] as fractions,
+    MUON_MOMENTUM_WARMUP (30 steps) capped at 0.999 as a momentum and written as 0."""
+    hps = {h.name: h for h in find_hyperparameters(REAL, profile)}
+    step = {n: sorted({perturb(hps[n], random.Random(i)) for i in range(100)} - {None})
+            for n in ("ASPECT_RATIO", "MLP_RATIO", "MUON_MOMENTUM_WARMUP")}
+    v = {n: hps[n].value for n in step}
+    assert step == {"ASPECT_RATIO": [v["ASPECT_RATIO"] // 2, v["ASPECT_RATIO"] * 2], "MLP_RATIO": [3, 5],
+                    "MUON_MOMENTUM_WARMUP": [v["MUON_MOMENTUM_WARMUP"] // 2, v["MUON_MOMENTUM_WARMUP"] * 2]}
+    for hp in hps.values():
+        for i in range(100):
+            new = perturb(hp, random.Random(i))
+            if new is None:
+                continue
+            assert new != hp.value and isinstance(new, int) == hp.is_int, (hp, new)
+            assert not (hp.value > 0 and new <= 0), (hp, new)  # a positive value stays positive
+            if ("RATIO" in hp.name or "FRAC" in hp.name) and hp.value <= 1:
+                assert 0 <= new <= 1, (hp, new)
+
+
+def test_no_change_after_rounding_is_never_proposed():
+    # an integer written where the rule draws fractions: 0 -> 0.1 was written "0" ("WEIGHT_DECAY 0 -> 0"),
+    # 1 * 0.5 -> "0" a learning rate out of range
+    src = "WEIGHT_DECAY = 0  # off\nMUON_MOMENTUM = 1  # int\nSCALAR_LR = 1  # int\nWARMUP_RATIO = 0  # none\n"
+    hps = find_hyperparameters(src, "cpu")
+    outs = {h.name: {perturb(h, random.Random(i)) for i in range(100)} for h in hps}
+    assert outs == {"WEIGHT_DECAY": {None}, "MUON_MOMENTUM": {None}, "SCALAR_LR": {None, 2},
+                    "WARMUP_RATIO": {None}}
+    rng = random.Random(0)
+    for _ in range(50):
+        try:
+            new, desc = mutate(src, "cpu", rng)
+        except ProposerError:
+            continue
+        assert desc == "SCALAR_LR 1 -> 2" and new != src
 
 
 def test_mutate_changes_only_the_value_of_the_profile():
