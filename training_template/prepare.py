@@ -50,6 +50,7 @@ import json
 import math
 import os
 import platform
+import secrets
 import shutil
 import sys
 import threading
@@ -226,6 +227,12 @@ def _decide_profile() -> Profile:
 
 
 _HOME_CACHE = Path(os.path.expanduser("~")) / ".cache" / "researchfarm"
+# The run's settings exactly as this process found them, recorded in the signed result: the worker compares them
+# with what it set, so a candidate that rewrites os.environ before `import prepare` (a 5x longer budget, a
+# smaller evaluation, its own cache of easy validation text) is refused instead of believed.
+RUN_ENV_KEYS = ("FARM_PROFILE", "FARM_TIME_BUDGET", "FARM_MAX_STEPS", "FARM_SEED", "FARM_CORPUS",
+                "FARM_EVAL_TOKENS", "FARM_DATA_DIR", "FARM_CACHE_DIR")
+RUN_ENV = {key: os.environ.get(key) for key in RUN_ENV_KEYS}
 PROFILE = _decide_profile()
 TIME_BUDGET = float(_env_number("FARM_TIME_BUDGET", float, PROFILE.budget))
 MAX_STEPS = _env_number("FARM_MAX_STEPS", int, None)
@@ -711,6 +718,28 @@ def chunk_document(tokens: np.ndarray, bos_id: int, seq_len: int) -> list[np.nda
     return pieces
 
 
+def _make_seal() -> tuple[Callable[[str, np.ndarray], None], Callable[[dict[str, np.ndarray]], list[str]]]:
+    # SHA-256 of every array the evaluation reads (token bytes, evaluation rows), taken when the harness built it
+    # and held only in this closure; finish() checks them after the evaluation, so a candidate that rescales
+    # token_bytes (bpb / 3 in one line) or rewrites evaluation rows, before or during the evaluation, is refused.
+    sealed: dict[str, str] = {}
+
+    def digest(a: np.ndarray) -> str:
+        return hashlib.sha256(np.ascontiguousarray(a).view(np.uint8).data).hexdigest() + str(a.dtype) + str(a.shape)
+
+    def seal(name: str, a: np.ndarray) -> None:
+        a.setflags(write=False)  # an accidental write fails at once; a deliberate one is caught by the digest
+        sealed.setdefault(name, digest(a))
+
+    def broken(current: dict[str, np.ndarray]) -> list[str]:
+        return [name for name, a in current.items()
+                if not isinstance(a, np.ndarray) or sealed.get(name) != digest(a)]
+    return seal, broken
+
+
+_seal, _unsealed = _make_seal()
+
+
 class Data:
     """A read-only view of a built cache."""
 
@@ -745,6 +774,7 @@ def load_data() -> Data:
         except DataUnavailable as exc:
             _die(EXIT_DATA, f"prepare: data unavailable: {exc}")
         _DATA = Data(path)
+        _seal(f"token_bytes:{path}", _DATA.token_bytes)
     return _DATA
 
 
@@ -861,7 +891,7 @@ def eval_rows(split: str, profile: Profile = PROFILE) -> np.ndarray:
     key = (split, profile.name)
     if key not in _EVAL_ROWS:
         rows = _pack_eval_rows(split, profile)
-        rows.setflags(write=False)
+        _seal(f"eval_rows:{split}:{profile.name}", rows)
         _EVAL_ROWS[key] = rows
     return _EVAL_ROWS[key]
 
@@ -1071,10 +1101,16 @@ def bpb_terms(logits: torch.Tensor, targets: torch.Tensor, token_bytes: torch.Te
     if logits.dim() != 3 or logits.shape[:2] != targets.shape or logits.size(-1) < vocab:
         _die(EXIT_REJECTED, f"prepare: model returned logits of shape {tuple(logits.shape)}, expected "
                             f"{tuple(targets.shape) + (vocab,)}")
-    nats = F.cross_entropy(logits[..., :vocab].float().reshape(-1, vocab), targets.reshape(-1), reduction="none")
+    nats = token_nats(logits, targets, vocab).reshape(-1)
     nbytes = token_bytes[targets.reshape(-1)]
     counted = nbytes > 0
     return float(nats[counted].double().sum()), int(nbytes.sum())
+
+
+def token_nats(logits: torch.Tensor, targets: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Cross-entropy (nats, float32) of every position, shaped as targets."""
+    nats = F.cross_entropy(logits[..., :vocab].float().reshape(-1, vocab), targets.reshape(-1), reduction="none")
+    return nats.reshape(targets.shape)
 
 
 def bits_per_byte(nats: float, nbytes: int) -> float:
@@ -1087,24 +1123,36 @@ def _forward_logits(model, x: torch.Tensor) -> torch.Tensor:
         return model(x)
 
 
+# Causal probe tolerance: a causal model computes a position from the same inputs, with the same kernels and shapes,
+# whatever follows it, so its nats before the cut are bit-identical (checked on CPU float32 and CUDA bf16); a model
+# that looks ahead gains far more than this per token, and a peek kept below it is worth < 5e-4 bpb.
+CAUSAL_TOL = 1e-3
+
+
 @torch.no_grad()
-def check_causal(model, rows: np.ndarray, dev: torch.device, tol: float = 0.05) -> float:
-    """Perturb the second half of half the rows and require unchanged logits on the first half: a model that
-    looks ahead (at the targets) is rejected. Returns the largest difference seen."""
-    batch = torch.tensor(rows[:, :-1], device=dev)  # a copy: the perturbation must not reach the eval rows
-    n = batch.size(0) // 2
-    if n == 0:
-        batch = batch.repeat(2, 1)
-        n = 1
-    cut = batch.size(1) // 2
-    gen = torch.Generator().manual_seed(0)
-    noise = torch.randint(0, vocab_size(), (n, batch.size(1) - cut), generator=gen).to(dev)
-    batch[n:2 * n, cut:] = noise
-    batch[n:2 * n, :cut] = batch[:n, :cut]
-    logits = _forward_logits(model, batch).float()
-    diff = float((logits[:n, :cut] - logits[n:2 * n, :cut]).abs().max())
+def check_causal(model, rows: np.ndarray, dev: torch.device, tol: float = CAUSAL_TOL,
+                 reference: torch.Tensor | None = None) -> float:
+    """Reject a model that looks ahead at the tokens it predicts. `rows` is one evaluation batch (B, T + 1) and
+    `reference` its per-position nats from the evaluation itself (computed here when not given). From a random
+    cut on, every row's inputs are replaced by another evaluation row's tokens (real text: nothing in the batch
+    marks it as the probe, and it has the evaluation's shape); the nats before each cut must not move.
+    Returns the largest change seen."""
+    x = torch.tensor(rows[:, :-1])  # copies: the perturbation must not reach the evaluation rows
+    targets = torch.tensor(rows[:, 1:]).to(dev)
+    vocab = int(load_data().vocab_size)
+    if reference is None:
+        reference = token_nats(_forward_logits(model, x.to(dev)), targets, vocab)
+    b, t = x.shape
+    donor = x.roll(1, dims=0) if b > 1 else x.flip(1)
+    rng = np.random.default_rng(secrets.randbits(64))  # not the run's seed: a candidate cannot know the cuts
+    cuts = rng.integers(max(1, t // 4), max(2, 3 * t // 4 + 1), size=b)
+    before = torch.arange(t)[None, :] < torch.from_numpy(cuts)[:, None]
+    probe = torch.where(before, x, donor)
+    nats = token_nats(_forward_logits(model, probe.to(dev)), targets, vocab)
+    diff = float((nats - reference.to(nats.device)).abs()[before.to(nats.device)].max())
     if not diff <= tol:
-        _die(EXIT_REJECTED, f"prepare: model rejected: logits depend on later tokens (max change {diff:.4g})")
+        _die(EXIT_REJECTED, f"prepare: model rejected: its predictions depend on later tokens (a change of "
+                            f"{diff:.4g} nats before the cut, tolerance {tol:g})")
     return diff
 
 
@@ -1127,17 +1175,34 @@ def _warm_evaluation(model) -> float:
 
 
 @torch.no_grad()
-def evaluate_bpb(model, split: str, dev: torch.device, profile: Profile = PROFILE) -> tuple[float, int]:
-    """(bits per byte, target tokens) of the model on a split's fixed evaluation rows."""
+def evaluate_bpb(model, split: str, dev: torch.device, profile: Profile = PROFILE,
+                 keep: dict | None = None) -> tuple[float, int]:
+    """(bits per byte, target tokens) of the model on a split's fixed evaluation rows. With `keep` (a dict), one
+    whole batch chosen at random is kept there ("rows", "nats": its per-position nats) for check_causal."""
     rows = eval_rows(split, profile)
-    token_bytes = torch.from_numpy(load_data().token_bytes).to(dev)
+    token_bytes = torch.from_numpy(load_data().token_bytes.copy()).to(dev)  # a copy: nothing the model does reaches it
+    kept = secrets.randbelow(max(1, len(rows) // profile.eval_batch)) * profile.eval_batch
     nats, nbytes = 0.0, 0
     for i in range(0, len(rows), profile.eval_batch):
         batch = torch.tensor(rows[i:i + profile.eval_batch], device=dev)
         logits = _forward_logits(model, batch[:, :-1])
         n, b = bpb_terms(logits, batch[:, 1:], token_bytes)
         nats, nbytes = nats + n, nbytes + b
+        if keep is not None and i == kept:
+            keep.update(rows=rows[i:i + profile.eval_batch],
+                        nats=token_nats(logits, batch[:, 1:], token_bytes.numel()))
     return bits_per_byte(nats, nbytes), rows.shape[0] * (rows.shape[1] - 1)
+
+
+def _data_changed() -> list[str]:
+    """What the evaluation read that is not what the harness built and sealed (empty: all intact)."""
+    data = _DATA
+    if data is None:
+        return ["the harness's data"]
+    bad = [] if data.path == cache_path() else [f"data path {data.path}"]
+    current = {f"token_bytes:{data.path}": data.token_bytes}
+    current.update({f"eval_rows:{split}:{name}": rows for (split, name), rows in _EVAL_ROWS.items()})
+    return bad + _unsealed(current)
 
 
 # ======================================================================================================
@@ -1183,9 +1248,13 @@ def evaluate_and_report(model, clock: Clock, *, depth: int, flops_per_token: flo
         clock.timing_started_wall = t_eval
     if hasattr(model, "eval"):
         model.eval()
-    check_causal(model, eval_rows("val")[: 2 * max(1, PROFILE.eval_batch // 2)], dev)
-    val_bpb, eval_tokens = evaluate_bpb(model, "val", dev)
+    probe: dict = {}
+    val_bpb, eval_tokens = evaluate_bpb(model, "val", dev, keep=probe)
+    check_causal(model, probe["rows"], dev, reference=probe["nats"])
     test_bpb, _ = evaluate_bpb(model, "test", dev)
+    changed = _data_changed()  # after the evaluation: the model's forward is candidate code too
+    if changed:
+        _die(EXIT_REJECTED, f"prepare: the evaluation data was changed in-process: {', '.join(changed)}")
     if dev.type == "cuda":
         torch.cuda.synchronize()
     now = time.time()
@@ -1222,6 +1291,7 @@ def evaluate_and_report(model, clock: Clock, *, depth: int, flops_per_token: flo
         "seed": SEED,
         "time_budget": TIME_BUDGET,
         "max_steps": MAX_STEPS,
+        "run_env": RUN_ENV,
         "harness_sha256": HARNESS_SHA256,
     }
     return _sign(result)
@@ -1233,16 +1303,29 @@ def _integrity_guard() -> Callable[[], list[str]]:
     module = sys.modules[__name__]
     names = ("evaluate_and_report", "evaluate_bpb", "bpb_terms", "bits_per_byte", "check_causal", "eval_rows",
              "_pack_eval_rows", "pack_rows", "_forward_logits", "format_summary", "result_digest", "_sign",
-             "_atomic_write", "load_data", "Clock", "_die", "_pass_gate", "_warm_evaluation")
+             "_atomic_write", "load_data", "Clock", "_die", "_pass_gate", "_warm_evaluation", "cache_path",
+             "_data_changed", "token_nats")
     originals = {name: getattr(module, name) for name in names}
     codes = {name: getattr(obj, "__code__", None) for name, obj in originals.items()}
-    torch_originals = (F.cross_entropy, torch.Tensor.sum, json.dumps, hmac.new)
+    torch_originals = (F.cross_entropy, torch.Tensor.sum, json.dumps, hmac.new, secrets.randbelow, secrets.randbits)
+    # the run's settings as parsed from RUN_ENV: `prepare.EVAL_TOKENS = 512` after the import would shrink the
+    # evaluation, `prepare.TIME_BUDGET = 900` would lengthen training
+    settings = {n: getattr(module, n) for n in ("PROFILE", "TIME_BUDGET", "MAX_STEPS", "SEED", "CORPUS", "EVAL_TOKENS",
+                                                "DATA_DIR", "CACHE_DIR")}
+    settings["RUN_ENV"] = dict(module.RUN_ENV)
+    stores = {n: getattr(module, n) for n in ("_EVAL_ROWS", "_seal", "_unsealed")}  # replaced, not edited
+    data_methods = {n: (getattr(Data, n), getattr(Data, n).__code__) for n in ("__init__", "split")}
 
     def changed() -> list[str]:
         bad = [n for n, obj in originals.items()
                if getattr(module, n) is not obj or getattr(obj, "__code__", None) is not codes[n]]
-        if (F.cross_entropy, torch.Tensor.sum, json.dumps, hmac.new) != torch_originals:
-            bad.append("torch/json/hmac functions")
+        if (F.cross_entropy, torch.Tensor.sum, json.dumps, hmac.new, secrets.randbelow,
+                secrets.randbits) != torch_originals:
+            bad.append("torch/json/hmac/secrets functions")
+        bad += [n for n, value in settings.items() if getattr(module, n, None) != value]
+        bad += [n for n, obj in stores.items() if getattr(module, n, None) is not obj]
+        if any(getattr(Data, n) is not f or f.__code__ is not c for n, (f, c) in data_methods.items()):
+            bad.append("Data methods")
         return bad
     return changed
 

@@ -39,6 +39,14 @@ _EXC_LINE = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Warnin
 _OOM = re.compile(r"MemoryError|out of memory|OutOfMemoryError|Cannot allocate memory|std::bad_alloc",
                   re.IGNORECASE)
 _SUMMARY_LINE = re.compile(r"^([A-Za-z_]+):\s+(\S+)\s*$")
+# The settings the harness records as it found them in its environment (training_template/prepare.py RUN_ENV_KEYS):
+# a candidate can rewrite os.environ before `import prepare`, so each must be what the worker set.
+RUN_ENV_KEYS = ("FARM_PROFILE", "FARM_TIME_BUDGET", "FARM_MAX_STEPS", "FARM_SEED", "FARM_CORPUS",
+                "FARM_EVAL_TOKENS", "FARM_DATA_DIR", "FARM_CACHE_DIR")
+# The clock stops after the step that crosses the budget, so honest training ends within one step of it (well
+# under a second at the h100 profile); more than this is a candidate that does not follow the clock.
+BUDGET_SLACK_SECONDS = 3.0
+BUDGET_SLACK_FRACTION = 0.05
 
 
 @dataclass
@@ -164,10 +172,38 @@ def verify_result(text: str | None, nonce: str, expected: dict[str, Any],
     for key in ("profile", "seed"):
         if key in expected and key in result and str(result[key]) != str(expected[key]):
             return None, f"result {key} {result[key]!r} is not the run's {expected[key]!r}"
+    why = _settings_differ(result, expected)
+    if why:
+        return None, why
     sha = result.get("harness_sha256")
     if sha is not None and harness and sha != harness:
         return None, "result names a different harness checksum"
     return result, None
+
+
+def _settings_differ(result: dict[str, Any], expected: dict[str, Any]) -> str | None:
+    """Why the run did not run under the settings the worker gave it (None: it did, or the template does not
+    record them). A toy template's result without run_env / time_budget is taken as it is."""
+    want_env = expected.get("run_env")
+    found = result.get("run_env")
+    if isinstance(want_env, dict) and found is not None:
+        if not isinstance(found, dict):
+            return "result run_env is not an object"
+        for key, value in want_env.items():
+            if found.get(key) != value:
+                return (f"the run changed its own settings: {key}={found.get(key)!r}, the worker set {value!r} "
+                        f"(refused: its val_bpb is not comparable)")
+    budget = expected.get("time_budget")
+    if budget is None or "time_budget" not in result:
+        return None
+    got, trained = result.get("time_budget"), result.get("training_seconds")
+    if isinstance(got, bool) or not isinstance(got, (int, float)) or abs(float(got) - float(budget)) > 1e-6:
+        return f"result time_budget {got!r} is not the run's {budget:g} s"
+    if isinstance(trained, (int, float)) and not isinstance(trained, bool):
+        limit = float(budget) + max(BUDGET_SLACK_SECONDS, BUDGET_SLACK_FRACTION * float(budget))
+        if trained > limit:
+            return f"trained {trained:.1f} s, over the {budget:g} s budget (the harness clock was not followed)"
+    return None
 
 
 def judge(f: RunFacts) -> Outcome:

@@ -34,7 +34,7 @@ from farm.recovery import EVAL_ALLOWANCE
 from farm.settings import Settings
 from worker.gate import DeviceGate
 from worker.identity import Identity
-from worker.outcome import TAIL_LINES, Outcome, RunFacts, judge
+from worker.outcome import RUN_ENV_KEYS, TAIL_LINES, Outcome, RunFacts, judge
 from worker.progress import Progress
 from worker.sandbox import Mounts, Sandbox
 from worker.supervise import ChildRun, rlimit_prefix, supervise
@@ -137,6 +137,13 @@ def child_env(ctx: WorkerContext, job: Job, workdir: Path, nonce_fd: int, gate_f
     if gate_fd is not None:
         env["FARM_GATE_FD"] = str(gate_fd)
     return env
+
+
+def expected_settings(ctx: WorkerContext, job: Job, workdir: Path) -> dict[str, Any]:
+    """What the signed result must say the run ran under (worker/outcome.py checks it)."""
+    env = child_env(ctx, job, workdir, nonce_fd=-1)
+    return {"profile": job.profile, "seed": job.seed, "time_budget": float(env["FARM_TIME_BUDGET"]),
+            "run_env": {key: env.get(key) for key in RUN_ENV_KEYS}}
 
 
 def _needed_by_python(p: Path, python: str) -> bool:
@@ -303,7 +310,7 @@ def execute(ctx: WorkerContext, job: Job) -> Execution:
         facts = RunFacts(exit_code=child.exit_code, killed=child.killed, tail=child.tail,
                          result_text=_read_result(workdir / "result.json"), nonce=run.nonce,
                          harness_before=wd.harness_sha256, harness_after=harness_checksum(workdir),
-                         expected={"profile": job.profile, "seed": job.seed}, wall_limit=wall_limit,
+                         expected=expected_settings(ctx, job, workdir), wall_limit=wall_limit,
                          memory_limit_mb=ctx.limits.memory_mb, peak_rss_mb=child.peak_rss_mb)
         outcome = judge(facts)
         timings = {"setup_seconds": t_spawn - t0, "child_seconds": child.wall_seconds,

@@ -202,3 +202,71 @@ def test_a_monkeypatched_evaluation_is_refused(prepared, tmp_path):
     proc, _ = run([sys.executable, "train.py"], farm_env(*prepared, result, FARM_MAX_STEPS="1"), cwd=copy)
     assert proc.returncode == 5, proc.stderr[-2000:]
     assert "evaluate_bpb" in proc.stderr and not result.exists()
+
+
+def _before_finish(code: str):
+    return lambda src: src.replace("prepare.finish(", code + "prepare.finish(", 1)
+
+
+PEEK = '''
+class _Peek(torch.nn.Module):
+    """Causal whenever the batch looks like the old in-batch probe (rows i and i + n share a first half), reading
+    the target (the next input token) otherwise: it found the old check, not the new one."""
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+    def forward(self, x, y=None):
+        logits = self.inner(x) if y is None else self.inner(x, y)
+        n, half = x.size(0) // 2, x.size(1) // 2
+        if y is not None or (n and torch.equal(x[:n, :half], x[n:2 * n, :half])):
+            return logits
+        peek = torch.zeros_like(logits)
+        peek[:, :-1].scatter_(-1, x[:, 1:, None], 8.0)
+        return logits + peek
+model = _Peek(model)
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, code, expected", [
+    # found by review: each one made val_bpb (and test_bpb) three times better or more, and was marked succeeded
+    ("peek", PEEK, "depend on later tokens"),
+    ("token_bytes", "_tb = prepare.load_data().token_bytes\n_tb.setflags(write=True)\n_tb *= 3\n",
+     "evaluation data was changed in-process: token_bytes"),
+    ("eval_rows", "_r = prepare.eval_rows('val')\n_r.setflags(write=True)\n_r[:, 1:] = _r[:, :1]\n",
+     "evaluation data was changed in-process: eval_rows:val"),
+    ("fewer eval tokens", "prepare.EVAL_TOKENS = 256\n", "harness functions were replaced in-process: EVAL_TOKENS"),
+    ("longer budget", "prepare.TIME_BUDGET = 900.0\n", "TIME_BUDGET"),
+])
+def test_a_candidate_that_games_the_evaluation_is_refused(prepared, tmp_path, name, code, expected):
+    copy = candidate_copy(tmp_path, _before_finish(code))
+    result = tmp_path / "result.json"
+    proc, _ = run([sys.executable, "train.py"], farm_env(*prepared, result, FARM_TIME_BUDGET="1000",
+                                                         FARM_MAX_STEPS="2", FARM_EVAL_TOKENS="8192"), cwd=copy)
+    assert proc.returncode == 5, (name, proc.stdout[-1500:], proc.stderr[-1500:])
+    assert expected in proc.stderr and not result.exists(), proc.stderr[-1500:]
+
+
+@pytest.mark.slow
+def test_a_written_token_bytes_fails_at_once(prepared, tmp_path):
+    """The harness's arrays are read-only: the one-line `token_bytes *= 3` is an error, not a 3x better score."""
+    copy = candidate_copy(tmp_path, _before_finish("prepare.load_data().token_bytes[:] *= 3\n"))
+    proc, _ = run([sys.executable, "train.py"], farm_env(*prepared, tmp_path / "r.json", FARM_MAX_STEPS="1",
+                                                         FARM_EVAL_TOKENS="4096"), cwd=copy)
+    assert proc.returncode == 1 and "read-only" in proc.stderr, proc.stderr[-1500:]
+
+
+@pytest.mark.slow
+def test_the_result_records_the_settings_the_process_found(prepared, tmp_path):
+    """A candidate that rewrites os.environ before `import prepare` gets what it asked for, and the signed result
+    says so (the worker compares run_env with what it set: worker/outcome.py)."""
+    def edit(src: str) -> str:
+        return src.replace("import gc\n", "import os\nos.environ['FARM_EVAL_TOKENS'] = '2048'\nimport gc\n", 1)
+    copy = candidate_copy(tmp_path, edit)
+    result = tmp_path / "result.json"
+    proc, _ = run([sys.executable, "train.py"], farm_env(*prepared, result, FARM_MAX_STEPS="1",
+                                                         FARM_EVAL_TOKENS="8192"), cwd=copy, nonce="beef")
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    payload = json.loads(result.read_text())
+    assert payload["run_env"]["FARM_EVAL_TOKENS"] == "2048" and payload["run_env"]["FARM_PROFILE"] == "cpu"
+    assert payload["run_env"]["FARM_TIME_BUDGET"] is None and payload["eval_tokens"] <= 2048

@@ -69,6 +69,37 @@ def test_result_for_another_seed_or_harness_is_refused():
     assert judge(facts(result_text=signed(harness_sha256="zz"))).status == S.refused
 
 
+RUN_ENV = {"FARM_PROFILE": "cpu", "FARM_TIME_BUDGET": "300", "FARM_SEED": "1", "FARM_MAX_STEPS": None,
+           "FARM_CORPUS": None, "FARM_EVAL_TOKENS": None, "FARM_DATA_DIR": "/d", "FARM_CACHE_DIR": "/c"}
+GIVEN = {"profile": "cpu", "seed": 1, "time_budget": 300.0, "run_env": RUN_ENV}
+
+
+def test_a_run_that_changed_its_own_settings_is_refused():
+    """Found by review: train.py set FARM_TIME_BUDGET / FARM_EVAL_TOKENS before `import prepare` and trained 5x
+    longer on a 512-token evaluation; the signed result said so, and the worker accepted it."""
+    honest = signed(time_budget=300.0, run_env=RUN_ENV)
+    assert judge(facts(result_text=honest, expected=GIVEN)).status == S.succeeded
+    for key, value in (("FARM_TIME_BUDGET", "900"), ("FARM_EVAL_TOKENS", "512"), ("FARM_CACHE_DIR", "/mine"),
+                       ("FARM_MAX_STEPS", "5")):
+        o = judge(facts(result_text=signed(time_budget=300.0, run_env={**RUN_ENV, key: value}), expected=GIVEN))
+        assert o.status == S.refused and key in (o.reason or ""), (key, o.reason)
+    o = judge(facts(result_text=signed(time_budget=900.0, run_env=RUN_ENV), expected=GIVEN))
+    assert o.status == S.refused and "time_budget" in (o.reason or "")
+
+
+def test_training_past_the_budget_is_refused():
+    """A loop that ignores clock.done (a fixed step count, a reset counter) trains past the budget."""
+    for trained, status in ((314.9, S.succeeded), (315.1, S.refused), (900.0, S.refused)):
+        o = judge(facts(result_text=signed(time_budget=300.0, training_seconds=trained, run_env=RUN_ENV),
+                        expected=GIVEN, tail=[*SUMMARY[:3], f"training_seconds: {trained}"]))
+        assert o.status == status, (trained, o.reason)
+    small = {**GIVEN, "time_budget": 2.0, "run_env": {**RUN_ENV, "FARM_TIME_BUDGET": "2"}}
+    o = judge(facts(result_text=signed(time_budget=2.0, training_seconds=10.5,
+                                       run_env={**RUN_ENV, "FARM_TIME_BUDGET": "2"}), expected=small,
+                    tail=[*SUMMARY[:3], "training_seconds: 10.5"]))
+    assert o.status == S.refused and "over the 2 s budget" in (o.reason or "")
+
+
 def test_timeout_and_memory_kills():
     assert judge(facts(killed="timeout", exit_code=None)).status == S.timed_out
     o = judge(facts(killed="memory", exit_code=None, memory_limit_mb=100, peak_rss_mb=120))
