@@ -16,7 +16,7 @@ from pathlib import Path
 from farm.db import session_scope
 from farm.recovery import reap_and_requeue
 from farm.settings import Settings, get_settings
-from worker import identity
+from worker import disk, identity
 from worker.gate import DeviceGate
 from worker.runner import Limits, WorkerContext, child_env_base
 from worker.sandbox import probe
@@ -92,6 +92,8 @@ def start(settings: Settings | None = None, *, prepare: bool = True, reaper: boo
         print(msg, file=sys.stderr, flush=True)
     else:
         log.info("worker %s: sandbox %s", ctx.worker_id, ctx.sandbox.describe())
+    disk.sweep_workdirs(ctx.settings.workdirs, ctx.slug)
+    disk.trim_compile_cache(ctx.compile_cache, ctx.limits.compile_cache_mb)
     if prepare:
         prepare_data(ctx)
     with session_scope() as s:

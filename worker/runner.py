@@ -32,6 +32,7 @@ from farm.harness import harness_checksum
 from farm.models import Experiment, ExperimentStatus
 from farm.recovery import EVAL_ALLOWANCE
 from farm.settings import Settings
+from worker import disk
 from worker.gate import DeviceGate
 from worker.identity import Identity
 from worker.outcome import RUN_ENV_KEYS, TAIL_LINES, Outcome, RunFacts, judge
@@ -56,6 +57,7 @@ class Limits:
     memory_mb: float
     log_cap_bytes: int
     file_size_mb: float
+    compile_cache_mb: float = disk.COMPILE_CACHE_MB
 
     def wall_limit(self, budget: float) -> float:
         return budget + self.startup_allowance + self.eval_allowance
@@ -70,7 +72,8 @@ class Limits:
                    eval_allowance=float(e.get("FARM_EVAL_ALLOWANCE", EVAL_ALLOWANCE)),
                    memory_mb=memory,
                    log_cap_bytes=int(float(e.get("FARM_LOG_CAP_MB", "32")) * 2**20),
-                   file_size_mb=float(e.get("FARM_FILE_SIZE_MB", "8192")))
+                   file_size_mb=float(e.get("FARM_FILE_SIZE_MB", "8192")),
+                   compile_cache_mb=float(e.get("FARM_COMPILE_CACHE_MB", disk.COMPILE_CACHE_MB)))
 
 
 @dataclass
@@ -278,9 +281,10 @@ def execute(ctx: WorkerContext, job: Job) -> Execution:
     t0 = time.perf_counter()
     s = ctx.settings
     token = secrets.token_hex(3)
-    workdir = s.workdirs / f"{ctx.slug}-e{job.id}-r{job.retry}-{token}"
+    workdir = s.workdirs / disk.workdir_name(ctx.slug, job.id, job.retry, token)
     log_path = s.logs_dir / f"experiment-{job.id}-r{job.retry}.log"
     s.workdirs.mkdir(parents=True, exist_ok=True)
+    disk.begin_run()
     try:
         try:
             wd = materialise(template_dir(job.template), workdir, job.files, job.editable,
@@ -328,6 +332,7 @@ def execute(ctx: WorkerContext, job: Job) -> Execution:
         return Execution(outcome, child, timings, log_path)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+        disk.end_run(ctx.compile_cache, ctx.limits.compile_cache_mb)
 
 
 def _record(ctx: WorkerContext, job: Job, ex: Execution) -> bool:

@@ -32,3 +32,40 @@ def test_no_sandbox_is_reported_loudly(farm_env, monkeypatch, capsys):
 def test_bubblewrap_works_here(farm_env, monkeypatch):
     ok, desc, _, torch_version = _start(monkeypatch, "auto")
     assert ok and desc.startswith("bwrap") and torch_version
+
+
+def test_start_sweeps_this_workers_leftover_workdirs_and_a_bloated_compile_cache(farm_env, monkeypatch):
+    """Found by review: a worker killed mid-run left its workdir (150 MB a candidate wrote) forever, and junk a
+    candidate wrote into the shared compile cache stayed there across runs."""
+    from worker.disk import workdir_name
+
+    monkeypatch.setenv("FARM_COMPILE_CACHE_MB", "1")
+    s = get_settings()
+    work = s.workdirs
+    mine = work / workdir_name("t_none", 7, 0, "abc123")
+    other = work / workdir_name("t_none0", 7, 0, "abc123")  # another worker whose name starts the same
+    stray = work / "t_none-notes"
+    for d in (mine, other, stray):
+        (d / "sub").mkdir(parents=True)
+        (d / "sub" / "f").write_bytes(b"x" * 10)
+    cache = s.cache_dir / "compile" / "t_none"
+    (cache / "inductor" / "junk").mkdir(parents=True)
+    (cache / "inductor" / "junk" / "blob").write_bytes(b"\0" * (2 << 20))
+    _start(monkeypatch, "none")
+    assert not mine.exists() and other.exists() and stray.exists()
+    assert (cache / "inductor").is_dir() and not (cache / "inductor" / "junk").exists()
+
+
+def test_a_cache_under_its_limit_is_kept_and_only_the_last_run_trims(tmp_path):
+    from worker import disk
+
+    cache = tmp_path / "c"
+    (cache / "triton").mkdir(parents=True)
+    (cache / "triton" / "k").write_bytes(b"\0" * (2 << 20))
+    assert not disk.trim_compile_cache(cache, 3) and (cache / "triton" / "k").exists()
+    disk.begin_run()
+    disk.begin_run()
+    disk.end_run(cache, 1)  # the other run may be compiling into it: kept
+    assert (cache / "triton" / "k").exists()
+    disk.end_run(cache, 1)
+    assert not (cache / "triton" / "k").exists() and (cache / "triton").is_dir()
