@@ -2,7 +2,7 @@
 # Every GPU check of the project in one run, for a borrowed CUDA machine with python3, torch and triton
 # (installs nothing). In order of what it decides, each phase getting what is left of the time given (a
 # slow phase costs the later ones, never the logs of the earlier ones):
-#   1. the CUDA kernel tests (tests/gpu)
+#   1. the CUDA tests (tests/gpu: kernels, the compiled Muon update, CUDA inside the bwrap sandbox)
 #   2. the whole template: default, the Muon update left eager (COMPILE_OPTIMIZER=False), and SDPA's causal
 #      kernel for the full-context layers (ATTN_IMPL='mixed'): tokens/s, MFU, peak VRAM
 #   3. one default run under torch.profiler: where the device time of a step goes (profile/*.txt)
