@@ -145,24 +145,32 @@ def test_scheduler_with_scripted_llm_every_answer_ends_queued_or_invalid(pg_env,
         assert "[invalid]" in last_prompt and "not found" in last_prompt
 
 
+TRACE = 'Traceback (most recent call last):\n  File "train.py", line 9\nNameError: name \'DEPHT\' is not defined'
+
+
+def _queue_a_candidate(srv: ScriptedLLM, **stop_rules: float) -> tuple[int, Scheduler]:
+    """A program allowing two repairs, its baseline finished and its first candidate queued."""
+    with session_scope() as s:
+        pid = create_program(s, name="rep", instructions="# go", proposer={
+            "kind": "llm", "model": "openai/scripted", "api_base": srv.base, "api_key": "k"},
+            policy={"baseline_runs": 1, "max_repairs": 2}, stop_rules=stop_rules or None).id
+        make_worker(s, "w1")
+    sched = Scheduler(publish=lambda *a, **k: None)
+    sched.tick()
+    _finish_queued(1.0)  # baseline
+    sched.tick()
+    sched.wait_for_proposals(120)
+    sched.tick()  # the candidate is queued
+    return pid, sched
+
+
 def test_repair_of_a_crash_sees_its_traceback(pg_env, tmp_path, monkeypatch):
     install(monkeypatch, tmp_path)
-    trace = 'Traceback (most recent call last):\n  File "train.py", line 9\nNameError: name \'DEPHT\' is not defined'
     with ScriptedLLM([{"content": GOOD}]) as srv:
-        with session_scope() as s:
-            create_program(s, name="rep", instructions="# go", proposer={
-                "kind": "llm", "model": "openai/scripted", "api_base": srv.base, "api_key": "k"},
-                policy={"baseline_runs": 1, "max_repairs": 2})
-            make_worker(s, "w1")
-        sched = Scheduler(publish=lambda *a, **k: None)
+        _, sched = _queue_a_candidate(srv)
         try:
-            sched.tick()
-            _finish_queued(1.0)  # baseline
-            sched.tick()
-            sched.wait_for_proposals(120)
-            sched.tick()  # the candidate is queued
             srv.set_script([{"content": WHOLE}])
-            _finish_queued(1.0, crash_log=trace)
+            _finish_queued(1.0, crash_log=TRACE)
             for _ in range(3):
                 sched.tick()
                 sched.wait_for_proposals(120)
@@ -209,24 +217,13 @@ def test_spend_cap_stops_repairs(pg_env, tmp_path, monkeypatch):
     """A crash after the program reached its spend cap gets no repair call: the program takes no new
     work (its repair could not be queued), and a repair's LLM call is spend like any other."""
     install(monkeypatch, tmp_path)
-    trace = 'Traceback (most recent call last):\n  File "train.py", line 9\nNameError: name \'DEPHT\' is not defined'
     with ScriptedLLM([{"content": GOOD}]) as srv:
-        with session_scope() as s:
-            pid = create_program(s, name="rep", instructions="# go", proposer={
-                "kind": "llm", "model": "openai/scripted", "api_base": srv.base, "api_key": "k"},
-                policy={"baseline_runs": 1, "max_repairs": 2}, stop_rules={"max_spend_usd": 0.5}).id
-            make_worker(s, "w1")
-        sched = Scheduler(publish=lambda *a, **k: None)
+        pid, sched = _queue_a_candidate(srv, max_spend_usd=0.5)
         try:
-            sched.tick()
-            _finish_queued(1.0)  # baseline
-            sched.tick()
-            sched.wait_for_proposals(120)
-            sched.tick()  # the candidate is queued
             with session_scope() as s:  # the cap is reached while it runs
                 s.add(LLMCall(program_id=pid, model="openai/scripted", cost_usd=0.6))
             srv.set_script([{"content": WHOLE}])
-            _finish_queued(1.0, crash_log=trace)
+            _finish_queued(1.0, crash_log=TRACE)
             for _ in range(3):
                 sched.tick()
                 sched.wait_for_proposals(120)
