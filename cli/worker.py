@@ -1,6 +1,7 @@
 """`farm worker --gpu N` / `farm worker --cpu`: start one worker process (one per GPU or CPU slot).
 
-Sets the worker's identity in the environment, pins CUDA_VISIBLE_DEVICES, then execs a Celery
+Sets the worker's identity in the environment, pins CUDA_VISIBLE_DEVICES (in PCI order, as nvidia-smi
+numbers the GPUs), then execs a Celery
 worker on the hardware class's queue: `--pool solo -c 1` with one slot, `--pool threads -c N` with N
 slots (a GPU worker's default is 2: the next candidate starts and compiles while one trains; the device
 gate, worker/gate.py, lets one timed run at a time use the GPU). The Celery process itself probes the
@@ -54,7 +55,9 @@ def worker(
         info = query_gpu(gpu)
         if not info:
             fail(f"no GPU {gpu} found (nvidia-smi --id={gpu} failed); use --cpu for the cpu profile")
-        env.update(CUDA_VISIBLE_DEVICES=str(gpu), FARM_WORKER_GPU=str(gpu))
+        # N is nvidia-smi's index (PCI order); CUDA's default order is fastest first, so on a host with mixed
+        # GPUs CUDA_VISIBLE_DEVICES=N alone could pin another card than the one identified above
+        env.update(CUDA_DEVICE_ORDER="PCI_BUS_ID", CUDA_VISIBLE_DEVICES=str(gpu), FARM_WORKER_GPU=str(gpu))
         cls = hw_class or hw_class_of(info["gpu_name"])
         worker_id = name or f"{host}:gpu{gpu}"
     else:

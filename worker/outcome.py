@@ -103,6 +103,10 @@ def crash_reason(lines: Sequence[str], exit_code: int | None) -> str:
     for line in reversed(clean):
         if line.startswith(("FAIL", "prepare:")):
             return line[:500]
+    if exit_code in (-signal.SIGKILL, 128 + signal.SIGKILL):
+        # the worker's own limits name themselves (timeout, memory): this one came from elsewhere, most often
+        # the kernel's OOM killer, but a candidate can kill itself too, so it is not recorded as a fact
+        return "killed by SIGKILL, not by the worker (the kernel's out-of-memory killer, most likely)"
     if exit_code is not None and exit_code < 0:
         try:
             return f"killed by {signal.Signals(-exit_code).name}"
@@ -115,7 +119,8 @@ def crash_reason(lines: Sequence[str], exit_code: int | None) -> str:
 
 
 def is_oom(lines: Sequence[str], exit_code: int | None) -> bool:
-    return any(_OOM.search(ln) for ln in lines[-TAIL_LINES:]) or exit_code in (-9, 137)
+    """Did the run say it ran out of memory? A bare SIGKILL is not taken as proof (crash_reason names it)."""
+    return any(_OOM.search(ln) for ln in lines[-TAIL_LINES:])
 
 
 def _summary_agrees(summary: dict[str, str], result: dict[str, Any]) -> str | None:

@@ -44,7 +44,7 @@ from worker.workdir import Refused, materialise, template_dir
 log = logging.getLogger(__name__)
 
 # variables a training process may need from the worker's environment; nothing else crosses over
-ENV_PASSTHROUGH = ("CUDA_VISIBLE_DEVICES", "CUDA_HOME", "CUDA_PATH", "LD_LIBRARY_PATH", "NVIDIA_VISIBLE_DEVICES",
+ENV_PASSTHROUGH = ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "CUDA_HOME", "CUDA_PATH", "LD_LIBRARY_PATH", "NVIDIA_VISIBLE_DEVICES",
                    "NVIDIA_DRIVER_CAPABILITIES", "TORCH_CUDA_ARCH_LIST", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
                    "TRITON_INTERPRET", "CC", "CXX", "FARM_CORPUS", "FARM_MAX_STEPS", "FARM_DEVICE")
 RESULT_MAX_BYTES = 1 << 20

@@ -114,7 +114,11 @@ def test_crash_reason_is_the_final_traceback_line():
               "SyntaxError: invalid syntax"]
     assert judge(facts(exit_code=1, tail=syntax)).reason == "SyntaxError: invalid syntax"
     assert crash_reason(["FAIL: loss nan at step 3"], 3) == "FAIL: loss nan at step 3"
-    assert crash_reason([], -9) == "killed by SIGKILL"
+    assert crash_reason([], -15) == "killed by SIGTERM"
+    # found by review: every SIGKILL was recorded as "out of memory", a guess stated as a fact
+    for code in (-9, 137):
+        o = judge(facts(exit_code=code, tail=["step 3 | loss 2.1"]))
+        assert o.reason == "killed by SIGKILL, not by the worker (the kernel's out-of-memory killer, most likely)"
     assert crash_reason(["boom"], 4) == "exit code 4 (data unavailable): boom"
 
 
