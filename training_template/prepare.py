@@ -67,6 +67,11 @@ LOSS_LIMIT = 100.0  # a training loss above this (or NaN) is a divergence: FAIL 
 H100_PEAK_FLOPS = 989.5e12  # bf16 dense, the reference's MFU denominator
 
 
+def _unique() -> str:
+    """Part of a temporary file's name: unique across processes, threads and containers sharing a volume."""
+    return f"{os.getpid()}-{secrets.token_hex(6)}"
+
+
 def _die(code: int, message: str) -> None:
     print(message, file=sys.stderr if code != EXIT_FAIL else sys.stdout, flush=True)
     sys.stderr.flush()
@@ -513,7 +518,7 @@ def download_file(url: str, dest: Path, *, retries: int = 4, timeout: float = DO
     dest.parent.mkdir(parents=True, exist_ok=True)
     last: Exception | None = None
     for attempt in range(retries + 1):
-        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{threading.get_ident()}.part")
+        tmp = dest.with_name(f".{dest.name}.{_unique()}.part")
         try:
             h = hashlib.sha256()
             with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as out:
@@ -580,7 +585,7 @@ def _sha256_file(path: Path) -> str:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{_unique()}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
 
@@ -640,8 +645,9 @@ def build_cache(profile: Profile = PROFILE, corpus: str = CORPUS, data_dir: Path
         return final
     t0 = time.time()
     cache_dir.mkdir(parents=True, exist_ok=True)
-    work = cache_dir / f".{final.name}.{os.getpid()}.building"
-    shutil.rmtree(work, ignore_errors=True)
+    # a name no other builder can have: worker containers sharing the cache volume often run with the same pid,
+    # and two threads of one process share theirs (the pid alone once let one builder delete another's folder)
+    work = cache_dir / f".{final.name}.{_unique()}.building"
     work.mkdir()
     try:
         split_docs: dict[str, list[np.ndarray]] = {}

@@ -405,3 +405,19 @@ def test_step_profile_summary_groups_cuda_kernels_by_kind(tmp_path):
     assert re.search(r"^Optimizer\.step#AdamW\.step +2\.00 +0\.50$", text, re.M), text
     top = text.split("top device time")[1].splitlines()[1:]
     assert top[0].split()[:3] == ["60.00", "42.9", "40"] and "aten::mm" not in text.split("top device time")[1]
+
+
+def test_concurrent_builders_of_one_cache_both_succeed(tmp_path):
+    """Found by review: the build folder was named by pid alone and removed first, so two builders with one pid
+    (threads here; worker containers sharing the cache volume in compose) deleted each other's work."""
+    import concurrent.futures
+
+    def build(_: int) -> Path:
+        return prepare.build_cache(prepare.PROFILES["cpu"], "bible", tmp_path / "data", tmp_path / "cache",
+                                   log=lambda _: None)
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        paths = list(pool.map(build, range(2)))
+    assert paths[0] == paths[1] and (paths[0] / "manifest.json").exists()
+    assert not list((tmp_path / "cache").glob(".*.building"))
+    assert prepare.Data(paths[0]).split("val")[0].size > 0
