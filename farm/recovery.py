@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -26,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from celery import Celery
-from sqlalchemy import select
+from sqlalchemy import select, text
+from sqlalchemy.exc import OperationalError
 
 from farm import states
 from farm.broker import get_celery, publish_experiment, queue_for
@@ -51,17 +53,43 @@ def _publish_all(jobs: Iterable[tuple[int, str, float]], app: Celery | None, set
         publish_experiment(exp_id, hw_class, time_limit=job_time_limit(budget, settings), app=app)
 
 
+_last_db_failure: float | None = None  # monotonic time this process's reaper last failed to reach the database
+
+
+def _database_restarted_within(session: Any, seconds: float) -> bool:
+    """Postgres only: did the server start less than `seconds` ago (heartbeats missed then were its fault)?"""
+    if session.get_bind().dialect.name != "postgresql":
+        return False
+    up = session.execute(text("SELECT extract(epoch FROM now() - pg_postmaster_start_time())")).scalar_one()
+    return float(up) < seconds
+
+
 def reap_and_requeue(*, settings: Settings | None = None, app: Celery | None = None,
                      interval: float | None = None,
                      max_retries: int | None = None) -> list[tuple[int, ExperimentStatus]]:
     """Re-queue (and re-publish) running experiments whose heartbeat is older than 2 x interval;
-    those out of retries become `lost`. The retry history is kept in experiments.attempts."""
+    those out of retries become `lost`. The retry history is kept in experiments.attempts.
+
+    Not within 2 x interval of a database outage (this process failed to reach it, or Postgres started
+    since): every heartbeat missed during the outage would look like a dead worker, and reaping then
+    re-queued (and so killed) every run in flight, each counting a retry. Live workers beat again within
+    one interval; a dead one is reaped one grace period later."""
+    global _last_db_failure
     s = settings or get_settings()
-    with session_scope() as session:
-        reaped = states.reap_stale(session, interval=interval or s.heartbeat_interval,
-                                   max_retries=s.max_retries if max_retries is None else max_retries)
-        requeued = [exp_id for exp_id, status in reaped if status == ExperimentStatus.queued]
-        jobs = _job_rows(session, requeued)
+    every = interval or s.heartbeat_interval
+    if _last_db_failure is not None and time.monotonic() - _last_db_failure < 2 * every:
+        return []
+    try:
+        with session_scope() as session:
+            if _database_restarted_within(session, 2 * every):
+                return []
+            reaped = states.reap_stale(session, interval=every,
+                                       max_retries=s.max_retries if max_retries is None else max_retries)
+            requeued = [exp_id for exp_id, status in reaped if status == ExperimentStatus.queued]
+            jobs = _job_rows(session, requeued)
+    except OperationalError:
+        _last_db_failure = time.monotonic()
+        raise
     # after commit: a worker that picks the message up must see the queued row
     _publish_all(jobs, app, s)
     for exp_id, status in reaped:

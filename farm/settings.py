@@ -45,6 +45,9 @@ class Settings(BaseSettings):
 
     heartbeat_interval: float = Field(default=5.0, gt=0)
     max_retries: int = Field(default=2, ge=0)
+    # how long a worker keeps trying to write a finished run's result while the database is unreachable: the run
+    # cannot be redone for free, so it waits out an outage instead of dropping the result
+    record_patience: float = Field(default=3600.0, gt=0)
     scheduler_interval: float = Field(default=1.0, gt=0)
     lookahead: int = Field(default=1, ge=0)
 

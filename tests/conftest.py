@@ -15,6 +15,7 @@ import os
 if os.environ.get("FARM_TEST_CUDA") != "1":
     os.environ["TRITON_INTERPRET"] = "1"
 
+import shlex
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -142,11 +143,17 @@ def pg_env(farm_env: dict[str, str], pg_url: str, redis_url: str,
     return farm_env
 
 
-def restart_postgres() -> None:
-    """Restart the test Postgres server in place (fault tests)."""
+def restart_postgres(down_seconds: float = 0.0) -> None:
+    """Restart the test Postgres server in place (fault tests); with down_seconds, it stays stopped that long."""
     data = _need("FARM_TEST_PG_DATA")
     pgbin = _need("FARM_TEST_PG_BIN")
     cmd = f"'{pgbin}/pg_ctl' -D '{data}' -w -t 60 -m fast restart >/dev/null"
+    if down_seconds > 0:  # stop + start: `start` needs the options `restart` would reuse (port, socket dir, ...)
+        argv = shlex.split(Path(data, "postmaster.opts").read_text())[1:]
+        opts = [a for i, a in enumerate(argv) if a != "-D" and (i == 0 or argv[i - 1] != "-D")]
+        ctl = f"'{pgbin}/pg_ctl' -D '{data}' -w -t 60"
+        cmd = (f"{ctl} -m fast stop >/dev/null && sleep {down_seconds:g} && "
+               f"{ctl} -l '{data}/server.log' -o {shlex.quote(shlex.join(opts))} start >/dev/null")
     if os.getuid() == 0:
         subprocess.run(["su", "postgres", "-s", "/bin/bash", "-c", cmd], check=True)
     else:

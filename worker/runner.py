@@ -343,16 +343,22 @@ def _record(ctx: WorkerContext, job: Job, ex: Execution) -> bool:
                   hw_class=job.hw_class, timings=ex.timings, log_tail=tail)
     if "gpu_name" not in fields and ctx.identity.gpu_name:
         fields["gpu_name"] = ctx.identity.gpu_name
-    for attempt in range(6):
+    # The run is done and cannot be redone for free: retry the write through a database outage (up to
+    # FARM_RECORD_PATIENCE), often enough that it lands inside the reaper's grace once the database is back
+    # (farm/recovery.py: 2 x heartbeat interval after its own last failure), before the claim could be reaped.
+    deadline = time.monotonic() + ctx.settings.record_patience
+    pause_cap = max(0.2, min(8.0, ctx.settings.heartbeat_interval / 2))
+    attempt = 0
+    while True:
         try:
             with session_scope() as s:
                 return states.record_result(s, job.id, ctx.worker_id, o.status, **fields)
-        except OperationalError as exc:  # the run is done and can't be redone: retry the write
-            if attempt == 5:
+        except OperationalError as exc:
+            if time.monotonic() >= deadline:
                 raise
             log.warning("recording experiment %s failed (%s); retrying", job.id, str(exc).splitlines()[0])
-            time.sleep(min(8.0, 0.5 * 2**attempt))
-    return False
+            time.sleep(min(pause_cap, 0.5 * 2**attempt))
+            attempt += 1
 
 
 @dataclass

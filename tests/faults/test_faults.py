@@ -115,6 +115,30 @@ def test_postgres_restarted(farm: FaultFarm) -> None:
                     "pg_ctl restart -m fast -> first claim or result written afterwards", str(facts))
 
 
+def test_postgres_down_for_many_heartbeats(farm: FaultFarm) -> None:
+    """Postgres stopped for 6 s, six heartbeat intervals, while runs train and end: the workers keep training,
+    hold their results until the database is back, and the reapers wait out a grace period before taking
+    silence for death. Found by review: the first reaper pass after the outage re-queued every run in flight
+    (each then killed, and counted as a retry), and a result whose write failed for ~15 s was dropped."""
+    farm.create_program(max_experiments=8)
+    farm.start_workers(*W)
+    farm.start_scheduler()
+    farm.wait_results(2)
+    farm.wait("a run in progress", lambda: _running_on(farm, W[0]) or _running_on(farm, W[1]))
+    fault = farm.now()
+    restart_postgres(down_seconds=6)
+    back = farm.wait("a claim or a result after the outage",
+                     lambda: _first_progress(farm, fault, "started_at", "finished_at"), timeout=90)
+    farm.wait_finished()
+    farm.stop()
+    facts = farm.check_invariants()
+    reaped = {e.id: e.attempts for e in farm.experiments() if e.attempts}
+    assert not reaped, f"runs reaped though their workers were alive: {reaped}"
+    record_recovery("postgres_down_6s", (back - fault).total_seconds(),
+                    "pg_ctl stop, 6 s down (6 heartbeat intervals), start -> first claim or result afterwards",
+                    str(facts))
+
+
 FLOOD = '''"""Floods stdout without end: 4 KB lines, a running total every 64 KB."""
 import sys
 

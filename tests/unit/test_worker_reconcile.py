@@ -60,6 +60,47 @@ def test_reaper_requeues_stale_runs_and_publishes_them_after_commit(farm_env):
         assert exp.status == S.queued and exp.retry_count == 1 and exp.attempts[0]["worker_id"] == "w1"
 
 
+def test_reaper_waits_out_a_grace_period_after_a_database_outage(farm_env, monkeypatch):
+    """Found by review: after an outage longer than 2 x heartbeat interval the first reaper pass took every run in
+    flight for dead (their heartbeats had failed meanwhile) and re-queued them, killing live runs and counting a
+    retry each. Now a reaper that just failed to reach the database waits 2 x interval before reaping again."""
+    from sqlalchemy.exc import OperationalError
+
+    import farm.recovery as recovery
+    from farm import migrate
+
+    monkeypatch.setattr(recovery, "_last_db_failure", None)  # restored after the test: no grace leaks out
+    migrate.upgrade(get_settings().db_url)
+    app = make_celery()
+    with session_scope() as s:
+        prog = make_program(s)
+        make_worker(s, "w1")
+        exp_id = make_experiment(s, prog).id
+    with session_scope() as s:
+        assert states.claim(s, exp_id, "w1")
+        s.execute(update(Experiment).where(Experiment.id == exp_id)
+                  .values(heartbeat_at=db_now(s) - timedelta(seconds=30)))
+
+    def down(*args, **kwargs):
+        raise OperationalError("SELECT 1", {}, Exception("connection refused"))
+
+    real_scope = recovery.session_scope
+    monkeypatch.setattr(recovery, "session_scope", down)
+    try:
+        reap_and_requeue(app=app, interval=1, max_retries=2)
+        raise AssertionError("the outage should reach the caller")
+    except OperationalError:
+        pass
+    monkeypatch.setattr(recovery, "session_scope", real_scope)
+    clock = [recovery.time.monotonic()]
+    monkeypatch.setattr(recovery.time, "monotonic", lambda: clock[0])
+    assert reap_and_requeue(app=app, interval=1, max_retries=2) == []  # back, but within the grace
+    with session_scope() as s:
+        assert s.get(Experiment, exp_id).status == S.running
+    clock[0] += 2.1
+    assert reap_and_requeue(app=app, interval=1, max_retries=2) == [(exp_id, S.queued)]  # still silent: dead
+
+
 def test_shared_celery_app_follows_the_broker_setting(tmp_path, monkeypatch):
     """Regression: get_celery() cached the first app of the process, so after the broker setting
     changed, re-published messages went to the old broker (and looked lost on the new one)."""
