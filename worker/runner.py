@@ -357,7 +357,7 @@ def _record(ctx: WorkerContext, job: Job, ex: Execution) -> bool:
             if time.monotonic() >= deadline:
                 raise
             log.warning("recording experiment %s failed (%s); retrying", job.id, str(exc).splitlines()[0])
-            time.sleep(min(pause_cap, 0.5 * 2**attempt))
+            time.sleep(min(pause_cap, 0.5 * 2 ** min(attempt, 8)))  # (2**attempt overflows a float after an hour)
             attempt += 1
 
 

@@ -157,3 +157,42 @@ def test_log_cap_reports_truncation_wherever_the_cap_falls(tmp_path, total):
     assert run.log_truncated and run.log_bytes == cap
     text = (tmp_path / "out.log").read_bytes()
     assert len(text) <= cap + 200 and text.rstrip().endswith(b"was discarded]")
+
+
+def test_a_result_write_waits_out_a_long_database_outage(tmp_path, monkeypatch):
+    """Found by review: the write of a finished run's result gave up after ~15 s of outage, so the result was
+    dropped and the whole run repeated. It now retries (every half heartbeat interval) up to record_patience."""
+    from contextlib import contextmanager
+    from types import SimpleNamespace
+
+    from sqlalchemy.exc import OperationalError
+
+    import worker.runner as runner
+    from farm.models import ExperimentStatus
+    from farm.settings import Settings
+    from worker.outcome import Outcome
+
+    clock = [0.0]
+    monkeypatch.setattr(runner.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(runner.time, "sleep", lambda seconds: clock.__setitem__(0, clock[0] + seconds))
+    up_at = 600.0  # ten minutes down
+
+    @contextmanager
+    def scope():  # type: ignore[no-untyped-def]
+        if clock[0] < up_at:
+            raise OperationalError("INSERT", {}, Exception("connection refused"))
+        yield None
+
+    written: list[int] = []
+    monkeypatch.setattr(runner, "session_scope", scope)
+    monkeypatch.setattr(runner.states, "record_result", lambda s, exp_id, *a, **k: written.append(exp_id) or True)
+    ctx = SimpleNamespace(settings=Settings(home=tmp_path, heartbeat_interval=5.0),
+                          identity=SimpleNamespace(gpu_name=None), worker_id="w1")
+    job = SimpleNamespace(id=7, hw_class="cpu")
+    ex = runner.Execution(Outcome(ExperimentStatus.succeeded, None, {"val_bpb": 1.0}))
+    assert runner._record(ctx, job, ex) and written == [7]  # type: ignore[arg-type]
+    assert up_at <= clock[0] <= up_at + 2.5  # retried every 2.5 s (half the interval): it lands at once
+    clock[0] = 0.0
+    up_at = 10_000.0  # past the patience (1 h): the error reaches the caller
+    with pytest.raises(OperationalError):
+        runner._record(ctx, job, ex)  # type: ignore[arg-type]
