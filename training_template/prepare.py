@@ -1129,15 +1129,18 @@ def _forward_logits(model, x: torch.Tensor) -> torch.Tensor:
         return model(x)
 
 
-# Causal probe tolerance: a causal model computes a position from the same inputs, with the same kernels and shapes,
-# whatever follows it, so its nats before the cut are bit-identical (checked on CPU float32 and CUDA bf16); a model
-# that looks ahead gains far more than this per token, and a peek kept below it is worth < 5e-4 bpb.
-CAUSAL_TOL = 1e-3
+# Causal probe tolerance, per device type. On the CPU a causal model computes a position from the same inputs with
+# the same kernels and shapes whatever follows it: its nats before the cut come out bit-identical (tested), and a
+# peek kept under 1e-3 nats a token is worth < 5e-4 bpb. On CUDA, cuBLAS is not bitwise reproducible from call to
+# call without CUBLAS_WORKSPACE_CONFIG, and one bf16 ulp of a logit near the softcap moves a token's loss by up to
+# ~0.06 nats, so the tolerance stays at the old probe's 0.05 (which the template passed on an H200) until
+# tests/gpu/test_template_cuda.py has measured the real spread; it still catches any peek worth more than that.
+CAUSAL_TOL = {"cpu": 1e-3, "cuda": 0.05}
 
 
 @torch.no_grad()
-def check_causal(model, rows: np.ndarray, dev: torch.device, tol: float = CAUSAL_TOL,
-                 reference: torch.Tensor | None = None) -> float:
+def check_causal(model, rows: np.ndarray, dev: torch.device, tol: float | None = None,
+                 reference: torch.Tensor | None = None, vocab: int | None = None) -> float:
     """Reject a model that looks ahead at the tokens it predicts. `rows` is one evaluation batch (B, T + 1) and
     `reference` its per-position nats from the evaluation itself (computed here when not given). From a random
     cut on, every row's inputs are replaced by another evaluation row's tokens (real text: nothing in the batch
@@ -1145,7 +1148,8 @@ def check_causal(model, rows: np.ndarray, dev: torch.device, tol: float = CAUSAL
     Returns the largest change seen."""
     x = torch.tensor(rows[:, :-1])  # copies: the perturbation must not reach the evaluation rows
     targets = torch.tensor(rows[:, 1:]).to(dev)
-    vocab = int(load_data().vocab_size)
+    vocab = int(load_data().vocab_size) if vocab is None else vocab
+    tol = CAUSAL_TOL.get(dev.type, CAUSAL_TOL["cuda"]) if tol is None else tol
     if reference is None:
         reference = token_nats(_forward_logits(model, x.to(dev)), targets, vocab)
     b, t = x.shape

@@ -39,3 +39,25 @@ def test_compiled_muon_matches_eager_on_cuda(capsys):
         da, db = (a - s).flatten().double(), (b - s).flatten().double()
         cos = float(da @ db / (da.norm() * db.norm()))
         assert cos > 0.99 and abs(float(db.norm() / da.norm()) - 1) < 0.05, (tuple(s.shape), cos)
+
+
+def test_causal_probe_spread_of_a_causal_model_on_cuda(capsys):
+    """The harness's causal probe on CUDA, bf16 autocast, a compiled model at the baseline's width: a causal model
+    must pass with room to spare (prints the measured spread: the figure CAUSAL_TOL['cuda'] should follow)."""
+    defs = load_train_defs()
+    prepare = defs["prepare"]
+    torch.manual_seed(0)
+    model = defs["GPT"](vocab_size=8192, depth=2, dim=512, n_head=4, head_dim=128, seq_len=2048).cuda()
+    model.init_weights()
+    with torch.no_grad():  # a trained-looking spread of logits, not the zero init's flat ones
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    model.eval()
+    defs["configure_attention"](defs["ATTN_IMPL"], 2048, model.windows, torch.device("cuda"))  # as train.py
+    compiled = torch.compile(model, dynamic=False)
+    rows = torch.randint(0, 8192, (8, 2049)).numpy()
+    worst = max(prepare.check_causal(compiled, rows, torch.device("cuda"), vocab=8192) for _ in range(3))
+    with capsys.disabled():
+        print(f"\ncausal probe on CUDA: largest change before the cut {worst:.3g} nats "
+              f"(tolerance {prepare.CAUSAL_TOL['cuda']})")
+    assert worst <= prepare.CAUSAL_TOL["cuda"] / 2
