@@ -39,7 +39,8 @@ def test_reconcile_republishes_only_queued_experiments_without_a_live_message(fa
     assert reconcile_broker(app=app, grace=10).republished == []  # now live: nothing twice
 
 
-def test_reaper_requeues_stale_runs_and_publishes_them_after_commit(farm_env):
+def _a_silent_run():  # type: ignore[no-untyped-def]
+    """A run claimed by w1 whose last heartbeat is 30 s old, on a migrated embedded database."""
     from farm import migrate
 
     migrate.upgrade(get_settings().db_url)
@@ -52,6 +53,11 @@ def test_reaper_requeues_stale_runs_and_publishes_them_after_commit(farm_env):
         assert states.claim(s, exp_id, "w1")
         s.execute(update(Experiment).where(Experiment.id == exp_id)
                   .values(heartbeat_at=db_now(s) - timedelta(seconds=30)))
+    return app, exp_id
+
+
+def test_reaper_requeues_stale_runs_and_publishes_them_after_commit(farm_env):
+    app, exp_id = _a_silent_run()
     reaped = reap_and_requeue(app=app, interval=1, max_retries=2)
     assert reaped == [(exp_id, S.queued)]
     assert _filesystem_live_ids(get_settings().broker_dir) == {exp_id}
@@ -67,19 +73,9 @@ def test_reaper_waits_out_a_grace_period_after_a_database_outage(farm_env, monke
     from sqlalchemy.exc import OperationalError
 
     import farm.recovery as recovery
-    from farm import migrate
 
     monkeypatch.setattr(recovery, "_last_db_failure", None)  # restored after the test: no grace leaks out
-    migrate.upgrade(get_settings().db_url)
-    app = make_celery()
-    with session_scope() as s:
-        prog = make_program(s)
-        make_worker(s, "w1")
-        exp_id = make_experiment(s, prog).id
-    with session_scope() as s:
-        assert states.claim(s, exp_id, "w1")
-        s.execute(update(Experiment).where(Experiment.id == exp_id)
-                  .values(heartbeat_at=db_now(s) - timedelta(seconds=30)))
+    app, exp_id = _a_silent_run()
 
     def down(*args, **kwargs):
         raise OperationalError("SELECT 1", {}, Exception("connection refused"))
