@@ -98,21 +98,27 @@ def test_redis_restarted_empty(farm: FaultFarm, redis_port: int, tmp_path: Path)
                     "Redis back empty -> the experiments queued during the outage (publish failed) claimed", str(facts))
 
 
-def test_postgres_restarted(farm: FaultFarm) -> None:
+def _postgres_fault_mid_run(farm: FaultFarm, results_before: int, down_seconds: float = 0.0):  # type: ignore[no-untyped-def]
+    """Run a program, take Postgres away while a run trains (restart, or stopped for down_seconds), let the
+    program finish; returns (seconds from the fault to the first claim or result after it, invariant facts)."""
     farm.create_program(max_experiments=8)
     farm.start_workers(*W)
     farm.start_scheduler()
-    farm.wait_results(3)
+    farm.wait_results(results_before)
     farm.wait("a run in progress", lambda: _running_on(farm, W[0]) or _running_on(farm, W[1]))
     fault = farm.now()
-    restart_postgres()
-    back = farm.wait("a claim or a result after the restart",
+    restart_postgres(down_seconds=down_seconds)
+    back = farm.wait("a claim or a result after the fault",
                      lambda: _first_progress(farm, fault, "started_at", "finished_at"), timeout=90)
     farm.wait_finished()
     farm.stop()
-    facts = farm.check_invariants()
-    record_recovery("postgres_restart", (back - fault).total_seconds(),
-                    "pg_ctl restart -m fast -> first claim or result written afterwards", str(facts))
+    return (back - fault).total_seconds(), farm.check_invariants()
+
+
+def test_postgres_restarted(farm: FaultFarm) -> None:
+    seconds, facts = _postgres_fault_mid_run(farm, results_before=3)
+    record_recovery("postgres_restart", seconds, "pg_ctl restart -m fast -> first claim or result written afterwards",
+                    str(facts))
 
 
 def test_postgres_down_for_many_heartbeats(farm: FaultFarm) -> None:
@@ -120,21 +126,10 @@ def test_postgres_down_for_many_heartbeats(farm: FaultFarm) -> None:
     hold their results until the database is back, and the reapers wait out a grace period before taking
     silence for death. Found by review: the first reaper pass after the outage re-queued every run in flight
     (each then killed, and counted as a retry), and a result whose write failed for ~15 s was dropped."""
-    farm.create_program(max_experiments=8)
-    farm.start_workers(*W)
-    farm.start_scheduler()
-    farm.wait_results(2)
-    farm.wait("a run in progress", lambda: _running_on(farm, W[0]) or _running_on(farm, W[1]))
-    fault = farm.now()
-    restart_postgres(down_seconds=6)
-    back = farm.wait("a claim or a result after the outage",
-                     lambda: _first_progress(farm, fault, "started_at", "finished_at"), timeout=90)
-    farm.wait_finished()
-    farm.stop()
-    facts = farm.check_invariants()
+    seconds, facts = _postgres_fault_mid_run(farm, results_before=2, down_seconds=6)
     reaped = {e.id: e.attempts for e in farm.experiments() if e.attempts}
     assert not reaped, f"runs reaped though their workers were alive: {reaped}"
-    record_recovery("postgres_down_6s", (back - fault).total_seconds(),
+    record_recovery("postgres_down_6s", seconds,
                     "pg_ctl stop, 6 s down (6 heartbeat intervals), start -> first claim or result afterwards",
                     str(facts))
 

@@ -291,18 +291,22 @@ class _PooledProposer:
         return Proposal(description=f"lr seed {ctx.seed}", rationale="", edit=Edit(files={"train.py": text}))
 
 
-def test_max_experiments_bounds_the_proposer_calls_of_a_pass(pg_env, tmp_path, monkeypatch):
-    """The calls started from the pass's cached context count against the cap too: 8 free workers,
-    2 baselines and max_experiments=4 start 2 calls, not 6 (whose answers could not all run)."""
+def _eight_free_workers(monkeypatch, tmp_path, **program: Any) -> Scheduler:  # type: ignore[no-untyped-def]
+    """One program (two baselines, no lookahead) and eight idle workers; its proposer answers from a pool."""
     install(monkeypatch, tmp_path)
     monkeypatch.setenv("FARM_LOOKAHEAD", "0")
     reset_settings_cache()
     with session_scope() as s:
-        create_program(s, name="capllm", instructions="# go", policy={"baseline_runs": 2},
-                       stop_rules={"max_experiments": 4})
+        create_program(s, instructions="# go", policy={"baseline_runs": 2}, **program)
         for i in range(8):
             make_worker(s, f"w{i}")
-    sched = Scheduler(publish=lambda *a, **k: None, proposer_factory=lambda program: _PooledProposer())
+    return Scheduler(publish=lambda *a, **k: None, proposer_factory=lambda program: _PooledProposer())
+
+
+def test_max_experiments_bounds_the_proposer_calls_of_a_pass(pg_env, tmp_path, monkeypatch):
+    """The calls started from the pass's cached context count against the cap too: 8 free workers,
+    2 baselines and max_experiments=4 start 2 calls, not 6 (whose answers could not all run)."""
+    sched = _eight_free_workers(monkeypatch, tmp_path, name="capllm", stop_rules={"max_experiments": 4})
     first = sched.tick()
     assert first["queued"] == 2 and first["llm_calls_started"] == 2, first
     sched.wait_for_proposals()
@@ -316,15 +320,7 @@ def test_max_experiments_bounds_the_proposer_calls_of_a_pass(pg_env, tmp_path, m
 def test_max_in_flight_bounds_a_programs_runs_and_calls(pg_env, tmp_path, monkeypatch):
     """proposer.max_in_flight (accepted by the API, read nowhere before): 8 free workers, yet at most 3
     of the program's runs queued or running and proposer calls in flight at once."""
-    install(monkeypatch, tmp_path)
-    monkeypatch.setenv("FARM_LOOKAHEAD", "0")
-    reset_settings_cache()
-    with session_scope() as s:
-        create_program(s, name="narrow", instructions="# go", policy={"baseline_runs": 2},
-                       proposer={"kind": "llm", "max_in_flight": 3})
-        for i in range(8):
-            make_worker(s, f"w{i}")
-    sched = Scheduler(publish=lambda *a, **k: None, proposer_factory=lambda program: _PooledProposer())
+    sched = _eight_free_workers(monkeypatch, tmp_path, name="narrow", proposer={"kind": "llm", "max_in_flight": 3})
     first = sched.tick()
     assert first["queued"] == 2 and first["llm_calls_started"] == 1, first
     sched.wait_for_proposals()
