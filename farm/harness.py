@@ -28,6 +28,18 @@ def fixed_files(directory: str | os.PathLike[str]) -> list[str]:
     return sorted(p.relative_to(root).as_posix() for p in files if p.is_file())
 
 
+ISOLATED_MARKER = "ISOLATED_EVALUATION = 1"  # prepare.py's declaration that it exports and scores (--evaluate)
+
+
+def supports_isolated_evaluation(directory: str | os.PathLike[str]) -> bool:
+    """Does this template's harness export the model for a second process to score (prepare.py --evaluate)?"""
+    try:
+        text = (Path(directory) / FIXED_FILE).read_text(encoding="utf-8")
+    except OSError:
+        return False
+    return any(line.startswith(ISOLATED_MARKER) for line in text.splitlines())
+
+
 def harness_checksum(directory: str | os.PathLike[str]) -> str:
     """sha256 over the fixed files sorted by relative path; each contributes path, NUL, bytes, NUL."""
     root = Path(directory)

@@ -38,14 +38,15 @@ from farm.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
-# Eval and compile time on top of the training budget; the worker's wall-clock limit is
-# budget + startup allowance + this, and the Celery time limits sit above that.
+# Eval and compile time on top of the training budget; the training process's wall-clock limit is
+# budget + startup allowance + this, the isolated evaluation's (worker/runner.py) startup allowance + this, and the
+# Celery time limits sit above both.
 EVAL_ALLOWANCE = 60.0
 
 
 def job_time_limit(budget: float, settings: Settings | None = None) -> float:
     s = settings or get_settings()
-    return float(budget) + s.startup_allowance + EVAL_ALLOWANCE
+    return float(budget) + 2 * (s.startup_allowance + EVAL_ALLOWANCE)
 
 
 def _publish_all(jobs: Iterable[tuple[int, str, float]], app: Celery | None, settings: Settings) -> None:

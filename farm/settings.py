@@ -66,6 +66,9 @@ class Settings(BaseSettings):
     # 0 = the default for the hardware: 2 on a GPU, 1 on a CPU (where start-up competes with training)
     worker_slots: int = Field(default=0, ge=0, le=4)
     sandbox: Literal["auto", "bwrap", "unshare", "none"] = "auto"
+    # auto: score each run in a second process from the exported model (worker/runner.py) when the template's
+    # harness can; off: evaluate inside the candidate's process, as a template without it always does
+    eval_isolation: Literal["auto", "off"] = "auto"
 
     @field_validator("home", mode="after")
     @classmethod

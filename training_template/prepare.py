@@ -43,13 +43,16 @@ from __future__ import annotations
 import argparse
 import bisect
 import concurrent.futures
+import contextlib
 import hashlib
 import hmac
 import importlib.util
 import json
 import math
+import operator
 import os
 import platform
+import re
 import secrets
 import shutil
 import sys
@@ -236,7 +239,7 @@ _HOME_CACHE = Path(os.path.expanduser("~")) / ".cache" / "researchfarm"
 # with what it set, so a candidate that rewrites os.environ before `import prepare` (a 5x longer budget, a
 # smaller evaluation, its own cache of easy validation text) is refused instead of believed.
 RUN_ENV_KEYS = ("FARM_PROFILE", "FARM_TIME_BUDGET", "FARM_MAX_STEPS", "FARM_SEED", "FARM_CORPUS",
-                "FARM_EVAL_TOKENS", "FARM_DATA_DIR", "FARM_CACHE_DIR")
+                "FARM_EVAL_TOKENS", "FARM_DATA_DIR", "FARM_CACHE_DIR", "FARM_EVAL_EXPORT")
 RUN_ENV = {key: os.environ.get(key) for key in RUN_ENV_KEYS}
 PROFILE = _decide_profile()
 TIME_BUDGET = float(_env_number("FARM_TIME_BUDGET", float, PROFILE.budget))
@@ -251,6 +254,7 @@ MAX_SEQ_LEN = PROFILE.seq_len
 EVAL_TOKENS = _env_number("FARM_EVAL_TOKENS", int, PROFILE.eval_tokens)  # tests/bench may shrink it; recorded
 TORCH_PROFILE = os.environ.get("FARM_TORCH_PROFILE", "").strip() or None
 TORCH_PROFILE_STEPS = _env_number("FARM_TORCH_PROFILE_STEPS", int, 3)
+EVAL_EXPORT = os.environ.get("FARM_EVAL_EXPORT", "").strip() or None  # set by the worker: see export_model
 
 # The heavy imports come after the nonce and the environment are settled, so a bad setup fails in milliseconds.
 import numpy as np  # noqa: E402
@@ -1062,7 +1066,7 @@ class Clock:
         if not math.isfinite(loss) or loss > LOSS_LIMIT:
             _die(EXIT_FAIL, f"FAIL: loss {loss} at step {self.steps + 1}")
         if self.steps == 0:
-            if self._model is not None and _GATE["fd"] is not None:
+            if self._model is not None and _GATE["fd"] is not None and EVAL_EXPORT is None:
                 self.eval_warmup_seconds = _warm_evaluation(self._model)
             self.gate_wait_seconds = _pass_gate()
             now = time.perf_counter()
@@ -1216,6 +1220,309 @@ def _data_changed() -> list[str]:
 
 
 # ======================================================================================================
+# Isolated evaluation: the trained model leaves the candidate's process as data, not code
+# ======================================================================================================
+# With FARM_EVAL_EXPORT set (the worker sets it), finish() does not evaluate in the candidate's process: it traces
+# the model's forward with torch.export and writes it to FARM_EVAL_EXPORT as a JSON list of ATen operations plus a
+# tensors file, then exits. The worker then runs `python prepare.py --evaluate FILE` from its own copy of the harness,
+# in a fresh sandboxed process that never ran candidate code and holds its own nonce. That process reads the file
+# with its own strict reader (no pickle beyond torch.load(weights_only=True), no torch.export.load, whose reader
+# falls back to pickle and evaluates sympy strings), accepts only ATen / prims operators, getitem and
+# FlexAttention, refuses a graph that writes to its own state (so the forward is a pure function: it cannot remember
+# one evaluation batch to recognise the probe), runs it with an interpreter of its own (no code generation), and
+# scores it. The candidate's process cannot reach the evaluation data, its loop, its token bytes or its signature.
+
+ISOLATED_EVALUATION = 1  # the protocol version the worker looks for (farm/harness.py)
+EXPORT_FORMAT = "researchfarm-aten-graph"
+EXPORT_MAX_BYTES = 64 << 20  # the graph's JSON; the tensors are bounded by the disk cap
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# aten operators that reach outside the tensors they are given
+_DENIED_OPS = ("from_file", "_print", "save", "load", "_local_scalar_dense")
+_SCALAR_KINDS = {"dtype": torch.dtype, "layout": torch.layout, "memory_format": torch.memory_format}
+
+
+class ExportRefused(ValueError):
+    """The model's graph is not one the isolated evaluation runs."""
+
+
+def _encode(value, nodes: dict, subgraphs: dict):
+    if isinstance(value, torch.fx.Node):
+        if value.op == "get_attr" and value.target in subgraphs:
+            return {"graph": value.target}
+        return {"node": nodes[value]}
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else {"float": repr(value)}
+    if isinstance(value, (list, tuple)):
+        return {"list" if isinstance(value, list) else "tuple": [_encode(v, nodes, subgraphs) for v in value]}
+    if isinstance(value, dict):
+        if not all(isinstance(k, str) for k in value):
+            raise ExportRefused(f"a dict argument with non-string keys: {value!r:.200}")
+        return {"dict": {k: _encode(v, nodes, subgraphs) for k, v in value.items()}}
+    if isinstance(value, torch.device):
+        return {"device": str(value)}
+    for kind, cls in _SCALAR_KINDS.items():
+        if isinstance(value, cls):
+            return {kind: str(value).removeprefix("torch.")}
+    raise ExportRefused(f"an argument of type {type(value).__name__} ({value!r:.200})")
+
+
+def _target_name(target) -> str:
+    if isinstance(target, torch._ops.OpOverload):
+        return f"{target.namespace}.{target._schema.name.split('::', 1)[1]}.{target._overloadname}"
+    if target is operator.getitem:
+        return "getitem"
+    if isinstance(target, torch._ops.HigherOrderOperator) and target.name() == "flex_attention":
+        return "flex_attention"
+    raise ExportRefused(f"operator {getattr(target, '__name__', target)!r} (only ATen / prims operators, getitem "
+                        f"and FlexAttention run in the isolated evaluation)")
+
+
+def _encode_graph(gm, subgraphs: dict, owner) -> dict:
+    nodes: dict = {}
+    out = []
+    for i, node in enumerate(gm.graph.nodes):
+        nodes[node] = i
+        if node.op == "placeholder":
+            out.append({"op": "placeholder"})
+        elif node.op == "get_attr":
+            sub = getattr(owner, node.target)
+            if not isinstance(sub, torch.fx.GraphModule):
+                raise ExportRefused(f"a graph attribute {node.target!r} that is not a subgraph")
+            if not _NAME.match(node.target):
+                raise ExportRefused(f"a subgraph named {node.target!r}")
+            if node.target not in subgraphs:
+                subgraphs[node.target] = None  # reserve the name before recursing
+                subgraphs[node.target] = _encode_graph(sub, subgraphs, owner)
+            out.append({"op": "graph", "name": node.target})
+        elif node.op == "call_function":
+            out.append({"op": "call", "target": _target_name(node.target),
+                        "args": _encode(tuple(node.args), nodes, subgraphs),
+                        "kwargs": _encode(dict(node.kwargs), nodes, subgraphs)})
+        elif node.op == "output":
+            out.append({"op": "output", "value": _encode(node.args[0], nodes, subgraphs)})
+        else:
+            raise ExportRefused(f"a graph node of kind {node.op!r}")
+    return {"nodes": out}
+
+
+def export_model(model, example: torch.Tensor, path: Path, autocast: bool | None = None) -> dict:
+    """Trace model(example) -> logits with torch.export and write it where the isolated evaluation reads it:
+    PATH (JSON graph) and PATH.tensors (torch.save of the weights and constants). Returns what was written.
+    The trace runs under the evaluation's autocast (bf16 on CUDA; `autocast` overrides it), so the graph holds the
+    casts themselves and is run without autocast."""
+    from torch.export.graph_signature import InputKind
+
+    raw = getattr(model, "_orig_mod", model)
+    raw.eval()
+    cast = example.device.type == "cuda" if autocast is None else autocast
+    with torch.no_grad(), kernels_off(), torch.autocast(example.device.type, dtype=torch.bfloat16, enabled=cast):
+        ep = torch.export.export(raw, (example,), strict=False)
+        ep = ep.run_decompositions({})  # functional: a write to the model's state shows in the signature
+    sig = ep.graph_signature
+    if sig.buffers_to_mutate or getattr(sig, "user_inputs_to_mutate", None):
+        raise ExportRefused("the forward pass writes to the model's own state (buffers or inputs): the evaluation "
+                            "needs a pure function of the tokens")
+    inputs, tensors = [], {}
+    for spec in sig.input_specs:
+        if spec.kind == InputKind.USER_INPUT:
+            inputs.append({"kind": "user"})
+            continue
+        if spec.kind not in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
+            raise ExportRefused(f"a model input of kind {spec.kind.name}")
+        value = ep.state_dict[spec.target] if spec.target in ep.state_dict else ep.constants.get(spec.target)
+        if not isinstance(value, torch.Tensor):
+            raise ExportRefused(f"{spec.target!r} is not a tensor")
+        key = f"t{len(tensors)}"
+        tensors[key] = value.detach()
+        inputs.append({"kind": "tensor", "key": key, "name": spec.target[:200]})
+    if sum(1 for i in inputs if i["kind"] == "user") != 1 or len(sig.output_specs) != 1:
+        raise ExportRefused("the forward pass must take the token ids and return the logits, nothing else")
+    subgraphs: dict = {}
+    body = {"format": EXPORT_FORMAT, "torch_version": torch.__version__, "inputs": inputs,
+            "example_shape": list(example.shape), "graph": _encode_graph(ep.graph_module, subgraphs, ep.graph_module),
+            "subgraphs": subgraphs}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{_unique()}")
+    torch.save(tensors, f"{tmp}.tensors")
+    os.replace(f"{tmp}.tensors", f"{path}.tensors")
+    _atomic_write(path, json.dumps(body))
+    return body
+
+
+class _Ref:
+    __slots__ = ("index",)
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+
+def _resolve_target(name) -> Callable:
+    if name == "getitem":
+        return operator.getitem
+    if name == "flex_attention":
+        from torch._higher_order_ops.flex_attention import flex_attention as hop
+        return hop
+    parts = name.split(".") if isinstance(name, str) else []
+    if len(parts) != 3 or parts[0] not in ("aten", "prims") or not all(_NAME.match(p) for p in parts):
+        raise ExportRefused(f"operator {name!r:.200}")
+    if any(bad in parts[1] for bad in _DENIED_OPS):
+        raise ExportRefused(f"operator {name} (it reaches outside its tensors)")
+    try:
+        op = getattr(getattr(getattr(torch.ops, parts[0]), parts[1]), parts[2])
+    except (AttributeError, RuntimeError) as exc:
+        raise ExportRefused(f"unknown operator {name}") from exc
+    if not isinstance(op, torch._ops.OpOverload):
+        raise ExportRefused(f"operator {name}")
+    if op._schema.is_mutable:  # the file is not trusted to be the functional graph export_model writes
+        raise ExportRefused(f"operator {name} writes to a tensor in place: the evaluation needs a pure function")
+    return op
+
+
+class ExportedModel:
+    """The reader and interpreter of export_model's files: validates everything before running anything."""
+
+    def __init__(self, path: Path, dev: torch.device) -> None:
+        if path.stat().st_size > EXPORT_MAX_BYTES:
+            raise ExportRefused(f"the graph file is over {EXPORT_MAX_BYTES >> 20} MB")
+        try:
+            body = json.loads(path.read_text())
+            tensors = torch.load(f"{path}.tensors", map_location=dev, weights_only=True)
+        except Exception as exc:  # an unpickling refusal, a truncated file, bad JSON: all are a file not to run
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            raise ExportRefused(f"the exported model cannot be read: {first}") from exc
+        if not isinstance(body, dict) or body.get("format") != EXPORT_FORMAT:
+            raise ExportRefused("the exported model is not in the harness's format")
+        if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+            raise ExportRefused("the exported tensors are not a dict of tensors")
+        self.example_shape = tuple(int(n) for n in body.get("example_shape", ()))
+        self._inputs = []
+        for spec in body.get("inputs") or []:
+            if spec.get("kind") == "user":
+                self._inputs.append(None)
+            elif spec.get("kind") == "tensor" and spec.get("key") in tensors:
+                self._inputs.append(tensors[spec["key"]])
+            else:
+                raise ExportRefused(f"a model input {spec!r:.200}")
+        if sum(1 for i in self._inputs if i is None) != 1:
+            raise ExportRefused("the graph must take exactly one input of token ids")
+        raw_subs = body.get("subgraphs") or {}
+        if not isinstance(raw_subs, dict):
+            raise ExportRefused("malformed subgraphs")
+        self._subs: dict[str, list] = {}
+        self._raw_subs = raw_subs
+        self._graph = self._compile(body.get("graph"), depth=0)
+
+    def _compile(self, graph, depth: int) -> list:
+        if depth > 8 or not isinstance(graph, dict) or not isinstance(graph.get("nodes"), list):
+            raise ExportRefused("a malformed graph")
+        program = []
+        for i, node in enumerate(graph["nodes"]):
+            op = node.get("op") if isinstance(node, dict) else None
+            if op == "placeholder":
+                program.append(("in", None, None))
+            elif op == "graph":
+                name = node.get("name")
+                if not isinstance(name, str) or name not in self._raw_subs:
+                    raise ExportRefused(f"an unknown subgraph {name!r:.100}")
+                if name not in self._subs:
+                    self._subs[name] = []  # a subgraph that refers to itself finds an empty program
+                    self._subs[name] = self._compile(self._raw_subs[name], depth + 1)
+                program.append(("value", self._callable(name), None))
+            elif op == "call":
+                program.append(("call", _resolve_target(node.get("target")),
+                                (self._decode(node.get("args"), i), self._decode(node.get("kwargs"), i))))
+            elif op == "output":
+                program.append(("out", self._decode(node.get("value"), i), None))
+            else:
+                raise ExportRefused(f"a graph node {node!r:.200}")
+        if not program or program[-1][0] != "out":
+            raise ExportRefused("a graph without an output")
+        return program
+
+    def _callable(self, name: str) -> Callable:
+        def run(*args):
+            return self._run(self._subs[name], args)
+        return run
+
+    def _decode(self, value, before: int):
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        if isinstance(value, dict) and len(value) == 1:
+            (kind, inner), = value.items()
+            if kind == "node" and isinstance(inner, int) and 0 <= inner < before:
+                return _Ref(inner)
+            if kind in ("list", "tuple") and isinstance(inner, list):
+                items = [self._decode(v, before) for v in inner]
+                return items if kind == "list" else tuple(items)
+            if kind == "dict" and isinstance(inner, dict):
+                return {str(k): self._decode(v, before) for k, v in inner.items()}
+            if kind == "graph" and inner in self._raw_subs:
+                if inner not in self._subs:
+                    self._subs[inner] = []
+                    self._subs[inner] = self._compile(self._raw_subs[inner], 1)
+                return self._callable(inner)
+            if kind == "float" and inner in ("inf", "-inf", "nan"):
+                return float(inner)
+            if kind == "device" and isinstance(inner, str) and re.fullmatch(r"(cpu|cuda|meta)(:\d+)?", inner):
+                return torch.device(inner)
+            if kind in _SCALAR_KINDS and isinstance(inner, str) and _NAME.match(inner):
+                found = getattr(torch, inner, None)
+                if isinstance(found, _SCALAR_KINDS[kind]):
+                    return found
+        raise ExportRefused(f"an argument {value!r:.200}")
+
+    @staticmethod
+    def _fill(value, env: list):
+        if isinstance(value, _Ref):
+            return env[value.index]
+        if isinstance(value, (list, tuple)):
+            filled = [ExportedModel._fill(v, env) for v in value]
+            return filled if isinstance(value, list) else tuple(filled)
+        if isinstance(value, dict):
+            return {k: ExportedModel._fill(v, env) for k, v in value.items()}
+        return value
+
+    def _run(self, program: list, args: tuple):
+        env: list = []
+        given = iter(args)
+        for kind, what, extra in program:
+            if kind == "in":
+                env.append(next(given))
+            elif kind == "value":
+                env.append(what)
+            elif kind == "call":
+                env.append(what(*self._fill(extra[0], env), **self._fill(extra[1], env)))
+            else:
+                return self._fill(what, env)
+        raise ExportRefused("a graph without an output")
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        args = tuple(x if t is None else t for t in self._inputs)
+        with torch.autocast(x.device.type, enabled=False):  # the casts of the evaluation's autocast are in the graph
+            out = self._run(self._graph, args)
+        out = out[0] if isinstance(out, (list, tuple)) and len(out) == 1 else out
+        if not isinstance(out, torch.Tensor):
+            raise ExportRefused("the graph did not return a tensor of logits")
+        return out
+
+
+@contextlib.contextmanager
+def kernels_off() -> Iterator[None]:
+    """The references for every op while tracing the model: the evaluation path is exact without kernels."""
+    mod = sys.modules.get("kernels")
+    saved = mod.ops() if mod is not None and hasattr(mod, "ops") else ()
+    if saved:
+        mod.set_ops("none")
+    try:
+        yield
+    finally:
+        if saved:
+            mod.set_ops(saved)
+
+
+# ======================================================================================================
 # Result: evaluate, sign, write, print, exit
 # ======================================================================================================
 
@@ -1245,47 +1552,22 @@ def _device_label(dev: torch.device) -> str:
     return f"cpu ({platform.machine()}, {os.cpu_count()} cores)"
 
 
-def evaluate_and_report(model, clock: Clock, *, depth: int, flops_per_token: float | None = None) -> dict:
-    """Evaluate val and test, build and sign the result (no writing, no exit)."""
-    if type(clock) is not Clock:
-        _die(EXIT_REJECTED, "prepare: finish() needs the harness Clock")
-    clock.close()
+def _training_report(model, clock: Clock, *, depth: int, flops_per_token: float | None, t_end: float) -> dict:
+    """What the run's training was: time, throughput, memory, size and the settings it ran under (unsigned)."""
     dev = next(model.parameters()).device
-    if clock.steps == 0:  # no step ran, so no tick waited at the device gate: the evaluation does
-        clock.gate_wait_seconds = _pass_gate()
-    t_eval = time.time()
-    if clock.timing_started_wall is None:  # no timed step: startup runs until the evaluation
-        clock.timing_started_wall = t_eval
-    if hasattr(model, "eval"):
-        model.eval()
-    probe: dict = {}
-    val_bpb, eval_tokens = evaluate_bpb(model, "val", dev, keep=probe)
-    check_causal(model, probe["rows"], dev, reference=probe["nats"])
-    test_bpb, _ = evaluate_bpb(model, "test", dev)
-    changed = _data_changed()  # after the evaluation: the model's forward is candidate code too
-    if changed:
-        _die(EXIT_REJECTED, f"prepare: the evaluation data was changed in-process: {', '.join(changed)}")
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-    now = time.time()
-    if not (math.isfinite(val_bpb) and math.isfinite(test_bpb)):
-        _die(EXIT_FAIL, f"FAIL: non-finite bits per byte (val {val_bpb}, test {test_bpb})")
     raw = getattr(model, "_orig_mod", model)
     if flops_per_token is None and hasattr(raw, "estimate_flops"):
         flops_per_token = float(raw.estimate_flops())
     num_params = sum(p.numel() for p in raw.parameters())
     tok_per_s = clock.timed_tokens / clock.training_seconds if clock.training_seconds > 0 else 0.0
-    result = {
+    return {
         "status": "ok",
-        "val_bpb": val_bpb,
-        "test_bpb": test_bpb,
         "training_seconds": clock.training_seconds,
-        "total_seconds": now - _T_START,
+        "total_seconds": t_end - _T_START,
         "startup_seconds": clock.timing_started_wall - _T_START - clock.gate_wait_seconds,
         "gate_wait_seconds": clock.gate_wait_seconds,
         "eval_warmup_seconds": clock.eval_warmup_seconds,
         "training_started_at": clock.timing_started_wall,  # epoch seconds: the timed window on the worker's clock
-        "eval_seconds": now - t_eval,
         "peak_vram_mb": torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else 0.0,
         "mfu_percent": 100.0 * (flops_per_token or 0.0) * tok_per_s / H100_PEAK_FLOPS,
         "tokens_per_second": tok_per_s,
@@ -1293,17 +1575,107 @@ def evaluate_and_report(model, clock: Clock, *, depth: int, flops_per_token: flo
         "num_steps": clock.steps,
         "num_params_m": num_params / 1e6,
         "depth": int(depth),
-        "eval_tokens": eval_tokens,
-        "device": _device_label(dev),
-        "torch_version": torch.__version__,
-        "profile": PROFILE.name,
-        "corpus": CORPUS,
-        "seed": SEED,
-        "time_budget": TIME_BUDGET,
-        "max_steps": MAX_STEPS,
-        "run_env": RUN_ENV,
-        "harness_sha256": HARNESS_SHA256,
+        **_run_identity(dev),
     }
+
+
+def _run_identity(dev: torch.device) -> dict:
+    return {"device": _device_label(dev), "torch_version": torch.__version__, "profile": PROFILE.name,
+            "corpus": CORPUS, "seed": SEED, "time_budget": TIME_BUDGET, "max_steps": MAX_STEPS, "run_env": RUN_ENV,
+            "harness_sha256": HARNESS_SHA256}
+
+
+def _close_clock(model, clock: Clock) -> None:
+    if type(clock) is not Clock:
+        _die(EXIT_REJECTED, "prepare: finish() needs the harness Clock")
+    clock.close()
+    if clock.steps == 0:  # no step ran, so no tick waited at the device gate: the evaluation does
+        clock.gate_wait_seconds = _pass_gate()
+    if clock.timing_started_wall is None:  # no timed step: startup runs until the evaluation
+        clock.timing_started_wall = time.time()
+
+
+def _score(model, dev: torch.device) -> dict:
+    """val and test bits per byte and the causal probe, of a model or of an exported graph."""
+    probe: dict = {}
+    val_bpb, eval_tokens = evaluate_bpb(model, "val", dev, keep=probe)
+    probe_nats = check_causal(model, probe["rows"], dev, reference=probe["nats"])
+    test_bpb, _ = evaluate_bpb(model, "test", dev)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    if not (math.isfinite(val_bpb) and math.isfinite(test_bpb)):
+        _die(EXIT_FAIL, f"FAIL: non-finite bits per byte (val {val_bpb}, test {test_bpb})")
+    return {"val_bpb": val_bpb, "test_bpb": test_bpb, "eval_tokens": eval_tokens, "causal_probe_nats": probe_nats}
+
+
+def evaluate_and_report(model, clock: Clock, *, depth: int, flops_per_token: float | None = None) -> dict:
+    """Evaluate val and test in this process, build and sign the result (no writing, no exit)."""
+    _close_clock(model, clock)
+    dev = next(model.parameters()).device
+    t_eval = time.time()
+    if hasattr(model, "eval"):
+        model.eval()
+    scores = _score(model, dev)
+    changed = _data_changed()  # after the evaluation: the model's forward is candidate code too
+    if changed:
+        _die(EXIT_REJECTED, f"prepare: the evaluation data was changed in-process: {', '.join(changed)}")
+    now = time.time()
+    result = _training_report(model, clock, depth=depth, flops_per_token=flops_per_token, t_end=now)
+    result.update(scores, evaluation="in_process", eval_seconds=now - t_eval)
+    return _sign(result)
+
+
+def export_and_report(model, clock: Clock, path: Path, *, depth: int, flops_per_token: float | None = None) -> dict:
+    """Export the model for the isolated evaluation (no evaluation here), build and sign the training result."""
+    _close_clock(model, clock)
+    dev = next(model.parameters()).device
+    t0 = time.time()
+    example = torch.randint(0, vocab_size(), (PROFILE.eval_batch, MAX_SEQ_LEN), device=dev)
+    try:
+        export_model(model, example, path)
+    except ExportRefused as exc:
+        _die(EXIT_REJECTED, f"prepare: model rejected: the isolated evaluation cannot run it: {exc}")
+    except Exception as exc:  # torch.export's own refusals (data-dependent control flow, untraceable code)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:400]
+        _die(EXIT_REJECTED, f"prepare: model rejected: torch.export cannot trace its forward pass for the isolated "
+                            f"evaluation ({type(exc).__name__}: {first})")
+    now = time.time()
+    result = _training_report(model, clock, depth=depth, flops_per_token=flops_per_token, t_end=now)
+    result.update(evaluation="exported", export_seconds=now - t0)
+    return _sign(result)
+
+
+def _padded(model: ExportedModel, batch: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The exported graph has the evaluation batch's static shape: a short last batch is padded, then cut."""
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        if n < batch:
+            x = torch.cat([x, x[-1:].expand(batch - n, -1)])
+        return model(x)[:n]
+    return forward
+
+
+def evaluate_isolated(path: Path) -> dict:
+    """`prepare.py --evaluate FILE`: score an exported model in this process (which ran no candidate code), build
+    and sign the evaluation result."""
+    t0 = time.time()
+    dev = device()
+    try:
+        exported = ExportedModel(path, dev)
+    except ExportRefused as exc:
+        _die(EXIT_REJECTED, f"prepare: model rejected by the isolated evaluation: {exc}")
+    if exported.example_shape != (PROFILE.eval_batch, MAX_SEQ_LEN):
+        _die(EXIT_REJECTED, f"prepare: model rejected: exported for inputs {exported.example_shape}, the evaluation "
+                            f"feeds {(PROFILE.eval_batch, MAX_SEQ_LEN)}")
+    try:
+        scores = _score(_padded(exported, PROFILE.eval_batch), dev)
+    except ExportRefused as exc:
+        _die(EXIT_REJECTED, f"prepare: model rejected by the isolated evaluation: {exc}")
+    now = time.time()
+    result = {"status": "ok", "evaluation": "isolated", **scores, "eval_seconds": now - t0,
+              "eval_total_seconds": now - _T_START,
+              "eval_peak_vram_mb": torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else 0.0,
+              **_run_identity(dev)}
     return _sign(result)
 
 
@@ -1311,7 +1683,7 @@ def _integrity_guard() -> Callable[[], list[str]]:
     # What finish() relies on, as it was when this module was imported (before any candidate code ran after
     # `import prepare`); a candidate that swaps one of these in-process is refused rather than believed.
     module = sys.modules[__name__]
-    names = ("evaluate_and_report", "evaluate_bpb", "bpb_terms", "bits_per_byte", "check_causal", "eval_rows",
+    names = ("evaluate_and_report", "_score", "_close_clock", "evaluate_bpb", "bpb_terms", "bits_per_byte", "check_causal", "eval_rows",
              "_pack_eval_rows", "pack_rows", "_forward_logits", "format_summary", "result_digest", "_sign",
              "_atomic_write", "load_data", "Clock", "_die", "_pass_gate", "_warm_evaluation", "cache_path",
              "_data_changed", "token_nats")
@@ -1341,18 +1713,35 @@ def _integrity_guard() -> Callable[[], list[str]]:
 
 
 def finish(model, clock: Clock, *, depth: int, flops_per_token: float | None = None) -> None:
-    """Hand the trained model to the harness: evaluate, write the signed JSON to FARM_RESULT_PATH, print the
-    summary, exit 0. Never returns. The model must map token ids (B, T) to logits (B, T, >= vocab)."""
+    """Hand the trained model to the harness: evaluate (or, under a worker, export it for the isolated evaluation),
+    write the signed JSON to FARM_RESULT_PATH, print the summary, exit 0. Never returns. The model must map token
+    ids (B, T) to logits (B, T, >= vocab)."""
     tampered = _harness_changed()
     if tampered:
         _die(EXIT_REJECTED, f"prepare: harness functions were replaced in-process: {', '.join(tampered)}")
-    result = evaluate_and_report(model, clock, depth=depth, flops_per_token=flops_per_token)
+    if EVAL_EXPORT:
+        result = export_and_report(model, clock, Path(EVAL_EXPORT), depth=depth, flops_per_token=flops_per_token)
+        summary = (f"model exported for the isolated evaluation in {result['export_seconds']:.1f}s "
+                   f"(training {result['training_seconds']:.1f}s, {result['num_steps']} steps); the worker scores it\n")
+    else:
+        result = evaluate_and_report(model, clock, depth=depth, flops_per_token=flops_per_token)
+        summary = format_summary(result)
     RESULT_PATH.parent.mkdir(parents=True, exist_ok=True)
     _atomic_write(RESULT_PATH, json.dumps(result, indent=1, sort_keys=True))
-    sys.stdout.write(format_summary(result))
+    sys.stdout.write(summary)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def _evaluate_main(path: Path) -> int:
+    result = evaluate_isolated(path)
+    RESULT_PATH.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(RESULT_PATH, json.dumps(result, indent=1, sort_keys=True))
+    print(f"---\n{'val_bpb:':<18}{result['val_bpb']:.6f}\n{'test_bpb:':<18}{result['test_bpb']:.6f}\n"
+          f"{'eval_tokens:':<18}{result['eval_tokens']}\n{'eval_seconds:':<18}{result['eval_seconds']:.1f}\n"
+          f"{'causal_probe:':<18}{result['causal_probe_nats']:.3g}", flush=True)
+    return 0
 
 
 _harness_changed = _integrity_guard()
@@ -1365,7 +1754,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Prepare the data cache (tokenizer + splits) and exit.")
     parser.add_argument("--corpus", help="bible | climbmix | synthetic | FOLDER (default: FARM_CORPUS or bible)")
     parser.add_argument("--shards", type=int, help="climbmix train shards (default: FARM_CLIMBMIX_SHARDS or 8)")
+    parser.add_argument("--evaluate", metavar="FILE", type=Path,
+                        help="score a model exported by finish() under FARM_EVAL_EXPORT (the worker's isolated "
+                             "evaluation): signed result to FARM_RESULT_PATH")
     args = parser.parse_args(argv)
+    if args.evaluate is not None:
+        return _evaluate_main(args.evaluate)
     corpus = args.corpus or CORPUS
     if args.shards is not None:
         os.environ["FARM_CLIMBMIX_SHARDS"] = str(args.shards)

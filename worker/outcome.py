@@ -42,11 +42,27 @@ _SUMMARY_LINE = re.compile(r"^([A-Za-z_]+):\s+(\S+)\s*$")
 # The settings the harness records as it found them in its environment (training_template/prepare.py RUN_ENV_KEYS):
 # a candidate can rewrite os.environ before `import prepare`, so each must be what the worker set.
 RUN_ENV_KEYS = ("FARM_PROFILE", "FARM_TIME_BUDGET", "FARM_MAX_STEPS", "FARM_SEED", "FARM_CORPUS",
-                "FARM_EVAL_TOKENS", "FARM_DATA_DIR", "FARM_CACHE_DIR")
+                "FARM_EVAL_TOKENS", "FARM_DATA_DIR", "FARM_CACHE_DIR", "FARM_EVAL_EXPORT")
+# what the isolated evaluation's signed result contributes to the run's result (the rest is the training's)
+EVAL_KEYS = ("val_bpb", "test_bpb", "eval_tokens", "eval_seconds", "causal_probe_nats", "eval_peak_vram_mb",
+             "evaluation")
 # The clock stops after the step that crosses the budget, so honest training ends within one step of it (well
 # under a second at the h100 profile); more than this is a candidate that does not follow the clock.
 BUDGET_SLACK_SECONDS = 3.0
 BUDGET_SLACK_FRACTION = 0.05
+
+
+@dataclass
+class EvalFacts:
+    """The isolated evaluation's process (worker/runner.py _evaluate)."""
+
+    exit_code: int | None
+    killed: str | None = None
+    tail: Sequence[str] = ()
+    result_text: str | None = None
+    nonce: str = ""
+    wall_limit: float = 0.0
+    peak_rss_mb: float = 0.0
 
 
 @dataclass
@@ -62,6 +78,7 @@ class RunFacts:
     wall_limit: float = 0.0
     memory_limit_mb: float = 0.0
     peak_rss_mb: float = 0.0
+    evaluation: EvalFacts | None = None  # with expected["isolated"]: the second process that scored the export
 
 
 @dataclass
@@ -155,10 +172,11 @@ def _metrics(result: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def verify_result(text: str | None, nonce: str, expected: dict[str, Any],
-                  harness: str) -> tuple[dict[str, Any] | None, str | None]:
+def verify_result(text: str | None, nonce: str, expected: dict[str, Any], harness: str,
+                  scored: bool = True) -> tuple[dict[str, Any] | None, str | None]:
     """(result, None) if the JSON is well-formed, signed with this run's nonce and consistent with
-    the run's settings; (None, why) otherwise."""
+    the run's settings; (None, why) otherwise. `scored=False`: a training result whose model the isolated
+    evaluation scores, so it carries no val_bpb."""
     if not text:
         return None, "no result file"
     try:
@@ -172,7 +190,7 @@ def verify_result(text: str | None, nonce: str, expected: dict[str, Any],
     if result.get("status", "ok") != "ok":
         return None, f"result status is {result.get('status')!r}"
     val = result.get("val_bpb")
-    if isinstance(val, bool) or not isinstance(val, (int, float)) or not math.isfinite(val) or val <= 0:
+    if scored and (isinstance(val, bool) or not isinstance(val, (int, float)) or not math.isfinite(val) or val <= 0):
         return None, f"val_bpb {val!r} is not a positive finite number"
     for key in ("profile", "seed"):
         if key in expected and key in result and str(result[key]) != str(expected[key]):
@@ -226,6 +244,8 @@ def judge(f: RunFacts) -> Outcome:
         if is_oom(tail, f.exit_code) and not reason.lower().startswith("out of memory"):
             reason = f"out of memory: {reason}"
         return Outcome(S.crashed, reason)
+    if f.expected.get("isolated"):
+        return _judge_isolated(f)
     result, why = verify_result(f.result_text, f.nonce, f.expected, f.harness_before)
     if result is None:
         if f.result_text or summary is not None or forged_summary_lines(tail):
@@ -237,4 +257,38 @@ def judge(f: RunFacts) -> Outcome:
     disagreement = _summary_agrees(summary, result)
     if disagreement:
         return Outcome(S.refused, disagreement)
+    return Outcome(S.succeeded, None, _metrics(result), result)
+
+
+def _judge_isolated(f: RunFacts) -> Outcome:
+    """The training process exited 0: its signed result gives the training figures, the isolated evaluation's
+    signed result the scores. Whatever the training process printed about val_bpb is not read."""
+    trained, why = verify_result(f.result_text, f.nonce, f.expected, f.harness_before, scored=False)
+    if trained is None:
+        if f.result_text:
+            return Outcome(S.refused, why)
+        return Outcome(S.crashed, "exited 0 without a result (did train.py call the harness's finish()?)")
+    if trained.get("evaluation") != "exported":
+        return Outcome(S.refused, "the run did not export its model for the isolated evaluation "
+                                  "(FARM_EVAL_EXPORT was set by the worker)")
+    ev = f.evaluation
+    if ev is None:
+        return Outcome(S.refused, "the run reported an export, but no exported model was found")
+    if ev.killed == "timeout":
+        return Outcome(S.timed_out, f"the isolated evaluation ran past its limit of {ev.wall_limit:.0f}s "
+                                    f"(FARM_EVAL_ALLOWANCE)")
+    if ev.killed == "memory":
+        return Outcome(S.crashed, f"out of memory in the isolated evaluation: {ev.peak_rss_mb:.0f} MB, over the "
+                                  f"worker's limit of {f.memory_limit_mb:.0f} MB (killed)")
+    if ev.killed is not None:
+        return Outcome(S.crashed, f"the isolated evaluation was stopped ({ev.killed})")
+    if ev.exit_code != 0:
+        return Outcome(S.crashed, f"isolated evaluation: {crash_reason(list(ev.tail), ev.exit_code)}")
+    scores, why = verify_result(ev.result_text, ev.nonce, f.expected, f.harness_before)
+    if scores is None:
+        return Outcome(S.crashed, f"isolated evaluation: {why}")
+    if scores.get("evaluation") != "isolated":
+        return Outcome(S.crashed, "isolated evaluation: its result does not say it is one")
+    result = dict(trained)
+    result.update({key: scores[key] for key in EVAL_KEYS if key in scores})
     return Outcome(S.succeeded, None, _metrics(result), result)

@@ -28,14 +28,14 @@ from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from farm import states
 from farm.db import session_scope
-from farm.harness import harness_checksum
+from farm.harness import fixed_files, harness_checksum, supports_isolated_evaluation
 from farm.models import Experiment, ExperimentStatus
 from farm.recovery import EVAL_ALLOWANCE
 from farm.settings import Settings
 from worker import disk
 from worker.gate import DeviceGate
 from worker.identity import Identity
-from worker.outcome import RUN_ENV_KEYS, TAIL_LINES, Outcome, RunFacts, judge
+from worker.outcome import RUN_ENV_KEYS, TAIL_LINES, EvalFacts, Outcome, RunFacts, judge
 from worker.progress import Progress
 from worker.sandbox import Mounts, Sandbox
 from worker.supervise import ChildRun, rlimit_prefix, supervise
@@ -48,6 +48,7 @@ ENV_PASSTHROUGH = ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "CUDA_HOME", "CU
                    "NVIDIA_DRIVER_CAPABILITIES", "TORCH_CUDA_ARCH_LIST", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
                    "TRITON_INTERPRET", "CC", "CXX", "FARM_CORPUS", "FARM_MAX_STEPS", "FARM_DEVICE")
 RESULT_MAX_BYTES = 1 << 20
+EXPORT_NAME = "model.json"  # where the training process exports its model for the isolated evaluation
 
 
 @dataclass(frozen=True)
@@ -132,11 +133,18 @@ def child_env_base(ctx: WorkerContext, *, profile: str, workdir: Path) -> dict[s
     return env
 
 
+def isolated(ctx: WorkerContext, job: Job) -> bool:
+    """Is this run scored by the isolated evaluation (a second process, from the exported model)?"""
+    return ctx.settings.eval_isolation == "auto" and supports_isolated_evaluation(template_dir(job.template))
+
+
 def child_env(ctx: WorkerContext, job: Job, workdir: Path, nonce_fd: int, gate_fd: int | None = None) -> dict[str, str]:
     """The run's environment: the base plus the FARM_* run variables of this job."""
     env = child_env_base(ctx, profile=job.profile, workdir=workdir)
     env.update({"FARM_TIME_BUDGET": f"{job.budget:g}", "FARM_SEED": str(job.seed),
                 "FARM_RESULT_PATH": str(workdir / "result.json"), "FARM_NONCE_FD": str(nonce_fd)})
+    if isolated(ctx, job):
+        env["FARM_EVAL_EXPORT"] = str(workdir / EXPORT_NAME)
     if gate_fd is not None:
         env["FARM_GATE_FD"] = str(gate_fd)
     return env
@@ -146,7 +154,18 @@ def expected_settings(ctx: WorkerContext, job: Job, workdir: Path) -> dict[str, 
     """What the signed result must say the run ran under (worker/outcome.py checks it)."""
     env = child_env(ctx, job, workdir, nonce_fd=-1)
     return {"profile": job.profile, "seed": job.seed, "time_budget": float(env["FARM_TIME_BUDGET"]),
-            "run_env": {key: env.get(key) for key in RUN_ENV_KEYS}}
+            "run_env": {key: env.get(key) for key in RUN_ENV_KEYS}, "isolated": isolated(ctx, job)}
+
+
+EVALUATION_SPLITS = ("val", "test")
+
+
+def evaluation_splits(ctx: WorkerContext) -> tuple[Path, ...]:
+    """The tokenized val and test splits of every cache: only the isolated evaluation reads them, so the training
+    process (which could otherwise train on them) finds them empty."""
+    return tuple(sorted(p for split in EVALUATION_SPLITS
+                        for pattern in (f"*/{split}.bin", f"*/{split}_offsets.npy")
+                        for p in ctx.template_cache.glob(pattern)))
 
 
 def _needed_by_python(p: Path, python: str) -> bool:
@@ -217,10 +236,67 @@ def _failed(child: ChildRun) -> bool:
 
 
 @dataclass
+class _Evaluated:
+    child: ChildRun
+    nonce: str
+    result_text: str | None
+    wall_limit: float
+
+
+def _nonce_pipe() -> tuple[str, int]:
+    """A fresh nonce and the read end of a pipe that holds it (the child reads it once at import)."""
+    nonce = secrets.token_hex(32)
+    rfd, wfd = os.pipe()
+    try:
+        os.write(wfd, (nonce + "\n").encode())
+    finally:
+        os.close(wfd)
+    return nonce, rfd
+
+
+def _evaluate(ctx: WorkerContext, job: Job, workdir: Path, log_path: Path) -> _Evaluated | None:
+    """The isolated evaluation: the worker's own copy of the harness scores the model the training process exported,
+    in a fresh sandboxed process that ran no candidate code and holds its own nonce. None: nothing was exported."""
+    export = workdir / EXPORT_NAME
+    if not export.is_file() or export.is_symlink():
+        return None
+    evaldir = workdir / f".farm-eval-{secrets.token_hex(6)}"
+    evaldir.mkdir()
+    template = template_dir(job.template)
+    for rel in fixed_files(template):  # prepare.py and kernels/: the harness checksum must be the program's
+        (evaldir / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(template / rel, evaldir / rel)
+    # moved in (the training process is gone): the workdir around it is hidden from the evaluation's sandbox
+    for name in (EXPORT_NAME, f"{EXPORT_NAME}.tensors"):
+        if (workdir / name).is_file() and not (workdir / name).is_symlink():
+            os.replace(workdir / name, evaldir / name)
+    nonce, rfd = _nonce_pipe()
+    wall_limit = ctx.limits.startup_allowance + ctx.limits.eval_allowance  # python, torch and CUDA start again
+    try:
+        env = child_env(ctx, job, workdir, rfd)
+        env.update(FARM_RESULT_PATH=str(evaldir / "result.json"), HOME=str(evaldir))
+        mounts = Mounts(workdir=evaldir, readonly=(ctx.settings.data_dir, ctx.template_cache),
+                        hidden=hidden_paths(ctx))
+        argv = [*rlimit_prefix(ctx.limits.memory_mb, address_space=job.profile == "cpu",
+                               file_size_mb=ctx.limits.file_size_mb),
+                *ctx.sandbox.wrap([ctx.python, "prepare.py", "--evaluate", EXPORT_NAME], mounts)]
+        with open(log_path, "ab") as f:
+            f.write(b"\n[farm: isolated evaluation of the exported model]\n")
+        child = supervise(argv, env=env, cwd=evaldir, log_path=log_path, wall_limit=wall_limit,
+                          memory_mb=ctx.limits.memory_mb, log_cap=ctx.limits.log_cap_bytes, pass_fds=(rfd,),
+                          on_tick=_heartbeat(ctx, job.id, lambda: True), tick_every=ctx.settings.heartbeat_interval,
+                          append_log=True)
+    finally:
+        os.close(rfd)
+    return _Evaluated(child, nonce, _read_result(evaldir / "result.json"), wall_limit)
+
+
+@dataclass
 class _Spawned:
     child: ChildRun
     nonce: str
     t_spawn: float
+    evaluation: _Evaluated | None = None
     gate_wait: float = 0.0
     overlapped: bool = False  # it started while another run held the device
     failed_waiting: bool = False  # it failed before the device was its own
@@ -233,13 +309,9 @@ def _spawn(ctx: WorkerContext, job: Job, workdir: Path, wd: Any, log_path: Path,
     one. `exclusive`: wait for the turn before spawning (a retry of a run that failed while overlapped)."""
     s = ctx.settings
     turn = ctx.gate.turn() if ctx.gate is not None else None
-    nonce = secrets.token_hex(32)
-    rfd, wfd = os.pipe()
-    try:
-        os.write(wfd, (nonce + "\n").encode())
-    finally:
-        os.close(wfd)
+    nonce, rfd = _nonce_pipe()
     overlapped = False
+    evaluation = None
     try:
         if turn is not None:
             if exclusive:  # waiting for the other run to end (minutes): keep the claim's heartbeat fresh
@@ -250,7 +322,8 @@ def _spawn(ctx: WorkerContext, job: Job, workdir: Path, wd: Any, log_path: Path,
             overlapped = not turn.opened
         mounts = Mounts(workdir=workdir, writable=(ctx.compile_cache,),
                         readonly=(s.data_dir, ctx.template_cache),
-                        readonly_in_workdir=wd.readonly_paths(), hidden=hidden_paths(ctx))
+                        readonly_in_workdir=wd.readonly_paths(), hidden=hidden_paths(ctx),
+                        masked=evaluation_splits(ctx) if isolated(ctx, job) else ())
         argv = [*rlimit_prefix(ctx.limits.memory_mb, address_space=job.profile == "cpu",
                                file_size_mb=ctx.limits.file_size_mb),
                 *ctx.sandbox.wrap([ctx.python, "train.py"], mounts)]
@@ -262,13 +335,18 @@ def _spawn(ctx: WorkerContext, job: Job, workdir: Path, wd: Any, log_path: Path,
                           pass_fds=(rfd,) if gate_fd is None else (rfd, gate_fd),
                           on_tick=_heartbeat(ctx, job.id, (lambda: turn.opened) if turn is not None else lambda: True),
                           tick_every=s.heartbeat_interval, extra_time=turn.waited if turn is not None else None)
+        if child.killed is None and child.exit_code == 0 and isolated(ctx, job):
+            os.close(rfd)
+            rfd = -1
+            evaluation = _evaluate(ctx, job, workdir, log_path)  # still in this run's turn on the device
     finally:
-        os.close(rfd)
+        if rfd >= 0:
+            os.close(rfd)
         if turn is not None:
             opened = turn.opened
             turn.done()
     now_wall, now_mono = time.time(), time.monotonic()
-    spawned = _Spawned(child, nonce, t_spawn, marks={"spawned_at": spawned_at, "exited_at": now_wall})
+    spawned = _Spawned(child, nonce, t_spawn, evaluation, marks={"spawned_at": spawned_at, "exited_at": now_wall})
     if turn is not None:
         spawned.gate_wait, spawned.overlapped = turn.waited(), overlapped
         spawned.failed_waiting = overlapped and not opened and _failed(child)
@@ -316,17 +394,28 @@ def execute(ctx: WorkerContext, job: Job) -> Execution:
                          harness_before=wd.harness_sha256, harness_after=harness_checksum(workdir),
                          expected=expected_settings(ctx, job, workdir), wall_limit=wall_limit,
                          memory_limit_mb=ctx.limits.memory_mb, peak_rss_mb=child.peak_rss_mb)
+        if run.evaluation is not None:
+            ev = run.evaluation.child
+            facts.evaluation = EvalFacts(exit_code=ev.exit_code, killed=ev.killed, tail=ev.tail,
+                                         result_text=run.evaluation.result_text, nonce=run.evaluation.nonce,
+                                         wall_limit=run.evaluation.wall_limit, peak_rss_mb=ev.peak_rss_mb)
         outcome = judge(facts)
         timings = {"setup_seconds": t_spawn - t0, "child_seconds": child.wall_seconds,
                    "judge_seconds": time.perf_counter() - t_done, "peak_rss_mb": round(child.peak_rss_mb, 1),
                    "log_bytes": child.log_bytes, "log_truncated": child.log_truncated,
                    "wall_limit": wall_limit, "sandbox": ctx.sandbox.method}
         timings.update(run.marks)
+        if run.evaluation is not None:
+            timings.update(eval_child_seconds=run.evaluation.child.wall_seconds,
+                           eval_peak_rss_mb=round(run.evaluation.child.peak_rss_mb, 1))
+            child.tail = [*child.tail, "[farm: isolated evaluation of the exported model]", *run.evaluation.child.tail]
+        timings["evaluation"] = (outcome.result or {}).get("evaluation") or ("isolated" if facts.expected.get(
+            "isolated") else "in_process")
         if ctx.gate is not None:
             timings.update(turn_wait_seconds=run.gate_wait, overlapped=run.overlapped, restarted_alone=restarted)
         if outcome.result:
             for key in ("startup_seconds", "training_seconds", "eval_seconds", "total_seconds", "gate_wait_seconds",
-                        "eval_warmup_seconds", "training_started_at"):
+                        "eval_warmup_seconds", "training_started_at", "export_seconds"):
                 if isinstance(outcome.result.get(key), (int, float)):
                     timings[key] = outcome.result[key]
         return Execution(outcome, child, timings, log_path)
@@ -382,8 +471,10 @@ def run_experiment(experiment_id: int, ctx: WorkerContext) -> RunReport:
     ex = execute(ctx, job)
     ex.timings["claim_seconds"] = t_claimed - t0
     ex.timings["setup_seconds"] = ex.timings.get("setup_seconds", 0.0) + (t_loaded - t_claimed)
-    # everything from claim to here that was not the training process (the result write follows)
-    ex.timings["overhead_seconds"] = time.perf_counter() - t0 - ex.timings.get("child_seconds", 0.0)
+    # everything from claim to here that was not the training process or the isolated evaluation (the result write
+    # follows)
+    ex.timings["overhead_seconds"] = (time.perf_counter() - t0 - ex.timings.get("child_seconds", 0.0)
+                                      - ex.timings.get("eval_child_seconds", 0.0))
     # judging, the harness re-check, reading the result and removing the workdir
     ex.timings["report_seconds"] = max(0.0, ex.timings["overhead_seconds"] - ex.timings["claim_seconds"]
                                        - ex.timings["setup_seconds"])

@@ -37,6 +37,7 @@ class Mounts:
     readonly: tuple[Path, ...] = ()  # bound read-only on top of hidden paths (data, cache)
     readonly_in_workdir: tuple[Path, ...] = ()  # harness files: read-only inside the workdir
     hidden: tuple[Path, ...] = ()  # replaced by empty tmpfs (dirs) or /dev/null (files)
+    masked: tuple[Path, ...] = ()  # files replaced by /dev/null after every bind (inside a read-only bind)
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,9 @@ def bwrap_argv(argv: Sequence[str], m: Mounts, dev: Path = Path("/dev")) -> list
     for p in m.readonly_in_workdir:
         if p.exists():
             cmd += ["--ro-bind", str(p), str(p)]
+    for p in m.masked:
+        if p.is_file():
+            cmd += ["--ro-bind", "/dev/null", str(p)]
     cmd += ["--chdir", str(m.workdir), "--", *argv]
     return cmd
 

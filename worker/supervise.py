@@ -43,10 +43,10 @@ class ChildRun:
 class _Reader(threading.Thread):
     """Drains the child's output: log file up to `cap` bytes, the tail in memory, progress parsing."""
 
-    def __init__(self, fd: int, log_path: Path, cap: int, progress: Progress) -> None:
+    def __init__(self, fd: int, log_path: Path, cap: int, progress: Progress, append: bool = False) -> None:
         super().__init__(daemon=True, name="child-output")
         self.fd, self.cap, self.progress = fd, cap, progress
-        self.log = open(log_path, "wb")  # noqa: SIM115 - closed in run()
+        self.log = open(log_path, "ab" if append else "wb")  # noqa: SIM115 - closed in run()
         self.written = 0
         self.truncated = False
         self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_KEEP)
@@ -162,10 +162,11 @@ def rlimit_prefix(memory_mb: float, *, address_space: bool, file_size_mb: float)
 def supervise(argv: Sequence[str], *, env: dict[str, str], cwd: Path, log_path: Path, wall_limit: float,
               memory_mb: float, log_cap: int, pass_fds: Sequence[int] = (),
               on_tick: Callable[[Progress], bool] | None = None, tick_every: float = 5.0,
-              extra_time: Callable[[], float] | None = None) -> ChildRun:
+              extra_time: Callable[[], float] | None = None, append_log: bool = False) -> ChildRun:
     """Start argv and watch it to the end. `on_tick(progress)` runs every `tick_every` seconds
     (heartbeat); returning False kills the child (the claim was lost). `extra_time()` extends the wall
-    limit by time the child spent waiting for its turn on the device (worker/gate.py)."""
+    limit by time the child spent waiting for its turn on the device (worker/gate.py). `append_log` adds to the
+    log file instead of starting it (the isolated evaluation after the training process)."""
     run = ChildRun()
     log_path.parent.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
@@ -173,7 +174,7 @@ def supervise(argv: Sequence[str], *, env: dict[str, str], cwd: Path, log_path: 
                             stderr=subprocess.STDOUT, start_new_session=True, pass_fds=tuple(pass_fds),
                             close_fds=True)
     assert proc.stdout is not None
-    reader = _Reader(os.dup(proc.stdout.fileno()), log_path, log_cap, run.progress)
+    reader = _Reader(os.dup(proc.stdout.fileno()), log_path, log_cap, run.progress, append=append_log)
     proc.stdout.close()
     reader.start()
     next_tick = start + tick_every

@@ -270,3 +270,79 @@ def test_the_result_records_the_settings_the_process_found(prepared, tmp_path):
     payload = json.loads(result.read_text())
     assert payload["run_env"]["FARM_EVAL_TOKENS"] == "2048" and payload["run_env"]["FARM_PROFILE"] == "cpu"
     assert payload["run_env"]["FARM_TIME_BUDGET"] is None and payload["eval_tokens"] <= 2048
+
+
+# ---- the isolated evaluation (FARM_EVAL_EXPORT + prepare.py --evaluate), as the worker runs it ----
+
+def _export_and_evaluate(prepared, tmp_path: Path, copy: Path, **extra: str):
+    """train.py exporting its model, then the harness's own copy scoring it in a second process."""
+    export = tmp_path / "export" / "model.json"
+    env = farm_env(*prepared, tmp_path / "train.json", FARM_EVAL_EXPORT=str(export), **extra)
+    trained, _ = run([sys.executable, "train.py"], env, cwd=copy, nonce="aa")
+    if trained.returncode != 0:
+        return trained, None
+    evaluated, _ = run([sys.executable, str(TEMPLATE / "prepare.py"), "--evaluate", str(export)],
+                       dict(env, FARM_RESULT_PATH=str(tmp_path / "eval.json")), cwd=tmp_path, nonce="bb")
+    return trained, evaluated
+
+
+@pytest.mark.slow
+def test_isolated_evaluation_scores_what_the_in_process_evaluation_scores(prepared, tmp_path):
+    """The exported graph is the model: same seed, same steps, the same val_bpb and test_bpb as evaluating in the
+    training process. The training result has no score; the evaluation's result is signed with its own nonce."""
+    steps = dict(FARM_TIME_BUDGET="1000", FARM_MAX_STEPS="3", FARM_EVAL_TOKENS="8192")
+    proc, _ = run([sys.executable, "train.py"], farm_env(*prepared, tmp_path / "inproc.json", **steps), nonce="cc")
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    inproc = json.loads((tmp_path / "inproc.json").read_text())
+    trained, evaluated = _export_and_evaluate(prepared, tmp_path, TEMPLATE, **steps)
+    assert trained.returncode == 0 and evaluated is not None, trained.stderr[-1500:]
+    assert evaluated.returncode == 0, evaluated.stderr[-1500:]
+    train_result = json.loads((tmp_path / "train.json").read_text())
+    scores = json.loads((tmp_path / "eval.json").read_text())
+    assert train_result["evaluation"] == "exported" and "val_bpb" not in train_result
+    assert train_result["num_steps"] == inproc["num_steps"] == 3
+    assert scores["evaluation"] == "isolated" and scores["nonce"] == "bb"
+    assert prepare.result_digest(scores, "bb") == scores["digest"]
+    assert scores["val_bpb"] == pytest.approx(inproc["val_bpb"], rel=1e-6)
+    assert scores["test_bpb"] == pytest.approx(inproc["test_bpb"], rel=1e-6)
+    assert scores["eval_tokens"] == inproc["eval_tokens"] and scores["causal_probe_nats"] <= 1e-3
+    assert re.search(r"^val_bpb: +[0-9.]+$", evaluated.stdout, re.M), evaluated.stdout
+
+
+STATEFUL = '''
+class _Remember(torch.nn.Module):
+    """Keeps the last batch it saw in a buffer: with it, a forward could recognise the causal probe's batch."""
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.register_buffer("seen", torch.zeros(1))
+    def forward(self, x, y=None):
+        self.seen.add_(1)
+        return self.inner(x) if y is None else self.inner(x, y)
+model = _Remember(model)
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, code, exit_code, expected", [
+    # the in-process evaluation's cheats no longer reach the score: the second process never saw them
+    ("token_bytes", "_d = prepare.load_data()\n_d.token_bytes = _d.token_bytes * 3\n", 0, None),
+    ("evaluation swapped", "prepare.evaluate_bpb = lambda *a, **k: (0.1, 1)\n", 5, "evaluate_bpb"),
+    ("peek", PEEK.replace("if y is not None or (n and torch.equal(x[:n, :half], x[n:2 * n, :half])):",
+                          "if y is not None:"), 5, "depend on later tokens"),
+    ("peek that looks for the probe", PEEK, 5, "torch.export cannot trace"),  # data-dependent: not a pure graph
+    ("stateful forward", STATEFUL, 5, "writes to the model's own state"),
+])
+def test_the_isolated_evaluation_is_out_of_the_candidates_reach(prepared, tmp_path, name, code, exit_code, expected):
+    steps = dict(FARM_TIME_BUDGET="1000", FARM_MAX_STEPS="2", FARM_EVAL_TOKENS="8192")
+    _, honest = _export_and_evaluate(prepared, tmp_path / "honest", TEMPLATE, **steps)
+    assert honest is not None and honest.returncode == 0, honest and honest.stderr[-1500:]
+    honest_val = json.loads((tmp_path / "honest" / "eval.json").read_text())["val_bpb"]
+    copy = candidate_copy(tmp_path, _before_finish(code))
+    trained, evaluated = _export_and_evaluate(prepared, tmp_path / "cheat", copy, **steps)
+    last = evaluated if evaluated is not None else trained
+    assert last.returncode == exit_code, (name, trained.stderr[-1500:], last.stderr[-1500:])
+    if expected:
+        assert expected in last.stderr, last.stderr[-1500:]
+    else:
+        assert json.loads((tmp_path / "cheat" / "eval.json").read_text())["val_bpb"] == honest_val

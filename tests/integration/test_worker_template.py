@@ -19,7 +19,11 @@ TEMPLATE = ROOT / "training_template"
 
 @pytest.mark.slow
 def test_real_template_cpu_run_lands_signed_metrics_in_postgres(pg_env, tmp_path):
-    train = (TEMPLATE / "train.py").read_text()
+    # the baseline, plus a line that reports what it can read of the evaluation splits (nothing: they are masked)
+    train = (TEMPLATE / "train.py").read_text().replace("import gc\n", (
+        "import gc\nimport os as _os, pathlib as _pl\nprint('EVAL_SPLIT_BYTES', sum(p.stat().st_size for s in "
+        "('val', 'test') for p in _pl.Path(_os.environ['FARM_CACHE_DIR']).glob(f'*/{s}*')))\n"), 1)
+    assert "EVAL_SPLIT_BYTES" in train
     with session_scope() as s:
         prog = make_program(s, time_budget=2.0, template_digest=harness_checksum(TEMPLATE))
         exp_id = make_experiment(s, prog, files={"train.py": train}, seed=3, proposer_kind="baseline").id
@@ -39,7 +43,10 @@ def test_real_template_cpu_run_lands_signed_metrics_in_postgres(pg_env, tmp_path
     assert res.gpu_name and res.gpu_name.startswith("cpu")
     assert {"startup_seconds", "training_seconds", "eval_seconds", "setup_seconds", "child_seconds",
             "overhead_seconds"} <= set(res.timings)
-    assert "val_bpb:" in res.log_tail
+    assert "val_bpb:" in res.log_tail and "isolated evaluation" in res.log_tail
+    assert "EVAL_SPLIT_BYTES 0" in res.log_tail, res.log_tail  # the training process could not read val or test
+    # scored in a second process from the exported model, not in the candidate's
+    assert res.timings["evaluation"] == "isolated" and res.timings["eval_child_seconds"] > 0
 
 
 @pytest.mark.slow
@@ -77,8 +84,9 @@ def test_two_slot_worker_starts_the_next_run_early_but_never_trains_two_at_once(
     assert all(t["spawned_at"] < t["gate_opened_at"] and t["turn_wait_seconds"] > 0 and t["gate_wait_seconds"] > 0
                for t in early)
     assert not any(t["restarted_alone"] for t in runs)
-    # train.py hands its model to the Clock: an evaluation batch ran before the gate, and changed nothing below
-    assert all(t["eval_warmup_seconds"] > 0 for t in runs)
+    # each was scored by the isolated evaluation inside its own turn (so no in-process evaluation warm-up ran)
+    assert all(t["evaluation"] == "isolated" and t["eval_child_seconds"] > 0 and t["eval_warmup_seconds"] == 0
+               for t in runs)
     bpbs = {results[i].val_bpb for i in ids}
     assert len(bpbs) == 1, bpbs  # started early or not, the same run gives the same number
     assert all(results[i].num_steps == 3 for i in ids)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from farm.harness import result_digest
 from farm.models import ExperimentStatus
-from worker.outcome import RunFacts, crash_reason, judge, parse_summary
+from worker.outcome import EvalFacts, RunFacts, crash_reason, judge, parse_summary
 
 S = ExperimentStatus
 NONCE = "ab" * 16
@@ -132,3 +134,63 @@ def test_oom_is_recognised():
 def test_parse_summary_reads_the_last_block():
     assert parse_summary(["---", "val_bpb: 1", "---", "val_bpb: 2"]) == {"val_bpb": "2"}
     assert parse_summary(["no summary"]) is None
+
+
+# ---- the isolated evaluation: the training's signed result gives the figures, the second process's the score ----
+
+EVAL_NONCE = "cd" * 16
+
+
+def signed_eval(nonce: str = EVAL_NONCE, **over: object) -> str:
+    payload = {"status": "ok", "evaluation": "isolated", "val_bpb": 1.1, "test_bpb": 1.2, "eval_tokens": 4096,
+               "eval_seconds": 0.7, "causal_probe_nats": 0.0, "profile": "cpu", "seed": 1, "nonce": nonce, **over}
+    payload["digest"] = result_digest(payload, nonce)
+    return json.dumps(payload)
+
+
+def isolated_facts(evaluation: EvalFacts | None = None, **kw: object) -> RunFacts:
+    trained = json.loads(signed(evaluation="exported", export_seconds=0.3))
+    del trained["val_bpb"], trained["test_bpb"], trained["digest"]
+    trained["digest"] = result_digest(trained, NONCE)
+    ev = EvalFacts(exit_code=0, result_text=signed_eval(), nonce=EVAL_NONCE, wall_limit=60)
+    base: dict[str, object] = dict(tail=["step 1 | loss 3.0", "model exported"], result_text=json.dumps(trained),
+                                   expected={"profile": "cpu", "seed": 1, "isolated": True},
+                                   evaluation=evaluation or ev)
+    base.update(kw)
+    return facts(**base)
+
+
+def test_an_isolated_run_takes_its_score_from_the_evaluation_and_its_figures_from_training():
+    o = judge(isolated_facts())
+    assert o.status == S.succeeded, o.reason
+    assert o.metrics["val_bpb"] == 1.1 and o.metrics["test_bpb"] == 1.2 and o.metrics["eval_seconds"] == 0.7
+    assert o.metrics["num_steps"] == 7 and o.metrics["training_seconds"] == 2.0
+    assert o.result is not None and o.result["evaluation"] == "isolated"
+
+
+def test_an_isolated_run_ignores_a_score_claimed_by_the_training_process():
+    # a val_bpb in the training's own (signed) result is the candidate's word: the evaluation's replaces it
+    trained = json.loads(signed(evaluation="exported", val_bpb=0.01))
+    o = judge(isolated_facts(result_text=json.dumps(trained)))
+    assert o.status == S.succeeded and o.metrics["val_bpb"] == 1.1
+
+
+@pytest.mark.parametrize("evaluation, status, reason", [
+    (EvalFacts(exit_code=0, result_text=signed_eval(nonce=NONCE), nonce=EVAL_NONCE), S.crashed, "not signed"),
+    (EvalFacts(exit_code=0, result_text=signed_eval(evaluation="in_process"), nonce=EVAL_NONCE), S.crashed,
+     "does not say"),
+    (EvalFacts(exit_code=5, tail=["prepare: model rejected: its predictions depend on later tokens"]), S.crashed,
+     "isolated evaluation: prepare: model rejected: its predictions depend on later tokens"),
+    (EvalFacts(exit_code=None, killed="timeout", wall_limit=60), S.timed_out, "limit of 60s"),
+    (EvalFacts(exit_code=None, killed="memory", peak_rss_mb=900), S.crashed, "out of memory in the isolated"),
+])
+def test_an_isolated_evaluation_that_fails_fails_the_run(evaluation, status, reason):
+    o = judge(isolated_facts(evaluation))
+    assert o.status == status and reason in (o.reason or ""), o.reason
+
+
+def test_an_isolated_run_that_did_not_export_is_refused():
+    o = judge(isolated_facts(result_text=signed(evaluation="in_process")))
+    assert o.status == S.refused and "did not export" in (o.reason or "")
+    o = judge(facts(**{**isolated_facts().__dict__, "evaluation": None}))
+    assert o.status == S.refused and "no exported model" in (o.reason or "")

@@ -1,0 +1,146 @@
+"""The isolated evaluation's file format (training_template/prepare.py export_model / ExportedModel): the exported
+graph computes the model's logits exactly, and the reader, which runs in the process that signs the score, refuses
+every file that is not a pure ATen graph over tensors before it runs any of it."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+TEMPLATE = Path(__file__).resolve().parents[2] / "training_template"
+sys.path.insert(0, str(TEMPLATE))
+
+import prepare  # noqa: E402
+
+from tests.template_defs import load_train_defs  # noqa: E402
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def train_defs() -> dict:
+    return load_train_defs()
+
+
+def _gpt(defs: dict, impl: str, seq_len: int = 64):
+    torch.manual_seed(0)
+    model = defs["GPT"](vocab_size=257, depth=2, dim=64, n_head=4, head_dim=16, seq_len=seq_len)
+    model.init_weights()
+    defs["configure_attention"](impl, seq_len, model.windows, CPU)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def exported(train_defs, tmp_path_factory) -> tuple[Path, torch.nn.Module]:
+    model = _gpt(train_defs, "sdpa")
+    path = tmp_path_factory.mktemp("export") / "model.json"
+    prepare.export_model(model, torch.zeros(4, 64, dtype=torch.long), path)
+    return path, model
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "flex"])
+def test_the_exported_graph_gives_the_models_logits_exactly(train_defs, tmp_path, impl):
+    model = _gpt(train_defs, impl)
+    path = tmp_path / "model.json"
+    prepare.export_model(model, torch.zeros(4, 64, dtype=torch.long), path)
+    graph = prepare.ExportedModel(path, CPU)
+    x = torch.randint(0, 257, (4, 64), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(graph(x), model(x))
+        # a short last batch is padded to the exported shape and cut back
+        assert torch.equal(prepare._padded(graph, 4)(x[:3]), model(x)[:3])
+    body = json.loads(path.read_text())
+    targets = {n["target"] for g in [body["graph"], *body["subgraphs"].values()] for n in g["nodes"]
+               if n["op"] == "call"}
+    assert all(t.startswith("aten.") or t in ("getitem", "flex_attention") for t in targets), targets
+    assert ("flex_attention" in targets) == (impl == "flex")
+
+
+def test_the_graph_carries_the_evaluations_autocast(train_defs, tmp_path):
+    """On CUDA the evaluation runs under bf16 autocast: the export traces under it and the graph holds the casts,
+    so the reader runs it without autocast and gets the autocast logits (bf16 autocast on the CPU here)."""
+    model = _gpt(train_defs, "sdpa")
+    path = tmp_path / "model.json"
+    prepare.export_model(model, torch.zeros(4, 64, dtype=torch.long), path, autocast=True)
+    x = torch.randint(0, 257, (4, 64), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            reference = model(x)
+        plain = model(x)
+        got = prepare.ExportedModel(path, CPU)(x)
+    assert torch.equal(got, reference) and not torch.equal(got, plain)
+
+
+def test_a_forward_that_writes_to_its_own_state_is_not_exported(tmp_path):
+    class Remember(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = torch.nn.Embedding(16, 16)
+            self.register_buffer("seen", torch.zeros(4, 8, dtype=torch.long))
+
+        def forward(self, x):
+            self.seen.copy_(x)  # the last batch, kept for the next call
+            return self.emb(x)
+
+    with pytest.raises(prepare.ExportRefused, match="writes to the model's own state"):
+        prepare.export_model(Remember(), torch.zeros(4, 8, dtype=torch.long), tmp_path / "m.json")
+    assert not (tmp_path / "m.json").exists()
+
+
+def _tampered(exported, tmp_path: Path, edit) -> Path:
+    src, _ = exported
+    body = json.loads(src.read_text())
+    edit(body)
+    path = tmp_path / "model.json"
+    path.write_text(json.dumps(body))
+    Path(f"{path}.tensors").write_bytes(Path(f"{src}.tensors").read_bytes())
+    return path
+
+
+def _first_call(body: dict) -> dict:
+    return next(n for n in body["graph"]["nodes"] if n["op"] == "call")
+
+
+@pytest.mark.parametrize("target, why", [
+    ("torch.os.system", "operator 'torch.os.system'"),  # torch.export's own reader would resolve this one
+    ("builtins.eval", "operator 'builtins.eval'"),
+    ("aten.from_file.default", "reaches outside its tensors"),
+    ("aten.add_.Tensor", "writes to a tensor in place"),
+    ("aten.no_such_op.default", "unknown operator"),
+    ("myext.op.default", "operator 'myext.op.default'"),
+])
+def test_the_reader_runs_only_pure_aten_operators(exported, tmp_path, target, why):
+    path = _tampered(exported, tmp_path, lambda body: _first_call(body).update(target=target))
+    with pytest.raises(prepare.ExportRefused, match=why):
+        prepare.ExportedModel(path, CPU)
+
+
+@pytest.mark.parametrize("edit, why", [
+    (lambda b: _first_call(b).update(args={"tuple": [{"node": 10_000}]}), "an argument"),  # not an earlier node
+    (lambda b: _first_call(b).update(args={"tuple": [{"code": "import os"}]}), "an argument"),
+    (lambda b: _first_call(b).update(kwargs={"dict": {"dtype": {"dtype": "os"}}}), "an argument"),
+    (lambda b: b["graph"]["nodes"].append({"op": "call_module", "target": "x"}), "a graph node"),
+    (lambda b: b["inputs"].append({"kind": "user"}), "exactly one input"),
+    (lambda b: b.update(format="pickle"), "not in the harness's format"),
+])
+def test_the_reader_refuses_malformed_graphs_before_running_them(exported, tmp_path, edit, why):
+    with pytest.raises(prepare.ExportRefused, match=why):
+        prepare.ExportedModel(_tampered(exported, tmp_path, edit), CPU)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (Path.touch, (Path(_Payload.marker),))
+
+
+def test_a_pickled_payload_in_the_tensors_file_is_never_run(exported, tmp_path):
+    path = _tampered(exported, tmp_path, lambda body: None)
+    _Payload.marker = str(tmp_path / "pwned")
+    torch.save({"t0": _Payload()}, f"{path}.tensors")
+    with pytest.raises(prepare.ExportRefused, match="cannot be read"):
+        prepare.ExportedModel(path, CPU)
+    assert not (tmp_path / "pwned").exists()
