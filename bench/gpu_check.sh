@@ -2,15 +2,19 @@
 # Every GPU check of the project in one run, for a borrowed CUDA machine with python3, torch and triton
 # (installs nothing). In order of what it decides, each phase getting what is left of the time given (a
 # slow phase costs the later ones, never the logs of the earlier ones):
-#   1. the CUDA tests (tests/gpu: kernels, the compiled Muon update, CUDA inside the bwrap sandbox)
+#   1. the CUDA tests (tests/gpu: kernels, the compiled Muon update, CUDA inside the bwrap sandbox, the isolated
+#      evaluation's exported graph against the compiled model)
 #   2. the whole template: default, the Muon update left eager (COMPILE_OPTIMIZER=False), and SDPA's causal
 #      kernel for the full-context layers (ATTN_IMPL='mixed'): tokens/s, MFU, peak VRAM
-#   3. one default run under torch.profiler: where the device time of a step goes (profile/*.txt)
-#   4. three default runs (the profile's full evaluation) through the device gate with two slots: the
+#   3. one 30-step run scored in-process and by the worker's isolated evaluation (export + a second process):
+#      same val_bpb? what does the isolation cost on a GPU?
+#   4. one default run under torch.profiler: where the device time of a step goes (profile/*.txt)
+#   5. three default runs (the profile's full evaluation) through the device gate with two slots: the
 #      device time between timed runs
-#   5. the per-kernel table against eager and torch.compile
+#   6. the per-kernel table against eager and torch.compile
 # Results go to $OUT (default artifacts/gpu):
-#   env.txt summary.txt tests.log step.log train.log profile.log profile/ gap.log gap_runs.log gap.json ops.log
+#   env.txt summary.txt tests.log step.log train.log isolated.log profile.log profile/ gap.log gap_runs.log gap.json
+#   ops.log
 # Every bench it runs is also run on the CPU by tests/integration/test_bench_device_scripts.py.
 #
 #   bench/gpu_check.sh [SECONDS] [STEP_BUDGET]     # defaults: 570 s in all, 15 s of training per step run
@@ -58,6 +62,8 @@ step_timeout=$(( step_budget + 170 ))
 phase "template: default vs eager optimizer vs mixed attention" 200 step.log "$PY" bench/kernels.py --no-ops --step \
   --budget "$step_budget" --corpus synthetic --eval-tokens 1048576 --step-timeout "$step_timeout" --log "$OUT/train.log" \
   --configs "linear_ce;linear_ce COMPILE_OPTIMIZER=False;linear_ce ATTN_IMPL='mixed'"
+phase "isolated evaluation vs in-process" 150 isolated.log "$PY" bench/template.py --profile h100 --synthetic \
+  --budget 1000 --max-steps 30 --eval-tokens 1048576 --isolated --data-dir "$FARM_DATA_DIR" --cache-dir "$FARM_CACHE_DIR"
 phase "template under torch.profiler" 90 profile.log "$PY" bench/kernels.py --no-ops --step --budget 8 \
   --corpus synthetic --eval-tokens 1048576 --configs linear_ce --step-timeout 200 --torch-profile "$OUT/profile" \
   --log "$OUT/train.log"

@@ -63,3 +63,19 @@ def test_gate_gap_hands_over_on_exit_and_measures_the_gaps(tmp_path):
         assert b["training_started_at"] >= a["exited"], (a, b)
     assert len(summary["gaps"]) == 2 and all(g > 0 for g in summary["gaps"])
     assert re.search(r"^projection to the 300 s budget: duty cycle \d+\.\d %", proc.stdout, re.M), proc.stdout
+
+
+def test_template_bench_scores_one_run_in_process_and_isolated(tmp_path):
+    """bench/template.py --isolated: the same capped run evaluated in its own process and by the worker's isolated
+    evaluation gives the same val_bpb, and the bench prints what the isolation costs."""
+    proc = subprocess.run(
+        [sys.executable, "bench/template.py", "--profile", "cpu", "--budget", "1000", "--max-steps", "3",
+         "--eval-tokens", "8192", "--isolated", "--cache-dir", str(tmp_path / "cache"),
+         "--data-dir", str(tmp_path / "data")],
+        cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    m = re.search(r"^isolated vs in-process evaluation: val_bpb (\S+) vs (\S+) \(difference \+0\.00e\+00\); the run's "
+                  r"wall [\d.]+ s vs [\d.]+ s \([+-][\d.]+ s: export [\d.]+ s \+ a second process [\d.]+ s", proc.stdout,
+                  re.M)
+    assert m and m.group(1) == m.group(2), proc.stdout
+    assert re.search(r"^  export s / evaluator wall s +[\d.]+ / [\d.]+$", proc.stdout, re.M), proc.stdout
