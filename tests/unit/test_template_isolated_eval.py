@@ -144,3 +144,43 @@ def test_a_pickled_payload_in_the_tensors_file_is_never_run(exported, tmp_path):
     with pytest.raises(prepare.ExportRefused, match="cannot be read"):
         prepare.ExportedModel(path, CPU)
     assert not (tmp_path / "pwned").exists()
+
+
+class _GatedPeek(torch.nn.Module):
+    """A pure function that reads the next token only in batches whose first token is 7: one batch in four."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(257, 257)
+
+    def forward(self, x):
+        logits = self.emb(x)
+        peek = torch.zeros_like(logits)
+        peek[:, :-1].scatter_(-1, x[:, 1:, None], 8.0)
+        return logits + (x[:1, :1] == 7).float()[..., None] * peek
+
+
+def test_the_causal_probe_sees_a_peek_hidden_in_one_batch_of_several(monkeypatch):
+    """The probe re-runs up to PROBE_BATCHES evaluation batches (here all four), not one: a model that peeks in one
+    batch of four would have passed a one-batch probe three runs in four."""
+    import types
+
+    import numpy as np
+
+    rows = np.random.default_rng(0).integers(8, 257, size=(4 * 128, 65)).astype(np.int64)
+    rows[:, 0] = 3
+    rows[2 * 128, 0] = 7  # the third batch
+    monkeypatch.setattr(prepare, "eval_rows", lambda split, profile=prepare.PROFILE: rows)
+    monkeypatch.setattr(prepare, "load_data",
+                        lambda: types.SimpleNamespace(token_bytes=np.ones(257, dtype=np.int64), vocab_size=257))
+
+    def die(code: int, message: str) -> None:
+        raise SystemExit(f"{code}: {message}")
+
+    monkeypatch.setattr(prepare, "_die", die)
+    assert prepare.PROFILE.eval_batch == 128 and prepare.PROBE_BATCHES >= 4
+    torch.manual_seed(0)
+    with pytest.raises(SystemExit, match="5: .*depend on later tokens"):
+        prepare._score(_GatedPeek(), CPU)
+    rows[2 * 128, 0] = 3  # no batch peeks: the same model passes
+    assert prepare._score(_GatedPeek(), CPU)["causal_probe_nats"] <= prepare.CAUSAL_TOL["cpu"]
