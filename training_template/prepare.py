@@ -1390,6 +1390,14 @@ class ExportedModel:
     """The reader and interpreter of export_model's files: validates everything before running anything."""
 
     def __init__(self, path: Path, dev: torch.device) -> None:
+        try:
+            self._read(path, dev)
+        except ExportRefused:
+            raise
+        except Exception as exc:  # whatever else a hand-made file trips: refused, with what it tripped
+            raise ExportRefused(f"a malformed file ({type(exc).__name__}: {str(exc)[:200]})") from exc
+
+    def _read(self, path: Path, dev: torch.device) -> None:
         if path.stat().st_size > EXPORT_MAX_BYTES:
             raise ExportRefused(f"the graph file is over {EXPORT_MAX_BYTES >> 20} MB")
         try:
@@ -1419,6 +1427,8 @@ class ExportedModel:
         self._subs: dict[str, list] = {}
         self._raw_subs = raw_subs
         self._graph = self._compile(body.get("graph"), depth=0)
+        if sum(1 for kind, _, _ in self._graph if kind == "in") != len(self._inputs):
+            raise ExportRefused("the graph's inputs are not the ones listed")
 
     def _compile(self, graph, depth: int) -> list:
         if depth > 8 or not isinstance(graph, dict) or not isinstance(graph.get("nodes"), list):
@@ -1609,9 +1619,12 @@ def _score(model, dev: torch.device) -> dict:
     test_bpb, _ = evaluate_bpb(model, "test", dev)
     if dev.type == "cuda":
         torch.cuda.synchronize()
-    if not (math.isfinite(val_bpb) and math.isfinite(test_bpb)):
-        _die(EXIT_FAIL, f"FAIL: non-finite bits per byte (val {val_bpb}, test {test_bpb})")
     return {"val_bpb": val_bpb, "test_bpb": test_bpb, "eval_tokens": eval_tokens, "causal_probe_nats": probe_nats}
+
+
+def _require_finite(scores: dict) -> None:
+    if not (math.isfinite(scores["val_bpb"]) and math.isfinite(scores["test_bpb"])):
+        _die(EXIT_FAIL, f"FAIL: non-finite bits per byte (val {scores['val_bpb']}, test {scores['test_bpb']})")
 
 
 def evaluate_and_report(model, clock: Clock, *, depth: int, flops_per_token: float | None = None) -> dict:
@@ -1625,6 +1638,7 @@ def evaluate_and_report(model, clock: Clock, *, depth: int, flops_per_token: flo
     changed = _data_changed()  # after the evaluation: the model's forward is candidate code too
     if changed:
         _die(EXIT_REJECTED, f"prepare: the evaluation data was changed in-process: {', '.join(changed)}")
+    _require_finite(scores)
     now = time.time()
     result = _training_report(model, clock, depth=depth, flops_per_token=flops_per_token, t_end=now)
     result.update(scores, evaluation="in_process", eval_seconds=now - t_eval)
@@ -1677,6 +1691,7 @@ def evaluate_isolated(path: Path) -> dict:
         scores = _score(_padded(exported, PROFILE.eval_batch), dev)
     except ExportRefused as exc:
         _die(EXIT_REJECTED, f"prepare: model rejected by the isolated evaluation: {exc}")
+    _require_finite(scores)
     now = time.time()
     result = {"status": "ok", "evaluation": "isolated", **scores, "eval_seconds": now - t0,
               "eval_total_seconds": now - _T_START,
@@ -1689,13 +1704,14 @@ def _integrity_guard() -> Callable[[], list[str]]:
     # What finish() relies on, as it was when this module was imported (before any candidate code ran after
     # `import prepare`); a candidate that swaps one of these in-process is refused rather than believed.
     module = sys.modules[__name__]
-    names = ("evaluate_and_report", "_score", "_close_clock", "evaluate_bpb", "bpb_terms", "bits_per_byte", "check_causal", "eval_rows",
-             "_pack_eval_rows", "pack_rows", "_forward_logits", "format_summary", "result_digest", "_sign",
-             "_atomic_write", "load_data", "Clock", "_die", "_pass_gate", "_warm_evaluation", "cache_path",
+    names = ("evaluate_and_report", "_score", "_close_clock", "_require_finite", "evaluate_bpb", "bpb_terms",
+             "bits_per_byte", "check_causal", "eval_rows", "_pack_eval_rows", "pack_rows", "_forward_logits",
+             "format_summary", "result_digest", "_sign", "_atomic_write", "load_data", "Clock", "_die", "_pass_gate", "_warm_evaluation", "cache_path",
              "_data_changed", "token_nats")
     originals = {name: getattr(module, name) for name in names}
     codes = {name: getattr(obj, "__code__", None) for name, obj in originals.items()}
-    torch_originals = (F.cross_entropy, torch.Tensor.sum, json.dumps, hmac.new, random.SystemRandom.sample, secrets.randbits)
+    torch_originals = (F.cross_entropy, torch.Tensor.sum, json.dumps, hmac.new, random.SystemRandom.sample,
+                       secrets.randbits)
     # the run's settings as parsed from RUN_ENV: `prepare.EVAL_TOKENS = 512` after the import would shrink the
     # evaluation, `prepare.TIME_BUDGET = 900` would lengthen training
     settings = {n: getattr(module, n) for n in ("PROFILE", "TIME_BUDGET", "MAX_STEPS", "SEED", "CORPUS", "EVAL_TOKENS",

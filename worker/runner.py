@@ -274,7 +274,9 @@ def _evaluate(ctx: WorkerContext, job: Job, workdir: Path, log_path: Path) -> _E
     wall_limit = ctx.limits.startup_allowance + ctx.limits.eval_allowance  # python, torch and CUDA start again
     try:
         env = child_env(ctx, job, workdir, rfd)
-        env.update(FARM_RESULT_PATH=str(evaldir / "result.json"), HOME=str(evaldir))
+        # nothing from the compile cache the candidates share (it could be poisoned) is ever loaded here
+        env.update(FARM_RESULT_PATH=str(evaldir / "result.json"), HOME=str(evaldir),
+                   TORCHINDUCTOR_CACHE_DIR=str(evaldir / ".inductor"), TRITON_CACHE_DIR=str(evaldir / ".triton"))
         mounts = Mounts(workdir=evaldir, readonly=(ctx.settings.data_dir, ctx.template_cache),
                         hidden=hidden_paths(ctx))
         argv = [*rlimit_prefix(ctx.limits.memory_mb, address_space=job.profile == "cpu",

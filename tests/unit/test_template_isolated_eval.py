@@ -126,6 +126,8 @@ def test_the_reader_runs_only_pure_aten_operators(exported, tmp_path, target, wh
     (lambda b: b["graph"]["nodes"].append({"op": "call_module", "target": "x"}), "a graph node"),
     (lambda b: b["inputs"].append({"kind": "user"}), "exactly one input"),
     (lambda b: b.update(format="pickle"), "not in the harness's format"),
+    (lambda b: b["inputs"].pop(0), "inputs are not the ones listed"),
+    (lambda b: b.update(example_shape=["x"]), "a malformed file"),
 ])
 def test_the_reader_refuses_malformed_graphs_before_running_them(exported, tmp_path, edit, why):
     with pytest.raises(prepare.ExportRefused, match=why):
