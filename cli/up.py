@@ -178,14 +178,38 @@ class Child:
     starts: int = 0
 
 
+def _nvidia_smi_uuids() -> dict[str, int]:
+    """GPU UUID -> nvidia-smi index (empty when nvidia-smi is missing or fails)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=index,uuid", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    pairs = (line.split(",", 1) for line in out.splitlines() if "," in line)
+    return {uuid.strip(): int(index) for index, uuid in pairs if index.strip().isdigit()}
+
+
 def gpu_ids(count: int) -> list[int]:
     """The physical ids of the visible GPUs: `farm worker --gpu N` takes nvidia-smi's numbering,
-    so CUDA_VISIBLE_DEVICES=2,3 must give workers 2 and 3, not 0 and 1."""
+    so CUDA_VISIBLE_DEVICES=2,3 (or those GPUs' UUIDs) must give workers 2 and 3, not 0 and 1."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").replace(" ", "")
     parts = [p for p in visible.split(",") if p]
-    if parts and all(p.isdigit() for p in parts):
+    if not parts:
+        return list(range(count))
+    if all(p.isdigit() for p in parts):
         return [int(p) for p in parts][:count]
-    return list(range(count))
+    uuids = _nvidia_smi_uuids()
+    ids = []
+    for p in parts[:count]:
+        match = [i for uuid, i in uuids.items() if uuid == p or (p.startswith("GPU-") and uuid.startswith(p))]
+        if p.isdigit():
+            ids.append(int(p))
+        elif len(match) == 1:
+            ids.append(match[0])
+        else:  # a MIG instance, or a UUID nvidia-smi does not list: guessing would pin the wrong GPU
+            raise CLIError(f"CUDA_VISIBLE_DEVICES names {p!r}, which is not a GPU nvidia-smi lists by UUID; "
+                           f"start `farm worker --gpu N` per GPU instead (N: nvidia-smi's index)")
+    return ids
 
 
 def child_specs(settings: Settings, *, cpu: bool, workers: int, gpus: int | None = None) -> list[ChildSpec]:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from cli import up
+from cli.errors import CLIError
 from farm.settings import Settings
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(120)"]
@@ -182,8 +183,21 @@ def test_gpu_ids_follow_cuda_visible_devices(monkeypatch: pytest.MonkeyPatch) ->
     assert up.gpu_ids(2) == [2, 3]
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     assert up.gpu_ids(3) == [0, 1, 2]
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-1a2b")  # UUIDs: fall back to indices
-    assert up.gpu_ids(1) == [0]
+
+
+
+def test_gpu_ids_map_uuids_to_nvidia_smi_indices(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """CUDA_VISIBLE_DEVICES may name GPUs by UUID (full or a unique prefix, as CUDA accepts): the workers get
+    those GPUs' nvidia-smi indices, and anything that is not one (a MIG instance) is an error, not a guess."""
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\nprintf '0, GPU-aaaa-1111\\n1, GPU-bbbb-2222\\n2, GPU-cccc-3333\\n'\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-cccc-3333,GPU-bbbb")
+    assert up.gpu_ids(2) == [2, 1]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "MIG-1234")
+    with pytest.raises(CLIError, match="MIG-1234"):
+        up.gpu_ids(1)
 
 
 def test_interrupted_runs_are_released_without_spending_a_retry(migrated: Settings) -> None:
