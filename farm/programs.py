@@ -44,7 +44,7 @@ class ProgramError(ValueError):
 
 
 def slugify(name: str) -> str:
-    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:80]
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:80].rstrip("-")  # no dash left by the cut
     if not slug:
         raise ProgramError("the program name must contain a letter or digit")
     if slug.isdigit():  # every lookup reads an all-digit reference as an id, so such a slug would be unreachable
