@@ -6,9 +6,9 @@
 #      evaluation's exported graph against the compiled model)
 #   2. the whole template: default, the Muon update left eager (COMPILE_OPTIMIZER=False), and SDPA's causal
 #      kernel for the full-context layers (ATTN_IMPL='mixed'): tokens/s, MFU, peak VRAM
-#   3. one 30-step run scored in-process and by the worker's isolated evaluation (export + a second process):
+#   3. one default run under torch.profiler: where the device time of a step goes (profile/*.txt)
+#   4. one 20-step run scored in-process and by the worker's isolated evaluation (export + a second process):
 #      same val_bpb? what does the isolation cost on a GPU?
-#   4. one default run under torch.profiler: where the device time of a step goes (profile/*.txt)
 #   5. three default runs (the profile's full evaluation) through the device gate with two slots: the
 #      device time between timed runs
 #   6. the per-kernel table against eager and torch.compile
@@ -62,11 +62,11 @@ step_timeout=$(( step_budget + 170 ))
 phase "template: default vs eager optimizer vs mixed attention" 200 step.log "$PY" bench/kernels.py --no-ops --step \
   --budget "$step_budget" --corpus synthetic --eval-tokens 1048576 --step-timeout "$step_timeout" --log "$OUT/train.log" \
   --configs "linear_ce;linear_ce COMPILE_OPTIMIZER=False;linear_ce ATTN_IMPL='mixed'"
-phase "isolated evaluation vs in-process" 150 isolated.log "$PY" bench/template.py --profile h100 --synthetic \
-  --budget 1000 --max-steps 30 --eval-tokens 1048576 --isolated --data-dir "$FARM_DATA_DIR" --cache-dir "$FARM_CACHE_DIR"
 phase "template under torch.profiler" 90 profile.log "$PY" bench/kernels.py --no-ops --step --budget 8 \
   --corpus synthetic --eval-tokens 1048576 --configs linear_ce --step-timeout 200 --torch-profile "$OUT/profile" \
   --log "$OUT/train.log"
+phase "isolated evaluation vs in-process" 150 isolated.log "$PY" bench/template.py --profile h100 --synthetic \
+  --budget 1000 --max-steps 20 --eval-tokens 1048576 --isolated --data-dir "$FARM_DATA_DIR" --cache-dir "$FARM_CACHE_DIR"
 phase "device gap with two slots" 100 gap.log "$PY" bench/gate_gap.py --runs 3 --slots 2 --budget 10 \
   --corpus synthetic --timeout "$(( $(left) - 15 ))" --log "$OUT/gap_runs.log" --json "$OUT/gap.json"
 phase "per-kernel table" 45 ops.log "$PY" bench/kernels.py --iters 10
