@@ -29,7 +29,7 @@ def workdir_name(slug: str, experiment: int, retry: int, token: str) -> str:
 
 def sweep_workdirs(workdirs: Path, slug: str) -> int:
     """Remove this worker's workdirs (its runs are all over when it starts). Returns how many."""
-    pattern = re.compile(rf"{re.escape(slug)}-e\d+-r\d+-[0-9a-f]+")
+    pattern = re.compile(rf"{re.escape(slug)}-e\d+-r\d+-[0-9a-f]+(-eval)?")  # -eval: the isolated evaluation's
     gone = 0
     for p in workdirs.glob(f"{slug}-e*"):
         if pattern.fullmatch(p.name) and p.is_dir() and not p.is_symlink():

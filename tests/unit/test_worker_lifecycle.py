@@ -43,16 +43,17 @@ def test_start_sweeps_this_workers_leftover_workdirs_and_a_bloated_compile_cache
     s = get_settings()
     work = s.workdirs
     mine = work / workdir_name("t_none", 7, 0, "abc123")
+    mine_eval = work / f"{workdir_name('t_none', 7, 0, 'abc123')}-eval"  # the isolated evaluation's folder
     other = work / workdir_name("t_none0", 7, 0, "abc123")  # another worker whose name starts the same
     stray = work / "t_none-notes"
-    for d in (mine, other, stray):
+    for d in (mine, mine_eval, other, stray):
         (d / "sub").mkdir(parents=True)
         (d / "sub" / "f").write_bytes(b"x" * 10)
     cache = s.cache_dir / "compile" / "t_none"
     (cache / "inductor" / "junk").mkdir(parents=True)
     (cache / "inductor" / "junk" / "blob").write_bytes(b"\0" * (2 << 20))
     _start(monkeypatch, "none")
-    assert not mine.exists() and other.exists() and stray.exists()
+    assert not mine.exists() and not mine_eval.exists() and other.exists() and stray.exists()
     assert (cache / "inductor").is_dir() and not (cache / "inductor" / "junk").exists()
 
 
