@@ -1627,9 +1627,19 @@ def _run_identity(dev: torch.device) -> dict:
             "harness_sha256": HARNESS_SHA256}
 
 
+POST_CLOCK_SLACK = 10.0  # seconds an honest loop may take from its last tick to finish() (at least; 5 % of budget)
+
+
 def _close_clock(model, clock: Clock) -> None:
     if type(clock) is not Clock:
         _die(EXIT_REJECTED, "prepare: finish() needs the harness Clock")
+    if clock._last is not None:  # work after the last tick is counted nowhere: more training steps, say
+        idle = time.perf_counter() - clock._last
+        limit = max(POST_CLOCK_SLACK, 0.05 * clock.budget)
+        if idle > limit:
+            _die(EXIT_REJECTED, f"prepare: model rejected: {idle:.1f} s passed between the last clock tick and "
+                                f"finish() (at most {limit:g} s): work after the clock stops is not counted, so "
+                                f"train.py must call finish() right after its last step")
     clock.close()
     if clock.steps == 0:  # no step ran, so no tick waited at the device gate: the evaluation does
         clock.gate_wait_seconds = _pass_gate()
@@ -1737,11 +1747,12 @@ def _integrity_guard() -> Callable[[], list[str]]:
     originals = {name: getattr(module, name) for name in names}
     codes = {name: getattr(obj, "__code__", None) for name, obj in originals.items()}
     torch_originals = (F.cross_entropy, torch.Tensor.sum, json.dumps, hmac.new, random.SystemRandom.sample,
-                       secrets.randbits)
+                       secrets.randbits, time.perf_counter, time.time)
     # the run's settings as parsed from RUN_ENV: `prepare.EVAL_TOKENS = 512` after the import would shrink the
     # evaluation, `prepare.TIME_BUDGET = 900` would lengthen training
     settings = {n: getattr(module, n) for n in ("PROFILE", "TIME_BUDGET", "MAX_STEPS", "SEED", "CORPUS", "EVAL_TOKENS",
-                                                "DATA_DIR", "CACHE_DIR")}
+                                                "DATA_DIR", "CACHE_DIR", "POST_CLOCK_SLACK", "PROBE_BATCHES",
+                                                "CAUSAL_TOL")}
     settings["RUN_ENV"] = dict(module.RUN_ENV)
     stores = {n: getattr(module, n) for n in ("_EVAL_ROWS", "_seal", "_unsealed")}  # replaced, not edited
     data_methods = {n: (getattr(Data, n), getattr(Data, n).__code__) for n in ("__init__", "split")}
@@ -1750,8 +1761,8 @@ def _integrity_guard() -> Callable[[], list[str]]:
         bad = [n for n, obj in originals.items()
                if getattr(module, n) is not obj or getattr(obj, "__code__", None) is not codes[n]]
         if (F.cross_entropy, torch.Tensor.sum, json.dumps, hmac.new, random.SystemRandom.sample,
-                secrets.randbits) != torch_originals:
-            bad.append("torch/json/hmac/secrets functions")
+                secrets.randbits, time.perf_counter, time.time) != torch_originals:
+            bad.append("torch/json/hmac/secrets/time functions")
         bad += [n for n, value in settings.items() if getattr(module, n, None) != value]
         bad += [n for n, obj in stores.items() if getattr(module, n, None) is not obj]
         if any(getattr(Data, n) is not f or f.__code__ is not c for n, (f, c) in data_methods.items()):

@@ -237,6 +237,8 @@ model = _Peek(model)
      "evaluation data was changed in-process: eval_rows:val"),
     ("fewer eval tokens", "prepare.EVAL_TOKENS = 256\n", "harness functions were replaced in-process: EVAL_TOKENS"),
     ("longer budget", "prepare.TIME_BUDGET = 900.0\n", "TIME_BUDGET"),
+    ("a slower clock", "import time as _t\n_t.perf_counter = _t.process_time\n", "time functions"),
+    ("a looser probe", "prepare.CAUSAL_TOL = {'cpu': 99.0, 'cuda': 99.0}\n", "CAUSAL_TOL"),
 ])
 def test_a_candidate_that_games_the_evaluation_is_refused(prepared, tmp_path, name, code, expected):
     copy = candidate_copy(tmp_path, _before_finish(code))
@@ -346,3 +348,14 @@ def test_the_isolated_evaluation_is_out_of_the_candidates_reach(prepared, tmp_pa
         assert expected in last.stderr, last.stderr[-1500:]
     else:
         assert json.loads((tmp_path / "cheat" / "eval.json").read_text())["val_bpb"] == honest_val
+
+
+@pytest.mark.slow
+def test_training_after_the_clock_stops_is_refused(prepared, tmp_path):
+    """Steps after the last tick are counted nowhere (an LLM might add a low-LR polish after the loop): finish()
+    must follow the last step at once."""
+    copy = candidate_copy(tmp_path, _before_finish("import time as _t\n_t.sleep(prepare.POST_CLOCK_SLACK + 1)\n"))
+    proc, _ = run([sys.executable, "train.py"], farm_env(*prepared, tmp_path / "r.json", FARM_TIME_BUDGET="2",
+                                                         FARM_EVAL_TOKENS="4096"), cwd=copy)
+    assert proc.returncode == 5, proc.stderr[-1500:]
+    assert "between the last clock tick and finish()" in proc.stderr, proc.stderr[-1500:]

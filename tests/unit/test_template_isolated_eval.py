@@ -263,3 +263,36 @@ def test_the_probe_checks_every_position_and_the_rows_independence(model, monkey
     torch.manual_seed(0)
     with torch.no_grad(), pytest.raises(SystemExit, match="depend on later tokens or on other rows"):
         prepare.check_causal(model(), rows, CPU, vocab=257)
+
+
+class _MaskRoutedMoE(torch.nn.Module):
+    """Two experts chosen per token by a boolean mask (data-dependent sizes: torch.export leaves Python operators on
+    them), and a complex-valued rotation: both were refused by the first reader though they evaluate in-process."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(257, 16)
+        self.router = torch.nn.Linear(16, 1)
+        self.experts = torch.nn.ModuleList(torch.nn.Linear(16, 16) for _ in range(2))
+        self.head = torch.nn.Linear(16, 257)
+
+    def forward(self, x):
+        h = self.emb(x)
+        h = torch.view_as_real(torch.view_as_complex(h.view(*h.shape[:-1], 8, 2)) * (0.6 + 0.8j)).flatten(-2)
+        flat = h.reshape(-1, 16)
+        out = torch.zeros_like(flat)
+        pick = self.router(flat).squeeze(-1) > 0
+        for i, expert in enumerate(self.experts):
+            sel = pick if i else ~pick
+            out[sel] = out[sel] + expert(flat[sel])
+        return self.head(out.view_as(h))
+
+
+def test_models_with_data_dependent_sizes_and_complex_constants_are_scored(tmp_path):
+    torch.manual_seed(0)
+    model = _MaskRoutedMoE().eval()
+    path = tmp_path / "model.json"
+    prepare.export_model(model, torch.zeros(4, 8, dtype=torch.long), path)
+    x = torch.randint(0, 257, (4, 8), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.allclose(prepare.ExportedModel(path, CPU)(x), model(x), atol=1e-6, rtol=0)
