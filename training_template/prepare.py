@@ -1145,12 +1145,16 @@ CAUSAL_TOL = {"cpu": 1e-3, "cuda": 0.05}
 
 @torch.no_grad()
 def check_causal(model, rows: np.ndarray, dev: torch.device, tol: float | None = None,
-                 reference: torch.Tensor | None = None, vocab: int | None = None) -> float:
+                 reference: torch.Tensor | None = None, vocab: int | None = None,
+                 donors: np.ndarray | None = None) -> float:
     """Reject a model that looks ahead at the tokens it predicts, or across rows. `rows` is one evaluation batch
     (B, T + 1) and `reference` its per-position nats from the evaluation itself (computed here when not given). From
     a random cut on (anywhere in the row), every row's inputs are replaced by another evaluation row's tokens (real
     text: nothing in the batch marks it as the probe, and it has the evaluation's shape), and the rows go in in
-    another order; the nats before each cut must not move. Returns the largest change seen."""
+    another order; the nats before each cut must not move. `donors` (rows of another split) supply the tails, so a
+    row's own continuation is nowhere in the probe (taken from the batch itself, a model could find it in the row
+    it went to and answer from there: found by review); without them the batch's rows swap tails.
+    Returns the largest change seen."""
     x = torch.tensor(rows[:, :-1])  # copies: the perturbation must not reach the evaluation rows
     targets = torch.tensor(rows[:, 1:]).to(dev)
     vocab = int(load_data().vocab_size) if vocab is None else vocab
@@ -1158,8 +1162,11 @@ def check_causal(model, rows: np.ndarray, dev: torch.device, tol: float | None =
     if reference is None:
         reference = token_nats(_forward_logits(model, x.to(dev)), targets, vocab)
     b, t = x.shape
-    donor = x.roll(1, dims=0) if b > 1 else x.flip(1)
     rng = np.random.default_rng(secrets.randbits(64))  # not the run's seed: a candidate cannot know the cuts
+    if donors is not None and len(donors):
+        donor = torch.tensor(donors[rng.integers(0, len(donors), size=b)][:, :t])
+    else:
+        donor = x.roll(1, dims=0) if b > 1 else x.flip(1)
     # a cut anywhere: a peek at position p shows only when the cut falls in (p, p + how far it looks], so a range
     # that left out the ends let a model peek there unseen (found by review: val 3.06 against 5.94, probe 0)
     cuts = rng.integers(1, max(2, t), size=b)
@@ -1195,6 +1202,7 @@ def _warm_evaluation(model) -> float:
 
 
 PROBE_BATCHES = 8  # evaluation batches the causal probe re-runs, chosen at random (all of them when fewer)
+PROBE_PASSES = 2  # probes of each, with new cuts: a peek at position p shows only when a row's cut lands just past p
 
 
 @torch.no_grad()
@@ -1250,7 +1258,7 @@ _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # aten operators that reach outside the tensors they are given, or write into one without their schema saying so
 # (batch norm in training mode updates its running statistics; ExportedModel also hands every call fresh copies)
 _DENIED_OPS = ("from_file", "_print", "save", "load", "batch_norm", "instance_norm", "_fused_moving_avg",
-               "rrelu_with_noise")
+               "rrelu_with_noise", "cufft")
 _ALLOWED_OPS = ("_native_batch_norm_legit_no_training",)  # batch norm in eval mode: functional
 # Python operators torch.export leaves on sizes (symbolic integers), by name
 _INT_OPERATORS = {name: getattr(operator, name) for name in (
@@ -1417,6 +1425,7 @@ class ExportedModel:
             raise ExportRefused(f"a malformed file ({type(exc).__name__}: {str(exc)[:200]})") from exc
 
     def _read(self, path: Path, dev: torch.device) -> None:
+        self._seed = secrets.randbits(63)
         if path.stat().st_size > EXPORT_MAX_BYTES:
             raise ExportRefused(f"the graph file is over {EXPORT_MAX_BYTES >> 20} MB")
         try:
@@ -1542,6 +1551,9 @@ class ExportedModel:
         # (batch norm's running statistics, found by review) lands on a copy thrown away after the call, so no
         # state survives from one batch to the next and nothing reaches the caller's tensors (the targets)
         args = tuple(x.clone() if t is None else t.clone() for t in self._inputs)
+        # the random number generators too (dropout and SDPA draw from them): every call starts from the same
+        # state, so a count of draws in one call tells the next nothing (found by review)
+        torch.manual_seed(self._seed)
         with torch.autocast(x.device.type, enabled=False):  # the casts of the evaluation's autocast are in the graph
             out = self._run(self._graph, args)
         out = out[0] if isinstance(out, (list, tuple)) and len(out) == 1 else out
@@ -1651,7 +1663,9 @@ def _score(model, dev: torch.device) -> dict:
     """val and test bits per byte and the causal probe, of a model or of an exported graph."""
     probe: dict = {}
     val_bpb, eval_tokens = evaluate_bpb(model, "val", dev, keep=probe)
-    probe_nats = max(check_causal(model, rows, dev, reference=nats) for rows, nats in probe["batches"])
+    donors = eval_rows("test")  # another split's text: the probed rows' own tails are nowhere in the probe
+    probe_nats = max(check_causal(model, rows, dev, reference=nats, donors=donors)
+                     for rows, nats in probe["batches"] for _ in range(PROBE_PASSES))
     test_bpb, _ = evaluate_bpb(model, "test", dev)
     if dev.type == "cuda":
         torch.cuda.synchronize()
@@ -1752,7 +1766,7 @@ def _integrity_guard() -> Callable[[], list[str]]:
     # evaluation, `prepare.TIME_BUDGET = 900` would lengthen training
     settings = {n: getattr(module, n) for n in ("PROFILE", "TIME_BUDGET", "MAX_STEPS", "SEED", "CORPUS", "EVAL_TOKENS",
                                                 "DATA_DIR", "CACHE_DIR", "POST_CLOCK_SLACK", "PROBE_BATCHES",
-                                                "CAUSAL_TOL")}
+                                                "PROBE_PASSES", "CAUSAL_TOL")}
     settings["RUN_ENV"] = dict(module.RUN_ENV)
     stores = {n: getattr(module, n) for n in ("_EVAL_ROWS", "_seal", "_unsealed")}  # replaced, not edited
     data_methods = {n: (getattr(Data, n), getattr(Data, n).__code__) for n in ("__init__", "split")}

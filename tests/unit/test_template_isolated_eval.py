@@ -296,3 +296,44 @@ def test_models_with_data_dependent_sizes_and_complex_constants_are_scored(tmp_p
     x = torch.randint(0, 257, (4, 8), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert torch.allclose(prepare.ExportedModel(path, CPU)(x), model(x), atol=1e-6, rtol=0)
+
+
+def test_every_call_starts_from_the_same_random_state(tmp_path):
+    """Random operators draw from a global generator: reseeded before every call, so a call cannot tell the next
+    one anything through how much it drew (found by review)."""
+    nodes = [{"op": "placeholder"},
+             {"op": "call", "target": "aten.rand.default", "args": {"tuple": [{"list": [4, 8, 3]}]},
+              "kwargs": {"dict": {"dtype": {"dtype": "float32"}}}},
+             {"op": "output", "value": {"tuple": [{"node": 1}]}}]
+    graph = prepare.ExportedModel(_hand_made(tmp_path, nodes, {}), CPU)
+    x = torch.zeros(4, 8, dtype=torch.long)
+    first = graph(x)
+    torch.rand(1000)  # draws between the calls do not matter either
+    assert torch.equal(graph(x), first)
+
+
+class _Spy(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(257, 257)
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, x):
+        self.seen.append(x.clone())
+        return self.emb(x)
+
+
+def test_the_probes_tails_come_from_another_split():
+    """With donors, no probed row's own continuation is anywhere in the probe (taken from the batch itself, a model
+    could look its row's tail up in the row it was moved to: found by review)."""
+    import numpy as np
+
+    gen = np.random.default_rng(2)
+    rows = gen.integers(1, 128, size=(32, 65)).astype(np.int64)
+    donors = gen.integers(128, 257, size=(16, 65)).astype(np.int64)
+    spy = _Spy()
+    with torch.no_grad():
+        prepare.check_causal(spy, rows, CPU, vocab=257, donors=donors)
+    probe = spy.seen[-1]
+    assert (probe[:, -1] >= 128).all()  # every row's tail, from its cut on, is another split's text
+    assert ((probe >= 128).sum(1) >= 1).all() and (probe[:, 0] < 128).all()
