@@ -148,18 +148,28 @@ def test_a_pickled_payload_in_the_tensors_file_is_never_run(exported, tmp_path):
     assert not (tmp_path / "pwned").exists()
 
 
-class _GatedPeek(torch.nn.Module):
-    """A pure function that reads the next token only in batches whose first token is 7: one batch in four."""
+class _Peeker(torch.nn.Module):
+    """A pure function that reads the next token wherever `where(x)` is 1 (broadcast over batch, position)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.emb = torch.nn.Embedding(257, 257)
 
+    def where(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
     def forward(self, x):
         logits = self.emb(x)
         peek = torch.zeros_like(logits)
         peek[:, :-1].scatter_(-1, x[:, 1:, None], 8.0)
-        return logits + (x[:1, :1] == 7).float()[..., None] * peek
+        return logits + self.where(x) * peek
+
+
+class _GatedPeek(_Peeker):
+    """Peeks only in batches whose first token is 7: one batch in four."""
+
+    def where(self, x):
+        return (x[:1, :1] == 7).float()[..., None]
 
 
 def test_the_causal_probe_sees_a_peek_hidden_in_one_batch_of_several(monkeypatch):
@@ -223,20 +233,12 @@ def test_an_operator_that_writes_without_saying_so_keeps_no_state(tmp_path, monk
     assert torch.equal(x, torch.arange(32).reshape(4, 8))
 
 
-class _EdgePeek(torch.nn.Module):
-    """Reads the next token only at the first eighth of the positions (a cut drawn from the middle half never saw
-    it: found by review, val 3.06 against 5.94 with the probe at 0)."""
+class _EdgePeek(_Peeker):
+    """Peeks only at the first eighth of the positions (a cut drawn from the middle half never saw it: found by
+    review, val 3.06 against 5.94 with the probe at 0)."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.emb = torch.nn.Embedding(257, 257)
-
-    def forward(self, x):
-        logits = self.emb(x)
-        peek = torch.zeros_like(logits)
-        peek[:, :-1].scatter_(-1, x[:, 1:, None], 8.0)
-        early = (torch.arange(x.size(1)) < x.size(1) // 8).float()[None, :, None]
-        return logits + early * peek
+    def where(self, x):
+        return (torch.arange(x.size(1)) < x.size(1) // 8).float()[None, :, None]
 
 
 class _NeighbourPeek(torch.nn.Module):
