@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -196,3 +197,28 @@ def test_a_result_write_waits_out_a_long_database_outage(tmp_path, monkeypatch):
     up_at = 10_000.0  # past the patience (1 h): the error reaches the caller
     with pytest.raises(OperationalError):
         runner._record(ctx, job, ex)  # type: ignore[arg-type]
+
+
+def test_isolated_evaluation_follows_the_setting_and_the_templates_declaration(tmp_path, monkeypatch):
+    """FARM_EVAL_ISOLATION=auto asks the real template's harness to export (FARM_EVAL_EXPORT) and expects a second
+    process to score it; `off`, or a template whose prepare.py does not declare ISOLATED_EVALUATION, evaluates
+    in-process as before."""
+    from types import SimpleNamespace
+
+    import worker.runner as runner
+    from farm.settings import Settings
+
+    job = SimpleNamespace(profile="cpu", budget=2.0, seed=1, template="default")
+    work = tmp_path / "w"
+    for setting, template, isolated in (("auto", None, True), ("off", None, False), ("auto", FAKE, False)):
+        if template is None:
+            monkeypatch.delenv("FARM_TEMPLATE_DIR", raising=False)
+        else:
+            monkeypatch.setenv("FARM_TEMPLATE_DIR", str(template))
+        ctx = SimpleNamespace(settings=Settings(home=tmp_path, eval_isolation=setting), python=sys.executable,
+                              compile_cache=tmp_path / "cc", template_cache=tmp_path / "tc")
+        env = runner.child_env(ctx, job, work, nonce_fd=3)  # type: ignore[arg-type]
+        assert ("FARM_EVAL_EXPORT" in env) == isolated, (setting, template)
+        assert runner.expected_settings(ctx, job, work)["isolated"] == isolated  # type: ignore[arg-type]
+        if isolated:
+            assert env["FARM_EVAL_EXPORT"] == str(work / runner.EXPORT_NAME)
