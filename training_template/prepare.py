@@ -14,6 +14,8 @@ Contract with the worker (stable; the worker is built against it):
     FARM_CACHE_DIR     tokenizer and tokenized splits (default ~/.cache/researchfarm/cache)
     FARM_RESULT_PATH   where the JSON result goes (default ./result.json)
     FARM_CORPUS        bible (default, offline) | climbmix | synthetic | a folder of .txt / .parquet files
+    FARM_CORPUS_ID     optional, with a folder corpus: its cache name (`prepare.py --corpus-id`), so a run finds the
+                       cache without listing the folder (a worker hides the folder from the candidate)
     FARM_NONCE_FD      optional inherited file descriptor; one line (a hex nonce) is read at import, then the fd
                        is closed and the variable deleted from os.environ
     FARM_GATE_FD       optional inherited file descriptor (the worker's device gate): the harness reads one byte
@@ -35,7 +37,7 @@ Contract with the worker (stable; the worker is built against it):
   exit codes: 0 ok, 1 uncaught exception, 2 bad environment, 3 FAIL (NaN / exploding loss / non-finite bpb),
     4 data unavailable (download or corpus error), 5 model rejected by the harness (not causal, bad logits).
   `python prepare.py [--corpus X] [--shards N]` builds the data cache ahead of time and exits; once the cache is
-    ready, train.py only reads FARM_DATA_DIR / FARM_CACHE_DIR.
+    ready, train.py only reads FARM_DATA_DIR / FARM_CACHE_DIR. `--corpus-id` prints the cache's corpus name.
 """
 
 from __future__ import annotations
@@ -240,7 +242,7 @@ _HOME_CACHE = Path(os.path.expanduser("~")) / ".cache" / "researchfarm"
 # with what it set, so a candidate that rewrites os.environ before `import prepare` (a 5x longer budget, a
 # smaller evaluation, its own cache of easy validation text) is refused instead of believed.
 RUN_ENV_KEYS = ("FARM_PROFILE", "FARM_TIME_BUDGET", "FARM_MAX_STEPS", "FARM_SEED", "FARM_CORPUS",
-                "FARM_EVAL_TOKENS", "FARM_DATA_DIR", "FARM_CACHE_DIR", "FARM_EVAL_EXPORT")
+                "FARM_EVAL_TOKENS", "FARM_DATA_DIR", "FARM_CACHE_DIR", "FARM_EVAL_EXPORT", "FARM_CORPUS_ID")
 RUN_ENV = {key: os.environ.get(key) for key in RUN_ENV_KEYS}
 PROFILE = _decide_profile()
 TIME_BUDGET = float(_env_number("FARM_TIME_BUDGET", float, PROFILE.budget))
@@ -608,6 +610,13 @@ def _corpus_id(corpus: str) -> str:
         return corpus
     if corpus == "climbmix":
         return f"climbmix{_env_number('FARM_CLIMBMIX_SHARDS', int, 8)}"
+    # the worker names a folder corpus's cache (prepare.py --corpus-id, at its start) and hides the folder from the
+    # candidate, which could otherwise rebuild the val and test text from it
+    pinned = os.environ.get("FARM_CORPUS_ID", "").strip()
+    if pinned:
+        if not re.fullmatch(r"dir-[0-9a-f]{12}", pinned):
+            raise DataUnavailable(f"FARM_CORPUS_ID={pinned!r} is not a folder corpus's cache name (dir-<12 hex>)")
+        return pinned
     folder = Path(corpus).expanduser().resolve()
     if not folder.is_dir():
         raise DataUnavailable(f"FARM_CORPUS={corpus!r} is neither a known corpus nor a folder")
@@ -1830,10 +1839,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--evaluate", metavar="FILE", type=Path,
                         help="score a model exported by finish() under FARM_EVAL_EXPORT (the worker's isolated "
                              "evaluation): signed result to FARM_RESULT_PATH")
+    parser.add_argument("--corpus-id", action="store_true",
+                        help="print the name the corpus's cache folder starts with and exit (for a folder: from its "
+                             "listing, which the worker pins as FARM_CORPUS_ID before it hides the folder)")
     args = parser.parse_args(argv)
     if args.evaluate is not None:
         return _evaluate_main(args.evaluate)
     corpus = args.corpus or CORPUS
+    if args.corpus_id:
+        try:
+            print(_corpus_id(corpus))
+        except DataUnavailable as exc:
+            print(f"prepare: data unavailable: {exc}", file=sys.stderr)
+            return EXIT_DATA
+        return 0
     if args.shards is not None:
         os.environ["FARM_CLIMBMIX_SHARDS"] = str(args.shards)
     try:

@@ -152,3 +152,30 @@ def test_user_folder_corpus(tmp_path):
     splits = json.loads((path / "manifest.json").read_text())["splits"]
     assert sum(s["docs"] for s in splits.values()) == 170
     assert path.name.startswith("dir-")
+
+
+def test_a_folder_corpus_cache_is_found_by_its_pinned_name_without_the_folder(tmp_path, monkeypatch, capsys):
+    """The worker pins a folder corpus's cache name (`prepare.py --corpus-id`) and hides the folder from the
+    candidate: with FARM_CORPUS_ID the harness finds the cache without listing the folder."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for i in range(300):  # enough documents that every split gets some
+        (folder / f"note{i:03d}.txt").write_text(f"Note {i}.\n\nA paragraph about item {i}.\n")
+    monkeypatch.delenv("FARM_CORPUS_ID", raising=False)
+    assert prepare.main(["--corpus-id", "--corpus", str(folder)]) == 0
+    pinned = capsys.readouterr().out.strip()
+    assert pinned.startswith("dir-") and len(pinned) == 16
+    built = prepare.build_cache(prepare.PROFILES["cpu"], str(folder), tmp_path / "data", tmp_path / "cache",
+                                log=lambda _: None)
+    assert built.name.startswith(pinned + "-")
+    # the folder as the candidate sees it: an empty mount. Listing it would name another cache; the pin does not
+    for f in folder.iterdir():
+        f.unlink()
+    assert not prepare.cache_path(prepare.PROFILES["cpu"], str(folder), tmp_path / "cache").name.startswith(pinned)
+    monkeypatch.setenv("FARM_CORPUS_ID", pinned)
+    assert prepare.cache_path(prepare.PROFILES["cpu"], str(folder), tmp_path / "cache") == built
+    monkeypatch.setenv("FARM_CORPUS_ID", "../elsewhere")
+    with pytest.raises(prepare.DataUnavailable, match="not a folder corpus's cache name"):
+        prepare.cache_path(prepare.PROFILES["cpu"], str(folder), tmp_path / "cache")
+    # named corpora ignore it
+    assert prepare.cache_path(prepare.PROFILES["cpu"], "bible", tmp_path / "cache").name.startswith("bible-")
