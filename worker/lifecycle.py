@@ -12,13 +12,14 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
+from typing import Any
 
 from farm.db import session_scope
 from farm.recovery import reap_and_requeue
 from farm.settings import Settings, get_settings
 from worker import disk, identity
 from worker.gate import DeviceGate
-from worker.runner import Limits, WorkerContext, child_env_base
+from worker.runner import Limits, WorkerContext, child_env_base, corpus_folder
 from worker.sandbox import probe
 from worker.workdir import template_dir
 
@@ -44,22 +45,42 @@ def build_context(settings: Settings | None = None, slots: int | None = None) ->
                          gate=DeviceGate() if slots > 1 else None)
 
 
-def prepare_data(ctx: WorkerContext, profile: str | None = None, timeout: float = 3600.0) -> None:
-    """Run the template's `python prepare.py` once, outside the sandbox (it may download), so the
-    sandboxed runs find the data and tokenizer cache ready and can have it read-only."""
+def _prepare_py(ctx: WorkerContext, args: list[str], profile: str | None, timeout: float,
+                stdout: Any) -> subprocess.CompletedProcess[bytes]:
+    """`python prepare.py ARGS` from a copy of the template, outside the sandbox, with a run's environment."""
     template = template_dir()
     if not (template / "prepare.py").is_file():
         raise StartupError(f"no prepare.py in the template at {template}")
     profile = profile or ("cpu" if ctx.identity.gpu_index is None else "h100")
-    ctx.settings.logs_dir.mkdir(parents=True, exist_ok=True)
-    log_path = ctx.settings.logs_dir / f"prepare-{ctx.slug}.log"
     with tempfile.TemporaryDirectory(prefix="farm-prepare-") as tmp:
         work = Path(tmp) / "t"
         shutil.copytree(template, work, ignore=shutil.ignore_patterns("__pycache__", "data"))
         env = child_env_base(ctx, profile=profile, workdir=work)
-        with open(log_path, "wb") as out:
-            proc = subprocess.run([ctx.python, "prepare.py"], cwd=work, env=env, stdout=out,
-                                  stderr=subprocess.STDOUT, timeout=timeout, check=False)
+        return subprocess.run([ctx.python, "prepare.py", *args], cwd=work, env=env, stdout=stdout,
+                              stderr=subprocess.STDOUT, timeout=timeout, check=False)
+
+
+def pin_corpus(ctx: WorkerContext, timeout: float = 600.0) -> None:
+    """A folder corpus (FARM_CORPUS=/path): ask the template for its cache's name once, so that runs find the cache
+    by that name (FARM_CORPUS_ID) with the folder hidden from them (worker/runner.py): the val and test text is in
+    it. Every run of this worker then uses the cache of the folder as it was at start-up."""
+    if corpus_folder() is None:
+        return
+    proc = _prepare_py(ctx, ["--corpus-id"], None, timeout, subprocess.PIPE)
+    lines = proc.stdout.decode(errors="replace").strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        raise StartupError(f"prepare.py --corpus-id failed with exit code {proc.returncode}: {' | '.join(lines[-5:])}")
+    ctx.corpus_id = lines[-1].strip()
+    log.info("worker %s: folder corpus %s, cache %s", ctx.worker_id, corpus_folder(), ctx.corpus_id)
+
+
+def prepare_data(ctx: WorkerContext, profile: str | None = None, timeout: float = 3600.0) -> None:
+    """Run the template's `python prepare.py` once, outside the sandbox (it may download), so the
+    sandboxed runs find the data and tokenizer cache ready and can have it read-only."""
+    ctx.settings.logs_dir.mkdir(parents=True, exist_ok=True)
+    log_path = ctx.settings.logs_dir / f"prepare-{ctx.slug}.log"
+    with open(log_path, "wb") as out:
+        proc = _prepare_py(ctx, [], profile, timeout, out)
     if proc.returncode != 0:
         tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
         raise StartupError(f"prepare.py failed with exit code {proc.returncode}: {' | '.join(tail)} "
@@ -94,6 +115,7 @@ def start(settings: Settings | None = None, *, prepare: bool = True, reaper: boo
         log.info("worker %s: sandbox %s", ctx.worker_id, ctx.sandbox.describe())
     disk.sweep_workdirs(ctx.settings.workdirs, ctx.slug)
     disk.trim_compile_cache(ctx.compile_cache, ctx.limits.compile_cache_mb)
+    pin_corpus(ctx)
     if prepare:
         prepare_data(ctx)
     with session_scope() as s:

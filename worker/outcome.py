@@ -42,7 +42,7 @@ _SUMMARY_LINE = re.compile(r"^([A-Za-z_]+):\s+(\S+)\s*$")
 # The settings the harness records as it found them in its environment (training_template/prepare.py RUN_ENV_KEYS):
 # a candidate can rewrite os.environ before `import prepare`, so each must be what the worker set.
 RUN_ENV_KEYS = ("FARM_PROFILE", "FARM_TIME_BUDGET", "FARM_MAX_STEPS", "FARM_SEED", "FARM_CORPUS",
-                "FARM_EVAL_TOKENS", "FARM_DATA_DIR", "FARM_CACHE_DIR", "FARM_EVAL_EXPORT")
+                "FARM_EVAL_TOKENS", "FARM_DATA_DIR", "FARM_CACHE_DIR", "FARM_EVAL_EXPORT", "FARM_CORPUS_ID")
 # what the isolated evaluation's signed result contributes to the run's result (the rest is the training's)
 EVAL_KEYS = ("val_bpb", "test_bpb", "eval_tokens", "eval_seconds", "causal_probe_nats", "eval_peak_vram_mb",
              "evaluation")
@@ -79,6 +79,11 @@ class RunFacts:
     memory_limit_mb: float = 0.0
     peak_rss_mb: float = 0.0
     evaluation: EvalFacts | None = None  # with expected["isolated"]: the second process that scored the export
+    # the worker's clocks (worker/runner.py): seconds from the latest moment the timed window could honestly have
+    # begun (its turn on the device, or the end of the start-up allowance) to the training process's exit, and the
+    # most that may take beyond the budget and its slack (None: not measured)
+    after_start: float | None = None
+    after_start_allowance: float = 0.0
 
 
 @dataclass
@@ -223,10 +228,29 @@ def _settings_differ(result: dict[str, Any], expected: dict[str, Any]) -> str | 
     if isinstance(got, bool) or not isinstance(got, (int, float)) or abs(float(got) - float(budget)) > 1e-6:
         return f"result time_budget {got!r} is not the run's {budget:g} s"
     if isinstance(trained, (int, float)) and not isinstance(trained, bool):
-        limit = float(budget) + max(BUDGET_SLACK_SECONDS, BUDGET_SLACK_FRACTION * float(budget))
+        limit = float(budget) + budget_slack(float(budget))
         if trained > limit:
             return f"trained {trained:.1f} s, over the {budget:g} s budget (the harness clock was not followed)"
     return None
+
+
+def budget_slack(budget: float) -> float:
+    return max(BUDGET_SLACK_SECONDS, BUDGET_SLACK_FRACTION * budget)
+
+
+def overstayed(f: RunFacts) -> str | None:
+    """Why the run held the device longer than its budget allows, by the worker's clocks (None: it did not).
+    The harness's figures are the candidate's to write (its clock is an object train.py holds); the worker knows
+    when the run started, when its turn came and when it exited."""
+    budget = f.expected.get("time_budget")
+    if f.after_start is None or not isinstance(budget, (int, float)):
+        return None
+    limit = float(budget) + budget_slack(float(budget)) + f.after_start_allowance
+    if f.after_start <= limit:
+        return None
+    return (f"the run used the device {f.after_start:.0f} s after its start-up (its turn, or the start-up allowance) "
+            f"against {limit:.0f} s for a {float(budget):g} s budget and its allowances: training the harness's clock "
+            f"did not count (FARM_TURN_ALLOWANCE)")
 
 
 def judge(f: RunFacts) -> Outcome:
@@ -254,7 +278,7 @@ def judge(f: RunFacts) -> Outcome:
         return Outcome(S.crashed, "exited 0 without a result (did train.py call the harness's finish()?)")
     if summary is None:
         return Outcome(S.refused, "signed result but no `---` summary on stdout")
-    disagreement = _summary_agrees(summary, result)
+    disagreement = _summary_agrees(summary, result) or overstayed(f)
     if disagreement:
         return Outcome(S.refused, disagreement)
     return Outcome(S.succeeded, None, _metrics(result), result)
@@ -271,6 +295,9 @@ def _judge_isolated(f: RunFacts) -> Outcome:
     if trained.get("evaluation") != "exported":
         return Outcome(S.refused, "the run did not export its model for the isolated evaluation "
                                   "(FARM_EVAL_EXPORT was set by the worker)")
+    why = overstayed(f)
+    if why:
+        return Outcome(S.refused, why)
     ev = f.evaluation
     if ev is None:
         return Outcome(S.refused, "the run reported an export, but no exported model was found")

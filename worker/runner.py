@@ -50,6 +50,7 @@ ENV_PASSTHROUGH = ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "CUDA_HOME", "CU
                    "TRITON_INTERPRET", "CC", "CXX", "FARM_CORPUS", "FARM_MAX_STEPS", "FARM_DEVICE")
 RESULT_MAX_BYTES = 1 << 20
 EXPORT_NAME = "model.json"  # where the training process exports its model for the isolated evaluation
+TURN_ALLOWANCE = 60.0  # Limits.turn_allowance: FARM_TURN_ALLOWANCE
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,12 @@ class Limits:
     log_cap_bytes: int
     file_size_mb: float
     compile_cache_mb: float = disk.COMPILE_CACHE_MB
+    # device time a run may use beyond its budget once its start-up is over (the untimed warm-up steps after the
+    # gate, the export, the exit; the in-process evaluation gets eval_allowance on top): more is training the
+    # harness's clock did not count, and the run is refused (worker/outcome.py)
+    turn_allowance: float = TURN_ALLOWANCE
+    # with two slots, the next run starts this long before its turn is due (None: the start-up allowance)
+    spawn_lead: float | None = None
 
     def wall_limit(self, budget: float) -> float:
         return budget + self.startup_allowance + self.eval_allowance
@@ -75,7 +82,13 @@ class Limits:
                    memory_mb=memory,
                    log_cap_bytes=int(float(e.get("FARM_LOG_CAP_MB", "32")) * 2**20),
                    file_size_mb=float(e.get("FARM_FILE_SIZE_MB", "8192")),
-                   compile_cache_mb=float(e.get("FARM_COMPILE_CACHE_MB", disk.COMPILE_CACHE_MB)))
+                   compile_cache_mb=float(e.get("FARM_COMPILE_CACHE_MB", disk.COMPILE_CACHE_MB)),
+                   turn_allowance=float(e.get("FARM_TURN_ALLOWANCE", TURN_ALLOWANCE)),
+                   spawn_lead=float(e["FARM_SPAWN_LEAD"]) if e.get("FARM_SPAWN_LEAD") else None)
+
+    @property
+    def lead(self) -> float:
+        return self.startup_allowance if self.spawn_lead is None else self.spawn_lead
 
 
 @dataclass
@@ -87,6 +100,7 @@ class WorkerContext:
     python: str = field(default_factory=lambda: sys.executable)
     slots: int = 1  # jobs this worker holds at once; with 2 the next candidate starts while one trains
     gate: DeviceGate | None = None  # orders the slots' timed runs on the one device (worker/gate.py)
+    corpus_id: str | None = None  # a folder corpus's cache name, pinned at start (worker/lifecycle.py pin_corpus)
 
     @property
     def worker_id(self) -> str:
@@ -131,7 +145,21 @@ def child_env_base(ctx: WorkerContext, *, profile: str, workdir: Path) -> dict[s
         "TORCHINDUCTOR_CACHE_DIR": str(ctx.compile_cache / "inductor"),
         "TRITON_CACHE_DIR": str(ctx.compile_cache / "triton"),
     })
+    if ctx.corpus_id:
+        env["FARM_CORPUS_ID"] = ctx.corpus_id
     return env
+
+
+NAMED_CORPORA = ("bible", "climbmix", "synthetic")
+
+
+def corpus_folder() -> Path | None:
+    """The user's corpus folder (FARM_CORPUS=/path), if that is what the worker trains on."""
+    corpus = os.environ.get("FARM_CORPUS", "").strip()
+    if not corpus or corpus in NAMED_CORPORA:
+        return None
+    folder = Path(corpus).expanduser().resolve()
+    return folder if folder.is_dir() else None
 
 
 def isolated(ctx: WorkerContext, job: Job) -> bool:
@@ -322,6 +350,26 @@ class _Spawned:
     overlapped: bool = False  # it started while another run held the device
     failed_waiting: bool = False  # it failed before the device was its own
     marks: dict[str, float] = field(default_factory=dict)  # wall-clock spawned/gate_opened/exited (epoch s)
+    spawn_delay: float = 0.0  # seconds its start waited for its turn to come due (two slots)
+    # seconds from the latest moment its timed window could honestly have begun (its turn, or the end of the
+    # start-up allowance, whichever is later) to the training process's exit: the worker's clocks, not the harness's
+    after_start: float | None = None
+
+
+def _await_due(ctx: WorkerContext, job: Job, turn: Any) -> bool:
+    """Two slots: hold the next run's start until its turn is due within the spawn lead (or open), keeping the
+    claim's heartbeat fresh. False: the claim was lost meanwhile."""
+    assert ctx.gate is not None
+    beat = _heartbeat(ctx, job.id)
+    while not turn.opened:
+        pause = ctx.gate.due_in(turn) - ctx.limits.lead
+        if pause <= 0:
+            return True
+        if turn.wait_open(timeout=min(pause, ctx.settings.heartbeat_interval)):
+            return True
+        if not beat(Progress()):
+            return False
+    return True
 
 
 def _spawn(ctx: WorkerContext, job: Job, workdir: Path, wd: Any, log_path: Path, wall_limit: float, *,
@@ -329,36 +377,70 @@ def _spawn(ctx: WorkerContext, job: Job, workdir: Path, wd: Any, log_path: Path,
     """One start of the training process in the sandbox, in its turn at the device gate if the worker has
     one. `exclusive`: wait for the turn before spawning (a retry of a run that failed while overlapped)."""
     s = ctx.settings
-    turn = ctx.gate.turn() if ctx.gate is not None else None
+    turn = ctx.gate.turn(expect=job.budget) if ctx.gate is not None else None
     nonce, rfd = _nonce_pipe()
     overlapped = False
     evaluation = None
+    t_created = time.monotonic()
     try:
         if turn is not None:
             if exclusive:  # waiting for the other run to end (minutes): keep the claim's heartbeat fresh
                 beat = _heartbeat(ctx, job.id)
+    spawn_delay: float = 0.0  # seconds its start waited for its turn to come due (two slots)
+    # seconds from the latest moment its timed window could honestly have begun (its turn, or the end of the
+    # start-up allowance, whichever is later) to the training process's exit: the worker's clocks, not the harness's
+    after_start: float | None = None
+
+
+def _await_due(ctx: WorkerContext, job: Job, turn: Any) -> bool:
+    """Two slots: hold the next run's start until its turn is due within the spawn lead (or open), keeping the
+    claim's heartbeat fresh. False: the claim was lost meanwhile."""
+    assert ctx.gate is not None
+    beat = _heartbeat(ctx, job.id)
+    while not turn.opened:
+        pause = ctx.gate.due_in(turn) - ctx.limits.lead
+        if pause <= 0:
+            return True
+        if turn.wait_open(timeout=min(pause, ctx.settings.heartbeat_interval)):
+            return True
+        if not beat(Progress()):
+            return False
+    return True
                 while not turn.wait_open(timeout=s.heartbeat_interval):
                     if not beat(Progress()):
                         return _Spawned(ChildRun(killed="claim_lost"), nonce, time.perf_counter())
+            elif not _await_due(ctx, job, turn):
+                return _Spawned(ChildRun(killed="claim_lost"), nonce, time.perf_counter())
             overlapped = not turn.opened
         # under the isolated evaluation the training process sees the train split and nothing the val and test
         # rows could be rebuilt from: not the raw downloads, not the raw corpus, and val / test empty
         iso = isolated(ctx, job)
+        hidden = hidden_paths(ctx)
+        folder = corpus_folder()
+        if iso and ctx.corpus_id and folder is not None and not any(h == folder or h in folder.parents
+                                                                    for h in hidden):
+            hidden += (folder,)  # a folder corpus: the val / test text is in it (the cache is found by its pinned name)
         mounts = Mounts(workdir=workdir, writable=(ctx.compile_cache,),
                         readonly=(ctx.template_cache,) if iso else (s.data_dir, ctx.template_cache),
-                        readonly_in_workdir=wd.readonly_paths(), hidden=hidden_paths(ctx),
+                        readonly_in_workdir=wd.readonly_paths(), hidden=hidden,
                         masked=evaluation_splits(ctx) + raw_corpus_files() if iso else ())
+    t_created = time.monotonic()
         argv = [*rlimit_prefix(ctx.limits.memory_mb, address_space=job.profile == "cpu",
                                file_size_mb=ctx.limits.file_size_mb),
                 *ctx.sandbox.wrap([ctx.python, "train.py"], mounts)]
         gate_fd = turn.read_fd if turn is not None else None
         env = child_env(ctx, job, workdir, rfd, gate_fd)
-        t_spawn, spawned_at = time.perf_counter(), time.time()
+        t_spawn, spawned_at, mono_spawn = time.perf_counter(), time.time(), time.monotonic()
+        before_spawn = mono_spawn - t_created  # the wait that was not the child's (the wall limit counts from its turn)
         child = supervise(argv, env=env, cwd=workdir, log_path=log_path, wall_limit=wall_limit,
+            elif not _await_due(ctx, job, turn):
+                return _Spawned(ChildRun(killed="claim_lost"), nonce, time.perf_counter())
                           memory_mb=ctx.limits.memory_mb, log_cap=ctx.limits.log_cap_bytes,
                           pass_fds=(rfd,) if gate_fd is None else (rfd, gate_fd),
                           on_tick=_heartbeat(ctx, job.id, (lambda: turn.opened) if turn is not None else lambda: True),
-                          tick_every=s.heartbeat_interval, extra_time=turn.waited if turn is not None else None)
+                          tick_every=s.heartbeat_interval,
+                          extra_time=(lambda: max(0.0, turn.waited() - before_spawn)) if turn is not None else None)
+        mono_exit, exited_training_at = time.monotonic(), time.time()
         if child.killed is None and child.exit_code == 0 and isolated(ctx, job):
             os.close(rfd)
             rfd = -1
@@ -370,11 +452,18 @@ def _spawn(ctx: WorkerContext, job: Job, workdir: Path, wd: Any, log_path: Path,
             opened = turn.opened
             turn.done()
     now_wall, now_mono = time.time(), time.monotonic()
-    spawned = _Spawned(child, nonce, t_spawn, evaluation, marks={"spawned_at": spawned_at, "exited_at": now_wall})
+    spawned = _Spawned(child, nonce, t_spawn, evaluation, spawn_delay=before_spawn,
+                       marks={"spawned_at": spawned_at, "exited_at": now_wall, "training_exited_at": exited_training_at})
+    # its start-up may take until the start-up allowance from its start, and may not begin its timed window before its
+    # turn: after the later of the two, the run may use its budget and the allowances (worker/outcome.py judges it)
+    latest_start = mono_spawn + ctx.limits.startup_allowance
     if turn is not None:
         spawned.gate_wait, spawned.overlapped = turn.waited(), overlapped
         spawned.failed_waiting = overlapped and not opened and _failed(child)
         spawned.marks["gate_opened_at"] = now_wall - (now_mono - (turn.opened_at or now_mono))
+        if turn.opened_at is not None:  # (a run that exited before its turn did all its work in its start-up)
+            latest_start = max(latest_start, turn.opened_at)
+    spawned.after_start = mono_exit - latest_start
     return spawned
 
 
@@ -395,6 +484,9 @@ def execute(ctx: WorkerContext, job: Job) -> Execution:
             return Execution(Outcome(ExperimentStatus.refused, str(exc)),
                              timings={"setup_seconds": time.perf_counter() - t0})
         for d in (ctx.compile_cache / "inductor", ctx.compile_cache / "triton", ctx.template_cache,
+        if turn.opened_at is not None:  # (a run that exited before its turn did all its work in its start-up)
+            latest_start = max(latest_start, turn.opened_at)
+    spawned.after_start = mono_exit - latest_start
                   s.data_dir):
             d.mkdir(parents=True, exist_ok=True)
         wall_limit = ctx.limits.wall_limit(job.budget)
@@ -417,7 +509,9 @@ def execute(ctx: WorkerContext, job: Job) -> Execution:
                          result_text=_read_result(workdir / "result.json"), nonce=run.nonce,
                          harness_before=wd.harness_sha256, harness_after=harness_checksum(workdir),
                          expected=expected_settings(ctx, job, workdir), wall_limit=wall_limit,
-                         memory_limit_mb=ctx.limits.memory_mb, peak_rss_mb=child.peak_rss_mb)
+                         memory_limit_mb=ctx.limits.memory_mb, peak_rss_mb=child.peak_rss_mb,
+                         after_start=run.after_start, after_start_allowance=ctx.limits.turn_allowance + (
+                             0.0 if isolated(ctx, job) else ctx.limits.eval_allowance))
         if run.evaluation is not None:
             ev = run.evaluation.child
             facts.evaluation = EvalFacts(exit_code=ev.exit_code, killed=ev.killed, tail=ev.tail,
@@ -429,6 +523,10 @@ def execute(ctx: WorkerContext, job: Job) -> Execution:
                    "log_bytes": child.log_bytes, "log_truncated": child.log_truncated,
                    "wall_limit": wall_limit, "sandbox": ctx.sandbox.method}
         timings.update(run.marks)
+        if run.after_start is not None:
+            timings["after_start_seconds"] = round(run.after_start, 3)
+        if ctx.gate is not None:
+            timings["spawn_delay_seconds"] = round(run.spawn_delay, 3)
         if run.evaluation is not None:
             timings.update(eval_child_seconds=run.evaluation.child.wall_seconds,
                            eval_peak_rss_mb=round(run.evaluation.child.peak_rss_mb, 1))
@@ -449,6 +547,10 @@ def execute(ctx: WorkerContext, job: Job) -> Execution:
         disk.end_run(ctx.compile_cache, ctx.limits.compile_cache_mb)
 
 
+        if run.after_start is not None:
+            timings["after_start_seconds"] = round(run.after_start, 3)
+        if ctx.gate is not None:
+            timings["spawn_delay_seconds"] = round(run.spawn_delay, 3)
 def _record(ctx: WorkerContext, job: Job, ex: Execution) -> bool:
     o = ex.outcome
     tail = "\n".join((ex.child.tail if ex.child else [])[-TAIL_LINES:])

@@ -81,3 +81,42 @@ def test_two_slots_a_run_that_fails_before_its_turn_is_started_again_alone(pg_en
     first = next(r for r in results if not r.timings["restarted_alone"])
     assert again.timings["gate_opened_at"] >= first.timings["exited_at"] - 0.01
     assert again.timings["spawned_at"] >= again.timings["gate_opened_at"] - 0.01  # spawned only in its turn
+
+
+# A candidate that trains past its budget with the harness's clock wound back: it waits for its turn on the device,
+# then keeps going 8 s past the budget and reports the budget as its training time.
+OVERSTAY_TRAIN = '''import os, time
+import prepare
+os.read(int(os.environ["FARM_GATE_FD"]), 1)
+time.sleep(prepare.TIME_BUDGET + 8)
+prepare.finish(1.0, steps=1)
+'''
+
+
+def test_two_slots_start_the_next_run_a_lead_before_its_turn_and_refuse_one_that_overstays_it(pg_env, tmp_path):
+    """With two slots the next candidate starts the start-up allowance before its turn is due (not as soon as a slot
+    frees), so its untimed work before its turn is bounded as for a run that starts alone; after its turn, the worker's
+    own clocks bound its device time, whatever the harness's clock says."""
+    budget, lead = 14.0, 12.0
+    with session_scope() as s:
+        prog = make_program(s, time_budget=budget)
+        honest = make_experiment(s, prog, files={"train.py": FAKE_TRAIN}, seed=1, content_hash="h").id
+        cheat = make_experiment(s, prog, files={"train.py": OVERSTAY_TRAIN}, seed=2, content_hash="c").id
+    app = make_celery()
+    env = worker_env(pg_env, FARM_WORKER_SLOTS="2", FARM_STARTUP_ALLOWANCE=str(lead), FARM_TURN_ALLOWANCE="1")
+    with workers(env, ["slots:cpu0"], tmp_path / "logs"):
+        publish_experiment(honest, "cpu", time_limit=60, app=app)
+        wait_status([honest], [S.running], timeout=30)  # the honest run holds the device first
+        publish_experiment(cheat, "cpu", time_limit=60, app=app)
+        wait_status([honest, cheat], FINISHED, timeout=90)
+    first, second = (rows(Result, experiment_id=i)[0] for i in (honest, cheat))
+    assert rows(Experiment, id=honest)[0].status == S.succeeded, first.log_tail
+    # started about `lead` seconds before the first run's budget ran out, while it still held the device
+    t1, t2 = first.timings, second.timings
+    assert t2["overlapped"] and t2["spawn_delay_seconds"] > 0.5, t2
+    assert t1["gate_opened_at"] + budget - lead - 1.0 <= t2["spawned_at"] < t1["training_exited_at"], (t1, t2)
+    assert t2["gate_opened_at"] >= t1["exited_at"] - 0.01
+    # 22 s on the device after its turn against 14 + 3 + 1 + 1: refused, although it reported 14 s of training
+    exp = rows(Experiment, id=cheat)[0]
+    assert exp.status == S.refused and "used the device" in (exp.status_reason or ""), (exp.status_reason, t2)
+    assert t2["after_start_seconds"] > budget + 5 and t1["after_start_seconds"] < budget

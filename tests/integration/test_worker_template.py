@@ -78,7 +78,10 @@ def test_two_slot_worker_starts_the_next_run_early_but_never_trains_two_at_once(
     for i in ids:
         publish_experiment(i, "cpu", time_limit=600, app=app)
     env = worker_env(pg_env, FARM_STARTUP_ALLOWANCE="150", FARM_EVAL_ALLOWANCE="90", FARM_WORKER_MEMORY_MB="4000",
-                     FARM_LOG_CAP_MB="4", FARM_WORKER_SLOTS="2", FARM_MAX_STEPS="3")
+                     FARM_LOG_CAP_MB="4", FARM_WORKER_SLOTS="2", FARM_MAX_STEPS="3",
+                     # the step cap ends each run long before its 1000 s budget: start the next one at once, not the
+                     # start-up allowance before the first is due to end
+                     FARM_SPAWN_LEAD="2000")
     env.pop("FARM_TEMPLATE_DIR")
     with workers(env, ["slots:cpu0"], tmp_path / "logs", timeout=180):
         assert rows(Worker, id="slots:cpu0")[0].slots == 2
@@ -105,3 +108,33 @@ def test_two_slot_worker_starts_the_next_run_early_but_never_trains_two_at_once(
     bpbs = {results[i].val_bpb for i in ids}
     assert len(bpbs) == 1, bpbs  # started early or not, the same run gives the same number
     assert all(results[i].num_steps == 3 for i in ids)
+
+
+@pytest.mark.slow
+def test_a_folder_corpus_is_hidden_from_the_candidate_and_its_cache_found_by_name(pg_env, tmp_path):
+    """FARM_CORPUS=/a/folder: the val and test text is in the folder, so under the isolated evaluation the worker
+    pins the cache's name at start (prepare.py --corpus-id) and the training process sees the folder empty."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for i in range(300):
+        (folder / f"note{i:03d}.txt").write_text(f"Note {i}.\n\n" + f"A line about item {i} and its neighbours.\n" * 20)
+    probe = """
+import os as _os, pathlib as _pl
+_folder = _pl.Path(_os.environ["FARM_CORPUS"])
+print("FOLDER_FILES", sum(1 for p in _folder.rglob("*") if p.is_file()), "PINNED", _os.environ.get("FARM_CORPUS_ID"))
+"""
+    train = (TEMPLATE / "train.py").read_text().replace("import prepare\n", "import prepare\n" + probe, 1)
+    with session_scope() as s:
+        prog = make_program(s, time_budget=2.0, template_digest=harness_checksum(TEMPLATE))
+        exp_id = make_experiment(s, prog, files={"train.py": train}, seed=3, proposer_kind="baseline").id
+    publish_experiment(exp_id, "cpu", time_limit=300, app=make_celery())
+    env = worker_env(pg_env, FARM_STARTUP_ALLOWANCE="150", FARM_EVAL_ALLOWANCE="90",
+                     FARM_WORKER_MEMORY_MB="4000", FARM_LOG_CAP_MB="4", FARM_CORPUS=str(folder))
+    env.pop("FARM_TEMPLATE_DIR")
+    with workers(env, ["folder:cpu0"], tmp_path / "logs", timeout=180):
+        wait_status([exp_id], FINISHED, timeout=300)
+    exp = rows(Experiment, id=exp_id)[0]
+    res = rows(Result, experiment_id=exp_id)[0]
+    assert exp.status == S.succeeded, f"{exp.status_reason}\n{res.log_tail}"
+    assert "FOLDER_FILES 0 PINNED dir-" in res.log_tail, res.log_tail  # the folder is empty to it; the cache is found
+    assert res.val_bpb is not None and 0.1 < res.val_bpb < 20 and res.timings["evaluation"] == "isolated"

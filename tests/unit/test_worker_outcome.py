@@ -194,3 +194,23 @@ def test_an_isolated_run_that_did_not_export_is_refused():
     assert o.status == S.refused and "did not export" in (o.reason or "")
     o = judge(facts(**{**isolated_facts().__dict__, "evaluation": None}))
     assert o.status == S.refused and "no exported model" in (o.reason or "")
+
+
+@pytest.mark.parametrize("isolated", [False, True])
+def test_a_run_that_held_the_device_past_its_budget_and_allowance_is_refused_whatever_its_clock_said(isolated):
+    """The harness's clock is an object train.py holds: a run can keep training with training_seconds wound back.
+    The worker's clocks (from its turn, or the end of the start-up allowance, to its exit) bound it."""
+    budget = {"time_budget": 300.0}
+    make = isolated_facts if isolated else facts
+    base = make(**({"expected": {"profile": "cpu", "seed": 1, "isolated": True, **budget}} if isolated else
+                   {"expected": {"profile": "cpu", "seed": 1, **budget}}))
+    limit = 300.0 + 15.0 + 60.0  # budget + max(3 s, 5 %) + the allowance
+    for after, status in ((None, S.succeeded), (200.0, S.succeeded), (limit - 0.1, S.succeeded), (limit + 0.1, S.refused),
+                          (900.0, S.refused)):
+        o = judge(RunFacts(**{**base.__dict__, "after_start": after, "after_start_allowance": 60.0}))
+        assert o.status == status, (after, o.reason)
+        if status == S.refused:
+            assert "used the device" in (o.reason or "") and "FARM_TURN_ALLOWANCE" in (o.reason or "")
+    # a toy template's result without a budget: the job's budget is what the worker gave, but none is known here
+    o = judge(RunFacts(**{**facts().__dict__, "after_start": 900.0}))
+    assert o.status == S.succeeded

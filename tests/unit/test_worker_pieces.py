@@ -215,7 +215,7 @@ def test_isolated_evaluation_follows_the_setting_and_the_templates_declaration(t
             monkeypatch.delenv("FARM_TEMPLATE_DIR", raising=False)
         else:
             monkeypatch.setenv("FARM_TEMPLATE_DIR", str(template))
-        ctx = SimpleNamespace(settings=Settings(home=tmp_path, eval_isolation=setting), python=sys.executable,
+        ctx = SimpleNamespace(settings=Settings(home=tmp_path, eval_isolation=setting), python=sys.executable, corpus_id=None,
                               compile_cache=tmp_path / "cc", template_cache=tmp_path / "tc")
         env = runner.child_env(ctx, job, work, nonce_fd=3)  # type: ignore[arg-type]
         assert ("FARM_EVAL_EXPORT" in env) == isolated, (setting, template)
