@@ -1,9 +1,8 @@
 """Device time between timed runs with job slots, without the farm: N `train.py` runs of training_template/
 started as a worker with S slots starts them (each with a turn of worker/gate.py's DeviceGate as FARM_GATE_FD,
-the next one spawned while the current one trains, --lead seconds before its turn is due), so the figure for one
-GPU box needs no Postgres, Redis or Celery. Prints per run start-up, gate wait, training, evaluation, tokens/s
-and MFU, then the gaps from one run's last timed step to the next run's first and the duty cycle they project for
-the 300 s budget.
+the next one spawned while the current one trains), so the figure for one GPU box needs no Postgres, Redis
+or Celery. Prints per run start-up, gate wait, training, evaluation, tokens/s and MFU, then the gaps from
+one run's last timed step to the next run's first and the duty cycle they project for the 300 s budget.
 
     python bench/gate_gap.py --runs 3 --slots 2 --budget 20 --corpus synthetic --eval-tokens 4194304
 
@@ -30,7 +29,8 @@ sys.path.insert(0, str(ROOT))
 from worker.gate import DeviceGate, Turn  # noqa: E402  (standard library only)
 
 
-def _start(i: int, turn: Turn, tmp: Path, env: dict[str, str], log) -> tuple[subprocess.Popen, Turn, Path]:
+def _start(i: int, gate: DeviceGate, tmp: Path, env: dict[str, str], log) -> tuple[subprocess.Popen, Turn, Path]:
+    turn = gate.turn()
     result = tmp / f"result-{i}.json"
     child_env = dict(env, FARM_RESULT_PATH=str(result), FARM_GATE_FD=str(turn.read_fd))
     log.write(f"===== run {i} spawned at {time.time():.3f}\n")
@@ -41,26 +41,17 @@ def _start(i: int, turn: Turn, tmp: Path, env: dict[str, str], log) -> tuple[sub
     return proc, turn, result
 
 
-def run(runs: int, slots: int, env: dict[str, str], log_path: Path, timeout: float, *, budget: float = 300.0,
-        lead: float = 120.0) -> list[dict[str, Any]]:
-    """`lead`: as the worker does it (worker/runner.py), a slot's next run starts only when its turn is due within
-    this many seconds (the holder's budget left), or is open."""
+def run(runs: int, slots: int, env: dict[str, str], log_path: Path, timeout: float) -> list[dict[str, Any]]:
     gate = DeviceGate()
     out: list[dict[str, Any]] = [{} for _ in range(runs)]
     with tempfile.TemporaryDirectory(prefix="farm-gate-gap-") as tmp, open(log_path, "a") as log:
-        pending = list(range(runs))
-        active: dict[int, tuple[subprocess.Popen, Turn, Path]] = {}
-        waiting: dict[int, Turn] = {}
+        pending, active = list(range(runs)), {}
         deadline = time.monotonic() + timeout
-        while pending or active or waiting:
-            while pending and len(active) + len(waiting) < slots:
+        while pending or active:
+            while pending and len(active) < slots:
                 i = pending.pop(0)
-                waiting[i] = gate.turn(expect=budget)
-            for i, turn in list(waiting.items()):
-                if turn.opened or gate.due_in(turn) <= lead:
-                    del waiting[i]
-                    active[i] = _start(i, turn, Path(tmp), env, log)
-                    out[i]["spawned"] = time.time()
+                active[i] = _start(i, gate, Path(tmp), env, log)
+                out[i]["spawned"] = time.time()
             for i, (proc, turn, result) in list(active.items()):
                 if time.monotonic() > deadline:
                     proc.kill()
@@ -89,9 +80,6 @@ def main() -> int:
     ap.add_argument("--budget", type=float, help="FARM_TIME_BUDGET (default: the profile's)")
     ap.add_argument("--eval-tokens", type=int, help="FARM_EVAL_TOKENS (default: the profile's)")
     ap.add_argument("--corpus", help="FARM_CORPUS (default: the environment's, else bible)")
-    ap.add_argument("--lead", type=float, default=120.0,
-                    help="start the next run this long before its turn is due (the worker's FARM_SPAWN_LEAD, default "
-                         "its start-up allowance, 120 s)")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds for all runs together")
     ap.add_argument("--log", default="artifacts/gate_gap.log", help="the runs' output")
     ap.add_argument("--json", default="artifacts/bench_gate_gap.json")
@@ -107,11 +95,9 @@ def main() -> int:
     for path in (args.log, args.json):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    rows = run(args.runs, args.slots, env, Path(args.log), args.timeout,
-               budget=args.budget if args.budget is not None else 300.0, lead=args.lead)
+    rows = run(args.runs, args.slots, env, Path(args.log), args.timeout)
     wall = time.time() - t0
-    print(f"{args.runs} runs, {args.slots} slot(s), next run started {args.lead:g} s before its turn is due, "
-          f"wall {wall:.1f} s, log {args.log}")
+    print(f"{args.runs} runs, {args.slots} slot(s), wall {wall:.1f} s, log {args.log}")
     cols = ("startup_seconds", "gate_wait_seconds", "eval_warmup_seconds", "training_seconds", "eval_seconds")
     print(f"{'run':>3} {'exit':>4} " + " ".join(f"{c.replace('_seconds', ''):>12}" for c in cols)
           + f" {'tokens/s':>12} {'MFU %':>6} {'val_bpb':>9} {'steps':>6}")
@@ -123,8 +109,7 @@ def main() -> int:
         print(f"{i:>3} {r['exit_code']:>4} {cells} {r['tokens_per_second']:12,.0f} {r['mfu_percent']:6.2f} "
               f"{r['val_bpb']:9.5f} {r['num_steps']:6d}")
     found = gaps(rows)
-    summary: dict[str, Any] = {"runs": args.runs, "slots": args.slots, "budget": args.budget, "lead": args.lead,
-                               "wall_seconds": wall,
+    summary: dict[str, Any] = {"runs": args.runs, "slots": args.slots, "budget": args.budget, "wall_seconds": wall,
                                "gaps": found, "rows": rows}
     if found:
         gap = statistics.fmean(found)

@@ -6,14 +6,10 @@ it after its first optimizer step, so python start-up, torch import, data loadin
 overlap the other run, while every timed step and the evaluation run alone. Turns are first come,
 first served: the gate writes one byte to the next turn's pipe when the holder's child has exited.
 
-A child that never reads its pipe (another template, a hostile candidate) is not held back; the
-worker still orders the turns, and the wall-clock limit of a child counts from its turn, not its
-spawn (`Turn.waited`).
-
-The next candidate is not started the moment a slot frees: the worker waits until its turn is due within
-the start-up allowance (`DeviceGate.due_in`, from the budgets of the turns ahead), so what it can do
-before its turn (work nobody times, on a device another run is timing) is bounded by that allowance, as
-for a run that starts alone.
+A child that never reads its pipe (another template, a hostile candidate) is not blocked by it; the
+worker still orders the turns, stops a child still running past its early-start limit before its turn
+(worker/runner.py, `supervise(hold=...)`), and the wall-clock limit of a child counts from its turn,
+not its spawn (`Turn.waited`).
 """
 
 from __future__ import annotations
@@ -27,9 +23,8 @@ import time
 class Turn:
     """One child's place in line. `read_fd` goes to the child; `done()` when the child has exited."""
 
-    def __init__(self, gate: DeviceGate, expect: float = 0.0) -> None:
+    def __init__(self, gate: DeviceGate) -> None:
         self._gate = gate
-        self.expect = expect  # seconds it expects to hold the device once open (its budget)
         self.read_fd, self._write_fd = os.pipe()
         os.set_inheritable(self.read_fd, True)
         self.created = time.monotonic()
@@ -82,27 +77,12 @@ class DeviceGate:
         self._holder: Turn | None = None
         self._line: collections.deque[Turn] = collections.deque()
 
-    def turn(self, expect: float = 0.0) -> Turn:
-        t = Turn(self, expect)
+    def turn(self) -> Turn:
+        t = Turn(self)
         with self._cv:
             self._line.append(t)
             self._advance()
         return t
-
-    def due_in(self, t: Turn) -> float:
-        """Seconds until `t` is expected to open: what the holder has left of its expected time plus the expected
-        times of the turns ahead of `t` (0 once it is open; a run that ends early only brings it closer)."""
-        with self._cv:
-            if t.opened or t.finished or t not in self._line:
-                return 0.0
-            ahead = 0.0
-            if self._holder is not None and self._holder.opened_at is not None:
-                ahead = max(0.0, self._holder.opened_at + self._holder.expect - time.monotonic())
-            for other in self._line:
-                if other is t:
-                    break
-                ahead += other.expect
-            return ahead
 
     @property
     def busy(self) -> bool:

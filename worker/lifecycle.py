@@ -6,6 +6,7 @@ call them directly.
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import subprocess
 import sys
@@ -46,7 +47,7 @@ def build_context(settings: Settings | None = None, slots: int | None = None) ->
 
 
 def _prepare_py(ctx: WorkerContext, args: list[str], profile: str | None, timeout: float,
-                stdout: Any) -> subprocess.CompletedProcess[bytes]:
+                stdout: Any, stderr: Any = subprocess.STDOUT) -> subprocess.CompletedProcess[bytes]:
     """`python prepare.py ARGS` from a copy of the template, outside the sandbox, with a run's environment."""
     template = template_dir()
     if not (template / "prepare.py").is_file():
@@ -57,7 +58,7 @@ def _prepare_py(ctx: WorkerContext, args: list[str], profile: str | None, timeou
         shutil.copytree(template, work, ignore=shutil.ignore_patterns("__pycache__", "data"))
         env = child_env_base(ctx, profile=profile, workdir=work)
         return subprocess.run([ctx.python, "prepare.py", *args], cwd=work, env=env, stdout=stdout,
-                              stderr=subprocess.STDOUT, timeout=timeout, check=False)
+                              stderr=stderr, timeout=timeout, check=False)
 
 
 def pin_corpus(ctx: WorkerContext, timeout: float = 600.0) -> None:
@@ -66,11 +67,14 @@ def pin_corpus(ctx: WorkerContext, timeout: float = 600.0) -> None:
     it. Every run of this worker then uses the cache of the folder as it was at start-up."""
     if corpus_folder() is None:
         return
-    proc = _prepare_py(ctx, ["--corpus-id"], None, timeout, subprocess.PIPE)
+    proc = _prepare_py(ctx, ["--corpus-id"], None, timeout, subprocess.PIPE, subprocess.PIPE)
     lines = proc.stdout.decode(errors="replace").strip().splitlines()
-    if proc.returncode != 0 or not lines:
-        raise StartupError(f"prepare.py --corpus-id failed with exit code {proc.returncode}: {' | '.join(lines[-5:])}")
-    ctx.corpus_id = lines[-1].strip()
+    pinned = lines[-1].strip() if lines else ""
+    if proc.returncode != 0 or not re.fullmatch(r"dir-[0-9a-f]{12}", pinned):
+        said = (proc.stderr.decode(errors="replace").strip().splitlines() + lines)[-5:]
+        raise StartupError(f"prepare.py --corpus-id for FARM_CORPUS={corpus_folder()} failed (exit code "
+                           f"{proc.returncode}, printed {pinned!r}): {' | '.join(said)}")
+    ctx.corpus_id = pinned
     log.info("worker %s: folder corpus %s, cache %s", ctx.worker_id, corpus_folder(), ctx.corpus_id)
 
 

@@ -65,8 +65,9 @@ class Limits:
     # gate, the export, the exit; the in-process evaluation gets eval_allowance on top): more is training the
     # harness's clock did not count, and the run is refused (worker/outcome.py)
     turn_allowance: float = TURN_ALLOWANCE
-    # with two slots, the next run starts this long before its turn is due (None: the start-up allowance)
-    spawn_lead: float | None = None
+    # two slots: how long a run started while another holds the device may run before it is stopped (SIGSTOP) until
+    # its turn (None: the start-up allowance)
+    early_start_limit: float | None = None
 
     def wall_limit(self, budget: float) -> float:
         return budget + self.startup_allowance + self.eval_allowance
@@ -84,11 +85,11 @@ class Limits:
                    file_size_mb=float(e.get("FARM_FILE_SIZE_MB", "8192")),
                    compile_cache_mb=float(e.get("FARM_COMPILE_CACHE_MB", disk.COMPILE_CACHE_MB)),
                    turn_allowance=float(e.get("FARM_TURN_ALLOWANCE", TURN_ALLOWANCE)),
-                   spawn_lead=float(e["FARM_SPAWN_LEAD"]) if e.get("FARM_SPAWN_LEAD") else None)
+                   early_start_limit=float(e["FARM_EARLY_START_LIMIT"]) if e.get("FARM_EARLY_START_LIMIT") else None)
 
     @property
-    def lead(self) -> float:
-        return self.startup_allowance if self.spawn_lead is None else self.spawn_lead
+    def early_limit(self) -> float:
+        return self.startup_allowance if self.early_start_limit is None else self.early_start_limit
 
 
 @dataclass
@@ -145,6 +146,9 @@ def child_env_base(ctx: WorkerContext, *, profile: str, workdir: Path) -> dict[s
         "TORCHINDUCTOR_CACHE_DIR": str(ctx.compile_cache / "inductor"),
         "TRITON_CACHE_DIR": str(ctx.compile_cache / "triton"),
     })
+    folder = corpus_folder()
+    if folder is not None:  # as the worker resolved it: the child's cwd and HOME are its workdir
+        env["FARM_CORPUS"] = str(folder)
     if ctx.corpus_id:
         env["FARM_CORPUS_ID"] = ctx.corpus_id
     return env
@@ -350,26 +354,9 @@ class _Spawned:
     overlapped: bool = False  # it started while another run held the device
     failed_waiting: bool = False  # it failed before the device was its own
     marks: dict[str, float] = field(default_factory=dict)  # wall-clock spawned/gate_opened/exited (epoch s)
-    spawn_delay: float = 0.0  # seconds its start waited for its turn to come due (two slots)
-    # seconds from the latest moment its timed window could honestly have begun (its turn, or the end of the
-    # start-up allowance, whichever is later) to the training process's exit: the worker's clocks, not the harness's
+    # seconds from the latest moment its timed window could honestly have begun (its turn, or the end of its start-up
+    # allowance, whichever is later) to the training process's exit: the worker's clocks, not the harness's
     after_start: float | None = None
-
-
-def _await_due(ctx: WorkerContext, job: Job, turn: Any) -> bool:
-    """Two slots: hold the next run's start until its turn is due within the spawn lead (or open), keeping the
-    claim's heartbeat fresh. False: the claim was lost meanwhile."""
-    assert ctx.gate is not None
-    beat = _heartbeat(ctx, job.id)
-    while not turn.opened:
-        pause = ctx.gate.due_in(turn) - ctx.limits.lead
-        if pause <= 0:
-            return True
-        if turn.wait_open(timeout=min(pause, ctx.settings.heartbeat_interval)):
-            return True
-        if not beat(Progress()):
-            return False
-    return True
 
 
 def _spawn(ctx: WorkerContext, job: Job, workdir: Path, wd: Any, log_path: Path, wall_limit: float, *,
@@ -377,40 +364,17 @@ def _spawn(ctx: WorkerContext, job: Job, workdir: Path, wd: Any, log_path: Path,
     """One start of the training process in the sandbox, in its turn at the device gate if the worker has
     one. `exclusive`: wait for the turn before spawning (a retry of a run that failed while overlapped)."""
     s = ctx.settings
-    turn = ctx.gate.turn(expect=job.budget) if ctx.gate is not None else None
+    turn = ctx.gate.turn() if ctx.gate is not None else None
     nonce, rfd = _nonce_pipe()
     overlapped = False
     evaluation = None
-    t_created = time.monotonic()
     try:
         if turn is not None:
             if exclusive:  # waiting for the other run to end (minutes): keep the claim's heartbeat fresh
                 beat = _heartbeat(ctx, job.id)
-    spawn_delay: float = 0.0  # seconds its start waited for its turn to come due (two slots)
-    # seconds from the latest moment its timed window could honestly have begun (its turn, or the end of the
-    # start-up allowance, whichever is later) to the training process's exit: the worker's clocks, not the harness's
-    after_start: float | None = None
-
-
-def _await_due(ctx: WorkerContext, job: Job, turn: Any) -> bool:
-    """Two slots: hold the next run's start until its turn is due within the spawn lead (or open), keeping the
-    claim's heartbeat fresh. False: the claim was lost meanwhile."""
-    assert ctx.gate is not None
-    beat = _heartbeat(ctx, job.id)
-    while not turn.opened:
-        pause = ctx.gate.due_in(turn) - ctx.limits.lead
-        if pause <= 0:
-            return True
-        if turn.wait_open(timeout=min(pause, ctx.settings.heartbeat_interval)):
-            return True
-        if not beat(Progress()):
-            return False
-    return True
                 while not turn.wait_open(timeout=s.heartbeat_interval):
                     if not beat(Progress()):
                         return _Spawned(ChildRun(killed="claim_lost"), nonce, time.perf_counter())
-            elif not _await_due(ctx, job, turn):
-                return _Spawned(ChildRun(killed="claim_lost"), nonce, time.perf_counter())
             overlapped = not turn.opened
         # under the isolated evaluation the training process sees the train split and nothing the val and test
         # rows could be rebuilt from: not the raw downloads, not the raw corpus, and val / test empty
@@ -424,22 +388,21 @@ def _await_due(ctx: WorkerContext, job: Job, turn: Any) -> bool:
                         readonly=(ctx.template_cache,) if iso else (s.data_dir, ctx.template_cache),
                         readonly_in_workdir=wd.readonly_paths(), hidden=hidden,
                         masked=evaluation_splits(ctx) + raw_corpus_files() if iso else ())
-    t_created = time.monotonic()
         argv = [*rlimit_prefix(ctx.limits.memory_mb, address_space=job.profile == "cpu",
                                file_size_mb=ctx.limits.file_size_mb),
                 *ctx.sandbox.wrap([ctx.python, "train.py"], mounts)]
         gate_fd = turn.read_fd if turn is not None else None
         env = child_env(ctx, job, workdir, rfd, gate_fd)
         t_spawn, spawned_at, mono_spawn = time.perf_counter(), time.time(), time.monotonic()
-        before_spawn = mono_spawn - t_created  # the wait that was not the child's (the wall limit counts from its turn)
+        early = ctx.limits.early_limit
         child = supervise(argv, env=env, cwd=workdir, log_path=log_path, wall_limit=wall_limit,
-            elif not _await_due(ctx, job, turn):
-                return _Spawned(ChildRun(killed="claim_lost"), nonce, time.perf_counter())
                           memory_mb=ctx.limits.memory_mb, log_cap=ctx.limits.log_cap_bytes,
                           pass_fds=(rfd,) if gate_fd is None else (rfd, gate_fd),
                           on_tick=_heartbeat(ctx, job.id, (lambda: turn.opened) if turn is not None else lambda: True),
-                          tick_every=s.heartbeat_interval,
-                          extra_time=(lambda: max(0.0, turn.waited() - before_spawn)) if turn is not None else None)
+                          tick_every=s.heartbeat_interval, extra_time=turn.waited if turn is not None else None,
+                          # started while another run holds the device: past the early-start limit it waits stopped
+                          hold=(lambda: not turn.opened and time.monotonic() - mono_spawn > early)
+                          if turn is not None else None)
         mono_exit, exited_training_at = time.monotonic(), time.time()
         if child.killed is None and child.exit_code == 0 and isolated(ctx, job):
             os.close(rfd)
@@ -452,11 +415,12 @@ def _await_due(ctx: WorkerContext, job: Job, turn: Any) -> bool:
             opened = turn.opened
             turn.done()
     now_wall, now_mono = time.time(), time.monotonic()
-    spawned = _Spawned(child, nonce, t_spawn, evaluation, spawn_delay=before_spawn,
+    spawned = _Spawned(child, nonce, t_spawn, evaluation,
                        marks={"spawned_at": spawned_at, "exited_at": now_wall, "training_exited_at": exited_training_at})
-    # its start-up may take until the start-up allowance from its start, and may not begin its timed window before its
-    # turn: after the later of the two, the run may use its budget and the allowances (worker/outcome.py judges it)
-    latest_start = mono_spawn + ctx.limits.startup_allowance
+    # its start-up ends, at the latest, when it has run for the start-up allowance (time held stopped does not count),
+    # and its timed window cannot begin before its turn: from the later of the two it may use its budget and the
+    # allowances (worker/outcome.py overstayed)
+    latest_start = mono_spawn + ctx.limits.startup_allowance + child.held_seconds
     if turn is not None:
         spawned.gate_wait, spawned.overlapped = turn.waited(), overlapped
         spawned.failed_waiting = overlapped and not opened and _failed(child)
@@ -484,9 +448,6 @@ def execute(ctx: WorkerContext, job: Job) -> Execution:
             return Execution(Outcome(ExperimentStatus.refused, str(exc)),
                              timings={"setup_seconds": time.perf_counter() - t0})
         for d in (ctx.compile_cache / "inductor", ctx.compile_cache / "triton", ctx.template_cache,
-        if turn.opened_at is not None:  # (a run that exited before its turn did all its work in its start-up)
-            latest_start = max(latest_start, turn.opened_at)
-    spawned.after_start = mono_exit - latest_start
                   s.data_dir):
             d.mkdir(parents=True, exist_ok=True)
         wall_limit = ctx.limits.wall_limit(job.budget)
@@ -526,7 +487,7 @@ def execute(ctx: WorkerContext, job: Job) -> Execution:
         if run.after_start is not None:
             timings["after_start_seconds"] = round(run.after_start, 3)
         if ctx.gate is not None:
-            timings["spawn_delay_seconds"] = round(run.spawn_delay, 3)
+            timings["held_seconds"] = round(child.held_seconds, 3)
         if run.evaluation is not None:
             timings.update(eval_child_seconds=run.evaluation.child.wall_seconds,
                            eval_peak_rss_mb=round(run.evaluation.child.peak_rss_mb, 1))
@@ -547,10 +508,6 @@ def execute(ctx: WorkerContext, job: Job) -> Execution:
         disk.end_run(ctx.compile_cache, ctx.limits.compile_cache_mb)
 
 
-        if run.after_start is not None:
-            timings["after_start_seconds"] = round(run.after_start, 3)
-        if ctx.gate is not None:
-            timings["spawn_delay_seconds"] = round(run.spawn_delay, 3)
 def _record(ctx: WorkerContext, job: Job, ex: Execution) -> bool:
     o = ex.outcome
     tail = "\n".join((ex.child.tail if ex.child else [])[-TAIL_LINES:])

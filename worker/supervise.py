@@ -38,6 +38,7 @@ class ChildRun:
     log_truncated: bool = False
     tail: list[str] = field(default_factory=list)
     progress: Progress = field(default_factory=Progress)
+    held_seconds: float = 0.0  # time the process tree spent stopped by `hold` (supervise)
 
 
 class _Reader(threading.Thread):
@@ -132,18 +133,23 @@ def tree_rss_mb(root: int) -> float:
     return total / 2**20
 
 
-def kill_tree(proc: subprocess.Popen[bytes]) -> None:
-    """SIGKILL the child's process group and every descendant still found under it."""
+def signal_tree(proc: subprocess.Popen[bytes], sig: int) -> None:
+    """Send sig to the child's process group and every descendant found under it."""
     pids = tree_pids(proc.pid)
     try:
-        os.killpg(proc.pid, signal.SIGKILL)
+        os.killpg(proc.pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
     for pid in pids:
         try:
-            os.kill(pid, signal.SIGKILL)
+            os.kill(pid, sig)
         except (ProcessLookupError, PermissionError):
             pass
+
+
+def kill_tree(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the child's process group and every descendant still found under it."""
+    signal_tree(proc, signal.SIGKILL)
 
 
 def rlimit_prefix(memory_mb: float, *, address_space: bool, file_size_mb: float) -> list[str]:
@@ -162,11 +168,14 @@ def rlimit_prefix(memory_mb: float, *, address_space: bool, file_size_mb: float)
 def supervise(argv: Sequence[str], *, env: dict[str, str], cwd: Path, log_path: Path, wall_limit: float,
               memory_mb: float, log_cap: int, pass_fds: Sequence[int] = (),
               on_tick: Callable[[Progress], bool] | None = None, tick_every: float = 5.0,
-              extra_time: Callable[[], float] | None = None, append_log: bool = False) -> ChildRun:
+              extra_time: Callable[[], float] | None = None, append_log: bool = False,
+              hold: Callable[[], bool] | None = None) -> ChildRun:
     """Start argv and watch it to the end. `on_tick(progress)` runs every `tick_every` seconds
     (heartbeat); returning False kills the child (the claim was lost). `extra_time()` extends the wall
     limit by time the child spent waiting for its turn on the device (worker/gate.py). `append_log` adds to the
-    log file instead of starting it (the isolated evaluation after the training process)."""
+    log file instead of starting it (the isolated evaluation after the training process). While `hold()` is true
+    the whole process tree is stopped (SIGSTOP, sent again now and then for anything forked in the meantime), then
+    continued (SIGCONT); `held_seconds` adds it up."""
     run = ChildRun()
     log_path.parent.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
@@ -179,6 +188,8 @@ def supervise(argv: Sequence[str], *, env: dict[str, str], cwd: Path, log_path: 
     reader.start()
     next_tick = start + tick_every
     next_mem = start
+    held_since: float | None = None
+    next_stop = start
     try:
         while True:
             code = proc.poll()
@@ -186,6 +197,17 @@ def supervise(argv: Sequence[str], *, env: dict[str, str], cwd: Path, log_path: 
                 run.exit_code = code
                 break
             now = time.monotonic()
+            if hold is not None:
+                if hold():
+                    if held_since is None:
+                        held_since = now
+                    if now >= next_stop:  # a stopped process cannot fork; one forked while the signals went out can
+                        signal_tree(proc, signal.SIGSTOP)
+                        next_stop = now + (POLL if now - held_since < 1.0 else 1.0)
+                elif held_since is not None:
+                    signal_tree(proc, signal.SIGCONT)
+                    run.held_seconds += now - held_since
+                    held_since = None
             if now - start > wall_limit + (extra_time() if extra_time is not None else 0.0):
                 run.killed = "timeout"
                 break
@@ -203,7 +225,9 @@ def supervise(argv: Sequence[str], *, env: dict[str, str], cwd: Path, log_path: 
                     break
             time.sleep(POLL)
     finally:
-        # always: whatever the candidate forked must not outlive the run
+        if held_since is not None:
+            run.held_seconds += time.monotonic() - held_since
+        # always: whatever the candidate forked must not outlive the run (SIGKILL ends a stopped process too)
         kill_tree(proc)
         try:
             code = proc.wait(timeout=10)

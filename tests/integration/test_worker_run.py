@@ -83,27 +83,40 @@ def test_two_slots_a_run_that_fails_before_its_turn_is_started_again_alone(pg_en
     assert again.timings["spawned_at"] >= again.timings["gate_opened_at"] - 0.01  # spawned only in its turn
 
 
-# A candidate that trains past its budget with the harness's clock wound back: it waits for its turn on the device,
-# then keeps going 8 s past the budget and reports the budget as its training time.
-OVERSTAY_TRAIN = '''import os, time
+# A candidate that does not wait for its turn: it "trains" at once, beside the run that holds the device, then, from
+# its turn, 7 s past its budget, and reports the budget as its training time. It prints the longest pause its loop saw.
+OVERSTAY_TRAIN = '''import os, threading, time
 import prepare
-os.read(int(os.environ["FARM_GATE_FD"]), 1)
-time.sleep(prepare.TIME_BUDGET + 8)
+fd = int(os.environ["FARM_GATE_FD"])
+turn = threading.Event()
+threading.Thread(target=lambda: (os.read(fd, 1), turn.set()), daemon=True).start()
+last, gap = time.monotonic(), 0.0
+def tick():
+    global last, gap
+    time.sleep(0.02)
+    now = time.monotonic()
+    gap, last = max(gap, now - last), now
+while not turn.is_set():
+    tick()
+t = time.monotonic()
+while time.monotonic() - t < prepare.TIME_BUDGET + 7:
+    tick()
+print("LONGEST_PAUSE", round(gap, 1), flush=True)
 prepare.finish(1.0, steps=1)
 '''
 
 
-def test_two_slots_start_the_next_run_a_lead_before_its_turn_and_refuse_one_that_overstays_it(pg_env, tmp_path):
-    """With two slots the next candidate starts the start-up allowance before its turn is due (not as soon as a slot
-    frees), so its untimed work before its turn is bounded as for a run that starts alone; after its turn, the worker's
-    own clocks bound its device time, whatever the harness's clock says."""
-    budget, lead = 14.0, 12.0
+def test_two_slots_stop_an_early_run_at_its_limit_and_refuse_one_that_overstays_its_turn(pg_env, tmp_path):
+    """With two slots the next candidate starts while the first trains; past the early-start limit (the start-up
+    allowance) it is stopped until its turn, so its untimed work beside the timed run is bounded as a lone run's
+    start-up is. After its turn the worker's own clocks bound its device time, whatever the harness's clock says."""
+    budget, startup = 14.0, 10.0
     with session_scope() as s:
         prog = make_program(s, time_budget=budget)
         honest = make_experiment(s, prog, files={"train.py": FAKE_TRAIN}, seed=1, content_hash="h").id
         cheat = make_experiment(s, prog, files={"train.py": OVERSTAY_TRAIN}, seed=2, content_hash="c").id
     app = make_celery()
-    env = worker_env(pg_env, FARM_WORKER_SLOTS="2", FARM_STARTUP_ALLOWANCE=str(lead), FARM_TURN_ALLOWANCE="1")
+    env = worker_env(pg_env, FARM_WORKER_SLOTS="2", FARM_STARTUP_ALLOWANCE=str(startup), FARM_TURN_ALLOWANCE="0")
     with workers(env, ["slots:cpu0"], tmp_path / "logs"):
         publish_experiment(honest, "cpu", time_limit=60, app=app)
         wait_status([honest], [S.running], timeout=30)  # the honest run holds the device first
@@ -111,12 +124,15 @@ def test_two_slots_start_the_next_run_a_lead_before_its_turn_and_refuse_one_that
         wait_status([honest, cheat], FINISHED, timeout=90)
     first, second = (rows(Result, experiment_id=i)[0] for i in (honest, cheat))
     assert rows(Experiment, id=honest)[0].status == S.succeeded, first.log_tail
-    # started about `lead` seconds before the first run's budget ran out, while it still held the device
     t1, t2 = first.timings, second.timings
-    assert t2["overlapped"] and t2["spawn_delay_seconds"] > 0.5, t2
-    assert t1["gate_opened_at"] + budget - lead - 1.0 <= t2["spawned_at"] < t1["training_exited_at"], (t1, t2)
-    assert t2["gate_opened_at"] >= t1["exited_at"] - 0.01
-    # 22 s on the device after its turn against 14 + 3 + 1 + 1: refused, although it reported 14 s of training
+    assert t2["overlapped"] and t2["gate_opened_at"] >= t1["exited_at"] - 0.01, (t1, t2)
+    # it ran `startup` seconds beside the first run, then was stopped until the first one exited
+    expected_hold = t1["exited_at"] - (t2["spawned_at"] + startup)
+    assert expected_hold > 1.5 and abs(t2["held_seconds"] - expected_hold) < 0.6, (expected_hold, t2)
+    pause = float(second.log_tail.split("LONGEST_PAUSE")[1].split()[0])
+    assert pause >= expected_hold - 0.6, (pause, second.log_tail)  # its own clock saw the stop
+    # about 21 s on the device from its turn against 14 + 3 (slack) + 0 + 1 (eval allowance): refused, although
+    # it reported 14 s of training; the honest run used its budget and a little more, with its start-up allowance
     exp = rows(Experiment, id=cheat)[0]
     assert exp.status == S.refused and "used the device" in (exp.status_reason or ""), (exp.status_reason, t2)
-    assert t2["after_start_seconds"] > budget + 5 and t1["after_start_seconds"] < budget
+    assert t2["after_start_seconds"] > budget + 5 and t1["after_start_seconds"] < budget and t1["held_seconds"] == 0

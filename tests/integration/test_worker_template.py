@@ -78,10 +78,7 @@ def test_two_slot_worker_starts_the_next_run_early_but_never_trains_two_at_once(
     for i in ids:
         publish_experiment(i, "cpu", time_limit=600, app=app)
     env = worker_env(pg_env, FARM_STARTUP_ALLOWANCE="150", FARM_EVAL_ALLOWANCE="90", FARM_WORKER_MEMORY_MB="4000",
-                     FARM_LOG_CAP_MB="4", FARM_WORKER_SLOTS="2", FARM_MAX_STEPS="3",
-                     # the step cap ends each run long before its 1000 s budget: start the next one at once, not the
-                     # start-up allowance before the first is due to end
-                     FARM_SPAWN_LEAD="2000")
+                     FARM_LOG_CAP_MB="4", FARM_WORKER_SLOTS="2", FARM_MAX_STEPS="3")
     env.pop("FARM_TEMPLATE_DIR")
     with workers(env, ["slots:cpu0"], tmp_path / "logs", timeout=180):
         assert rows(Worker, id="slots:cpu0")[0].slots == 2

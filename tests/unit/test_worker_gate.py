@@ -71,20 +71,3 @@ def test_eof_reaches_a_child_whose_turn_was_given_up():
     assert os.read(b_fd, 1) == b""
     os.close(b_fd)
     a.done()
-
-
-def test_due_in_counts_the_holders_time_left_and_the_turns_ahead():
-    gate = DeviceGate()
-    a = gate.turn(expect=10.0)
-    b = gate.turn(expect=5.0)
-    c = gate.turn(expect=7.0)
-    assert gate.due_in(a) == 0.0  # open
-    assert 9.0 < gate.due_in(b) <= 10.0
-    assert 14.0 < gate.due_in(c) <= 15.0  # a's time left and b's budget
-    time.sleep(0.2)
-    assert gate.due_in(b) <= 9.85  # a's time runs down
-    a.done()  # a run that ends early brings the next turn forward at once
-    assert b.opened and gate.due_in(b) == 0.0 and 4.0 < gate.due_in(c) <= 5.0
-    b.done()
-    c.done()
-    assert gate.due_in(c) == 0.0

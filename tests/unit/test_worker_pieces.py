@@ -222,3 +222,65 @@ def test_isolated_evaluation_follows_the_setting_and_the_templates_declaration(t
         assert runner.expected_settings(ctx, job, work)["isolated"] == isolated  # type: ignore[arg-type]
         if isolated:
             assert env["FARM_EVAL_EXPORT"] == str(work / runner.EXPORT_NAME)
+
+
+def test_hold_stops_the_whole_tree_until_released_and_counts_the_time(tmp_path):
+    """Two slots: a run started early that is still running past the early-start limit before its turn is stopped
+    (SIGSTOP) with everything it forked, and continued at its turn. A forked child's clock shows the gap too."""
+    import time
+
+    from worker.supervise import supervise
+
+    code = ("import os, sys, time\n"
+            "if os.fork() == 0:\n"
+            "    out = 'child'\n"
+            "else:\n"
+            "    out = 'parent'\n"
+            "last, gap, t0 = time.monotonic(), 0.0, time.monotonic()\n"
+            "while time.monotonic() - t0 < 2.5:\n"
+            "    time.sleep(0.02)\n"
+            "    now = time.monotonic()\n"
+            "    gap, last = max(gap, now - last), now\n"
+            "print(out, 'GAP', round(gap, 2), flush=True)\n"
+            "if out == 'parent':\n"
+            "    os.wait()\n")
+    t0 = time.monotonic()
+    run = supervise([sys.executable, "-c", code], env={"PATH": "/usr/bin:/bin"}, cwd=tmp_path,
+                    log_path=tmp_path / "out.log", wall_limit=30, memory_mb=0, log_cap=1 << 20,
+                    hold=lambda: 0.5 < time.monotonic() - t0 < 1.7)
+    assert run.exit_code == 0, run.tail
+    assert 1.0 <= run.held_seconds <= 1.6, run.held_seconds
+    gaps = {line.split()[0]: float(line.split()[-1]) for line in run.tail if "GAP" in line}
+    assert set(gaps) == {"parent", "child"}, run.tail
+    assert all(g >= 0.9 for g in gaps.values()), gaps  # both were stopped, not only the one Popen started
+
+
+def test_a_folder_corpus_is_pinned_at_start_and_a_template_that_cannot_name_it_stops_the_worker(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import worker.lifecycle as lifecycle
+    import worker.runner as runner
+    from farm.settings import Settings
+
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for i in range(300):
+        (folder / f"n{i}.txt").write_text(f"note {i}\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FARM_CORPUS", "corpus")  # relative to the worker's folder, not to the child's
+    monkeypatch.delenv("FARM_TEMPLATE_DIR", raising=False)
+    ctx = SimpleNamespace(settings=Settings(home=tmp_path / "home"), python=sys.executable, corpus_id=None,
+                          compile_cache=tmp_path / "cc", template_cache=tmp_path / "tc",
+                          identity=SimpleNamespace(gpu_index=None), worker_id="w", slug="w")
+    lifecycle.pin_corpus(ctx)  # type: ignore[arg-type]
+    assert ctx.corpus_id and ctx.corpus_id.startswith("dir-")
+    env = runner.child_env_base(ctx, profile="cpu", workdir=tmp_path / "w")  # type: ignore[arg-type]
+    assert env["FARM_CORPUS"] == str(folder) and env["FARM_CORPUS_ID"] == ctx.corpus_id
+    # a template whose prepare.py does not know --corpus-id (it prints something else): a clear error at start
+    monkeypatch.setenv("FARM_TEMPLATE_DIR", str(FAKE))
+    ctx.corpus_id = None
+    with pytest.raises(lifecycle.StartupError, match="--corpus-id for FARM_CORPUS=.*corpus failed"):
+        lifecycle.pin_corpus(ctx)  # type: ignore[arg-type]
+    monkeypatch.setenv("FARM_CORPUS", "bible")  # a named corpus needs no pin
+    lifecycle.pin_corpus(ctx)  # type: ignore[arg-type]
+    assert ctx.corpus_id is None
