@@ -364,8 +364,12 @@ def _spawn(ctx: WorkerContext, job: Job, workdir: Path, wd: Any, log_path: Path,
     """One start of the training process in the sandbox, in its turn at the device gate if the worker has
     one. `exclusive`: wait for the turn before spawning (a retry of a run that failed while overlapped)."""
     s = ctx.settings
-    turn = ctx.gate.turn() if ctx.gate is not None else None
     nonce, rfd = _nonce_pipe()
+    try:  # (a turn that is never done() would hold every later turn of the worker)
+        turn = ctx.gate.turn() if ctx.gate is not None else None
+    except BaseException:
+        os.close(rfd)
+        raise
     overlapped = False
     evaluation = None
     try:
@@ -402,7 +406,7 @@ def _spawn(ctx: WorkerContext, job: Job, workdir: Path, wd: Any, log_path: Path,
                           tick_every=s.heartbeat_interval, extra_time=turn.waited if turn is not None else None,
                           # started while another run holds the device: past the early-start limit it waits stopped
                           hold=(lambda: not turn.opened and time.monotonic() - mono_spawn > early)
-                          if turn is not None else None)
+                          if turn is not None else None, hold_defer_under=ctx.compile_cache)
         mono_exit, exited_training_at = time.monotonic(), time.time()
         if child.killed is None and child.exit_code == 0 and isolated(ctx, job):
             os.close(rfd)

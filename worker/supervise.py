@@ -24,6 +24,7 @@ from worker.progress import Progress
 TAIL_KEEP = 400  # lines kept in memory (the summary and the traceback live at the end)
 LINE_MAX = 4000  # characters kept of one line
 POLL = 0.1
+HOLD_DEFER_MAX = 60.0  # seconds a stop waits for the tree to release its compile-cache locks (supervise)
 MEMORY_POLL = 0.25
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -133,6 +134,31 @@ def tree_rss_mb(root: int) -> float:
     return total / 2**20
 
 
+def locks_held_under(pids: Sequence[int], root: Path) -> bool:
+    """Does one of `pids` hold a file lock (flock / POSIX, from /proc/locks) on a `*.lock` file under `root`?
+    Inductor takes a per-kernel lock in its cache folder while it builds that kernel."""
+    wanted, inodes = set(pids), set()
+    try:
+        with open("/proc/locks") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) < 6 or "->" in parts:  # "->": a process waiting for a lock, not holding it
+                    continue
+                try:
+                    if int(parts[4]) in wanted:
+                        inodes.add(int(parts[5].rsplit(":", 1)[1]))
+                except ValueError:
+                    continue
+    except OSError:
+        return False
+    if not inodes:
+        return False
+    try:
+        return any(path.stat().st_ino in inodes for path in root.rglob("*.lock"))
+    except OSError:
+        return False
+
+
 def signal_tree(proc: subprocess.Popen[bytes], sig: int) -> None:
     """Send sig to the child's process group and every descendant found under it."""
     pids = tree_pids(proc.pid)
@@ -169,13 +195,16 @@ def supervise(argv: Sequence[str], *, env: dict[str, str], cwd: Path, log_path: 
               memory_mb: float, log_cap: int, pass_fds: Sequence[int] = (),
               on_tick: Callable[[Progress], bool] | None = None, tick_every: float = 5.0,
               extra_time: Callable[[], float] | None = None, append_log: bool = False,
-              hold: Callable[[], bool] | None = None) -> ChildRun:
+              hold: Callable[[], bool] | None = None, hold_defer_under: Path | None = None,
+              hold_defer_max: float = HOLD_DEFER_MAX) -> ChildRun:
     """Start argv and watch it to the end. `on_tick(progress)` runs every `tick_every` seconds
     (heartbeat); returning False kills the child (the claim was lost). `extra_time()` extends the wall
     limit by time the child spent waiting for its turn on the device (worker/gate.py). `append_log` adds to the
     log file instead of starting it (the isolated evaluation after the training process). While `hold()` is true
     the whole process tree is stopped (SIGSTOP, sent again now and then for anything forked in the meantime), then
-    continued (SIGCONT); `held_seconds` adds it up."""
+    continued (SIGCONT); `held_seconds` adds it up. A stop is put off, for up to `hold_defer_max` seconds, while the
+    tree holds a lock on a file under `hold_defer_under` (the compile cache, which the run holding the device shares:
+    stopped with a kernel's lock, it would keep that run waiting for the lock until it was continued)."""
     run = ChildRun()
     log_path.parent.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
@@ -190,6 +219,7 @@ def supervise(argv: Sequence[str], *, env: dict[str, str], cwd: Path, log_path: 
     next_mem = start
     held_since: float | None = None
     next_stop = start
+    hold_wanted: float | None = None  # when hold() first said so (a stop may be deferred by a lock)
     try:
         while True:
             code = proc.poll()
@@ -199,15 +229,20 @@ def supervise(argv: Sequence[str], *, env: dict[str, str], cwd: Path, log_path: 
             now = time.monotonic()
             if hold is not None:
                 if hold():
-                    if held_since is None:
-                        held_since = now
-                    if now >= next_stop:  # a stopped process cannot fork; one forked while the signals went out can
+                    hold_wanted = now if hold_wanted is None else hold_wanted
+                    if held_since is None and hold_defer_under is not None and now - hold_wanted < hold_defer_max \
+                            and locks_held_under(tree_pids(proc.pid), hold_defer_under):
+                        pass  # let it finish building the kernel it holds the lock of
+                    elif now >= next_stop:  # a stopped process cannot fork; one forked while the signals went out can
+                        held_since = now if held_since is None else held_since
                         signal_tree(proc, signal.SIGSTOP)
                         next_stop = now + (POLL if now - held_since < 1.0 else 1.0)
-                elif held_since is not None:
-                    signal_tree(proc, signal.SIGCONT)
-                    run.held_seconds += now - held_since
-                    held_since = None
+                else:
+                    hold_wanted = None
+                    if held_since is not None:
+                        signal_tree(proc, signal.SIGCONT)
+                        run.held_seconds += now - held_since
+                        held_since = None
             if now - start > wall_limit + (extra_time() if extra_time is not None else 0.0):
                 run.killed = "timeout"
                 break

@@ -284,3 +284,40 @@ def test_a_folder_corpus_is_pinned_at_start_and_a_template_that_cannot_name_it_s
     monkeypatch.setenv("FARM_CORPUS", "bible")  # a named corpus needs no pin
     lifecycle.pin_corpus(ctx)  # type: ignore[arg-type]
     assert ctx.corpus_id is None
+
+
+def test_a_stop_waits_for_the_tree_to_release_its_compile_cache_lock_but_not_for_ever(tmp_path):
+    """Found by review: a run stopped while it held one of inductor's per-kernel locks in the shared compile cache
+    kept the run holding the device waiting for that lock until it was continued, i.e. until that run ended. The
+    stop now waits for the lock to go, up to hold_defer_max (a candidate could hold one for ever)."""
+    import time
+
+    from worker.supervise import supervise
+
+    cache = tmp_path / "cache"
+    (cache / "inductor" / "locks").mkdir(parents=True)
+    lock = cache / "inductor" / "locks" / "kernel.lock"
+    code = ("import fcntl, sys, time\n"
+            "f = open(sys.argv[1], 'w')\n"
+            "fcntl.flock(f, fcntl.LOCK_EX)\n"
+            "t0 = time.monotonic()\n"
+            "while time.monotonic() - t0 < float(sys.argv[2]):\n"
+            "    time.sleep(0.02)\n"
+            "fcntl.flock(f, fcntl.LOCK_UN)\n"
+            "t1 = time.monotonic()\n"
+            "while time.monotonic() - t1 < 1.0:\n"
+            "    time.sleep(0.02)\n")
+
+    def held(lock_seconds: float, defer_max: float) -> float:
+        t0 = time.monotonic()
+        run = supervise([sys.executable, "-c", code, str(lock), str(lock_seconds)], env={"PATH": "/usr/bin:/bin"},
+                        cwd=tmp_path, log_path=tmp_path / "out.log", wall_limit=30, memory_mb=0, log_cap=1 << 20,
+                        hold=lambda: 0.3 < time.monotonic() - t0 < 3.0, hold_defer_under=cache,
+                        hold_defer_max=defer_max)
+        assert run.exit_code == 0, run.tail
+        return run.held_seconds
+
+    # lock released about 1.6 s in (python start-up + 1.5 s): stopped from then to 3.0 s, not from 0.3 s
+    assert 0.6 <= held(1.5, 60.0) <= 1.8
+    # a lock kept past the deferral's end: stopped anyway, 0.5 s after the stop was first wanted
+    assert 1.8 <= held(5.0, 0.5) <= 2.4
