@@ -12,6 +12,7 @@ Edit formats: SEARCH/REPLACE blocks, a unified diff, or whole files.
 from __future__ import annotations
 
 import difflib
+import os
 import re
 import subprocess
 import tempfile
@@ -88,10 +89,33 @@ def apply_search_replace(base: dict[str, str], text: str, default_file: str | No
     return out
 
 
+_PATCH_PATH_LINE = re.compile(
+    r"^(?:--- |\+\+\+ |diff --git |(?:rename|copy) (?:from|to) )(?P<rest>.*)$", re.M)
+
+
+def _unsafe_patch_path(line: str) -> str | None:
+    """A path a patch header names that would land outside the scratch folder: absolute, or with a `..`."""
+    for word in line.split("\t")[0].split():  # `diff --git a/x b/x` names two; `--- x\tdate` one
+        if word == "/dev/null":
+            continue
+        if word.startswith("/") or ".." in word.replace("\\", "/").split("/"):
+            return word
+    return None
+
+
 def apply_unified_diff(base: dict[str, str], diff: str) -> dict[str, str]:
-    """Apply a unified diff (git or plain `diff -u` style) with `git apply` in a scratch folder."""
+    """Apply a unified diff (git or plain `diff -u` style) with `git apply` in a scratch folder.
+
+    The patch comes from an LLM or over the API, so it is hostile until shown otherwise: a path outside the
+    folder (absolute, or through `..`) is refused before `git apply` runs (which refuses them too, without
+    `--unsafe-paths`), and the result is read back only as regular files, never through a symbolic link the
+    patch made (`new file mode 120000` pointing at a file of the host)."""
     if not diff.strip():
         raise EditError("empty patch")
+    for m in _PATCH_PATH_LINE.finditer(diff):
+        bad = _unsafe_patch_path(m.group("rest"))
+        if bad is not None:
+            raise EditError(f"the patch names a path outside the template: {bad[:200]!r}")
     with tempfile.TemporaryDirectory(prefix="farm-apply-") as tmp:
         root = Path(tmp)
         for name, text in base.items():
@@ -100,18 +124,27 @@ def apply_unified_diff(base: dict[str, str], diff: str) -> dict[str, str]:
             p.write_text(text, encoding="utf-8")
         patch = diff if diff.endswith("\n") else diff + "\n"
         for strip in ("1", "0"):
-            r = subprocess.run(["git", "apply", f"-p{strip}", "--recount", "--whitespace=nowarn",
-                                "--unsafe-paths", "--directory=.", "-"], input=patch, cwd=root,
-                               capture_output=True, text=True, timeout=30)
+            r = subprocess.run(["git", "apply", f"-p{strip}", "--recount", "--whitespace=nowarn", "-"],
+                               input=patch, cwd=root, capture_output=True, text=True, timeout=30)
             if r.returncode == 0:
                 break
         else:
             reason = (r.stderr.strip().splitlines() or ["patch does not apply"])[-1]
             raise EditError(f"patch does not apply: {reason.removeprefix('error: ')}")
         out: dict[str, str] = {}
-        for p in sorted(root.rglob("*")):
-            if p.is_file():
-                out[p.relative_to(root).as_posix()] = p.read_text(encoding="utf-8")
+        for folder, dirs, files in os.walk(root):  # never follows a link
+            for entry in sorted(dirs + files):
+                p = Path(folder, entry)
+                name = p.relative_to(root).as_posix()
+                if p.is_symlink():
+                    raise EditError(f"the patch makes {name} a symbolic link")
+                if entry in files:
+                    if not p.is_file():
+                        raise EditError(f"the patch makes {name} something other than a file")
+                    try:
+                        out[name] = p.read_text(encoding="utf-8")
+                    except UnicodeDecodeError:
+                        raise EditError(f"the patch leaves {name} not UTF-8 text") from None
         return out
 
 

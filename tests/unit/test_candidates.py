@@ -92,3 +92,37 @@ def test_farm_template_dir_overrides_the_default_template_as_on_the_worker(tmp_p
     assert template_files("default") == {"train.py": "X = 1\n", "prepare.py": "# harness\n"}
     # a program created here is runnable by a worker with the same setting
     assert fixed_digest("default", ["train.py"]) == harness_checksum(worker_template_dir("default"))
+
+
+@pytest.mark.parametrize("relative", [True, False])
+def test_unified_diff_cannot_write_outside_its_folder(tmp_path, relative):
+    """A patch from an LLM or the API names a path out of the scratch folder: refused, and nothing is written
+    there (git apply ran with --unsafe-paths before, and wrote the file before the edit was refused)."""
+    out = tmp_path / "host"
+    out.mkdir()
+    path = ("b/" + "../" * 40 + str(out).lstrip("/") if relative else str(out)) + "/escaped.txt"
+    diff = f"--- /dev/null\n+++ {path}\n@@ -0,0 +1 @@\n+pwned\n"
+    with pytest.raises(EditError, match="outside the template"):
+        apply_unified_diff(BASE, diff)
+    assert list(out.iterdir()) == []
+
+
+def test_unified_diff_quoted_dotdot_path_refused_by_git(tmp_path):
+    diff = ('diff --git "a/\\056\\056/x.py" "b/\\056\\056/x.py"\nnew file mode 100644\n--- /dev/null\n'
+            '+++ "b/\\056\\056/x.py"\n@@ -0,0 +1 @@\n+pwned = 1\n')
+    with pytest.raises(EditError, match="does not apply"):
+        apply_unified_diff(BASE, diff)
+
+
+def test_unified_diff_cannot_read_a_host_file_through_a_symlink(tmp_path):
+    """Replacing train.py by a symbolic link to a host file used to read that file into the candidate (and so
+    into the stored diff, shown over the API)."""
+    secret = tmp_path / "secret.py"
+    secret.write_text("API_KEY = 'do-not-leak'\n")
+    diff = ("diff --git a/train.py b/train.py\ndeleted file mode 100644\n--- a/train.py\n+++ /dev/null\n"
+            "@@ -1,4 +0,0 @@\n" + "".join("-" + line + "\n" for line in BASE["train.py"].splitlines())
+            + f"diff --git a/train.py b/train.py\nnew file mode 120000\n--- /dev/null\n+++ b/train.py\n"
+            f"@@ -0,0 +1 @@\n+{secret}\n\\ No newline at end of file\n")
+    with pytest.raises(EditError, match="symbolic link") as info:
+        apply_unified_diff(BASE, diff)
+    assert "do-not-leak" not in str(info.value)
