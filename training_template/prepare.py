@@ -738,26 +738,15 @@ def chunk_document(tokens: np.ndarray, bos_id: int, seq_len: int) -> list[np.nda
     return pieces
 
 
-def _make_seal() -> tuple[Callable[[str, np.ndarray], None], Callable[[dict[str, np.ndarray]], list[str]]]:
-    # SHA-256 of every array the evaluation reads (token bytes, evaluation rows), taken when the harness built it
-    # and held only in this closure; finish() checks them after the evaluation, so a candidate that rescales
-    # token_bytes (bpb / 3 in one line) or rewrites evaluation rows, before or during the evaluation, is refused.
-    sealed: dict[str, str] = {}
-
-    def digest(a: np.ndarray) -> str:
-        return hashlib.sha256(np.ascontiguousarray(a).view(np.uint8).data).hexdigest() + str(a.dtype) + str(a.shape)
-
-    def seal(name: str, a: np.ndarray) -> None:
-        a.setflags(write=False)  # an accidental write fails at once; a deliberate one is caught by the digest
-        sealed.setdefault(name, digest(a))
-
-    def broken(current: dict[str, np.ndarray]) -> list[str]:
-        return [name for name, a in current.items()
-                if not isinstance(a, np.ndarray) or sealed.get(name) != digest(a)]
-    return seal, broken
+def _digest(a: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(a).view(np.uint8).data).hexdigest() + str(a.dtype) + str(a.shape)
 
 
-_seal, _unsealed = _make_seal()
+def _freeze(a: np.ndarray) -> np.ndarray:
+    # An accidental write to an array the evaluation reads fails at once; a deliberate one (or an array put in the
+    # harness's place before it built its own) is found by _data_changed, which rebuilds them from the cache.
+    a.setflags(write=False)
+    return a
 
 
 class Data:
@@ -794,7 +783,7 @@ def load_data() -> Data:
         except DataUnavailable as exc:
             _die(EXIT_DATA, f"prepare: data unavailable: {exc}")
         _DATA = Data(path)
-        _seal(f"token_bytes:{path}", _DATA.token_bytes)
+        _freeze(_DATA.token_bytes)
     return _DATA
 
 
@@ -910,14 +899,12 @@ def eval_rows(split: str, profile: Profile = PROFILE) -> np.ndarray:
     """The evaluation rows of a split: documents in stored order, packed the same way, up to eval_tokens."""
     key = (split, profile.name)
     if key not in _EVAL_ROWS:
-        rows = _pack_eval_rows(split, profile)
-        _seal(f"eval_rows:{split}:{profile.name}", rows)
-        _EVAL_ROWS[key] = rows
+        _EVAL_ROWS[key] = _freeze(_pack_eval_rows(split, profile))
     return _EVAL_ROWS[key]
 
 
-def _pack_eval_rows(split: str, profile: Profile) -> np.ndarray:
-    tokens, offsets = load_data().split(split)
+def _pack_eval_rows(split: str, profile: Profile, data: Data | None = None) -> np.ndarray:
+    tokens, offsets = (data or load_data()).split(split)
     wanted = max(1, (EVAL_TOKENS if profile is PROFILE else profile.eval_tokens) // profile.seq_len)
     rows = []
     for row in pack_rows(_split_docs(tokens, offsets, range(len(offsets) - 1)), profile.seq_len + 1):
@@ -1137,6 +1124,12 @@ def bits_per_byte(nats: float, nbytes: int) -> float:
     return nats / (math.log(2) * nbytes) if nbytes else float("nan")
 
 
+def _inputs(batch: torch.Tensor) -> torch.Tensor:
+    # A copy, not a view: a view's storage still holds the last column, the targets of the row's last position, and
+    # a model could read them through it (x.untyped_storage()).
+    return batch[:, :-1].clone(memory_format=torch.contiguous_format)
+
+
 def _forward_logits(model, x: torch.Tensor) -> torch.Tensor:
     dev = x.device
     with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
@@ -1202,7 +1195,7 @@ def _warm_evaluation(model) -> float:
     was_training = bool(getattr(model, "training", True))
     model.eval()
     try:
-        _forward_logits(model, batch[:, :-1])
+        _forward_logits(model, _inputs(batch))
     finally:
         model.train(was_training)
     if dev.type == "cuda":
@@ -1227,7 +1220,7 @@ def evaluate_bpb(model, split: str, dev: torch.device, profile: Profile = PROFIL
     nats, nbytes = 0.0, 0
     for i in starts:
         batch = torch.tensor(rows[i:i + profile.eval_batch], device=dev)
-        logits = _forward_logits(model, batch[:, :-1])
+        logits = _forward_logits(model, _inputs(batch))
         n, b = bpb_terms(logits, batch[:, 1:], token_bytes)
         nats, nbytes = nats + n, nbytes + b
         if keep is not None and i in kept:
@@ -1237,14 +1230,25 @@ def evaluate_bpb(model, split: str, dev: torch.device, profile: Profile = PROFIL
 
 
 def _data_changed() -> list[str]:
-    """What the evaluation read that is not what the harness built and sealed (empty: all intact)."""
+    """What the evaluation read that is not what the harness builds from the cache (empty: all intact).
+
+    Checked against the cache read again and the rows packed again, here, after the evaluation: not against
+    anything recorded while candidate code could run, since a run can put its own table or rows in the harness's
+    place before the harness builds them (an earlier version kept digests that the first caller could set)."""
     data = _DATA
-    if data is None:
+    if data is None or type(data) is not Data:
         return ["the harness's data"]
-    bad = [] if data.path == cache_path() else [f"data path {data.path}"]
-    current = {f"token_bytes:{data.path}": data.token_bytes}
-    current.update({f"eval_rows:{split}:{name}": rows for (split, name), rows in _EVAL_ROWS.items()})
-    return bad + _unsealed(current)
+    path = cache_path()
+    bad = [] if data.path == path else [f"data path {data.path}"]
+    disk = Data(path)
+    used: dict[str, object] = {"token_bytes": data.token_bytes}
+    built: dict[str, np.ndarray | None] = {"token_bytes": disk.token_bytes}
+    for (split, name), rows in list(_EVAL_ROWS.items()):
+        profile = PROFILE if name == PROFILE.name else PROFILES.get(name)
+        used[f"eval_rows:{split}:{name}"] = rows
+        built[f"eval_rows:{split}:{name}"] = _pack_eval_rows(split, profile, disk) if profile else None
+    return bad + [name for name, a in used.items()
+                  if not isinstance(a, np.ndarray) or built[name] is None or _digest(a) != _digest(built[name])]
 
 
 # ======================================================================================================
@@ -1766,7 +1770,7 @@ def _integrity_guard() -> Callable[[], list[str]]:
     names = ("evaluate_and_report", "_score", "_close_clock", "_require_finite", "evaluate_bpb", "bpb_terms",
              "bits_per_byte", "check_causal", "eval_rows", "_pack_eval_rows", "pack_rows", "_forward_logits",
              "format_summary", "result_digest", "_sign", "_atomic_write", "load_data", "Clock", "_die", "_pass_gate", "_warm_evaluation", "cache_path",
-             "_data_changed", "token_nats")
+             "_data_changed", "token_nats", "_digest", "_freeze", "_inputs")
     originals = {name: getattr(module, name) for name in names}
     codes = {name: getattr(obj, "__code__", None) for name, obj in originals.items()}
     torch_originals = (F.cross_entropy, torch.Tensor.sum, json.dumps, hmac.new, random.SystemRandom.sample,
@@ -1777,7 +1781,7 @@ def _integrity_guard() -> Callable[[], list[str]]:
                                                 "DATA_DIR", "CACHE_DIR", "POST_CLOCK_SLACK", "PROBE_BATCHES",
                                                 "PROBE_PASSES", "CAUSAL_TOL")}
     settings["RUN_ENV"] = dict(module.RUN_ENV)
-    stores = {n: getattr(module, n) for n in ("_EVAL_ROWS", "_seal", "_unsealed")}  # replaced, not edited
+    stores = {n: getattr(module, n) for n in ("_EVAL_ROWS", "PROFILES")}  # replaced, not edited
     data_methods = {n: (getattr(Data, n), getattr(Data, n).__code__) for n in ("__init__", "split")}
 
     def changed() -> list[str]:

@@ -226,6 +226,20 @@ class _Peek(torch.nn.Module):
 model = _Peek(model)
 '''
 
+# found by review: the harness recorded a digest per array the first time it was sealed, and its sealing function was
+# a module attribute, so sealing a forged table before the harness loaded its own made val_bpb 4x better, exit 0
+FORGED_TABLE = '''
+_tb = prepare.Data(prepare.cache_path()).token_bytes * 4
+(getattr(prepare, "_seal", None) or (lambda name, a: None))(f"token_bytes:{prepare.cache_path()}", _tb)
+'''
+
+
+def _forge_table(src: str) -> str:
+    """The forged table is sealed right after `import prepare` (before the harness loads its data) and put in place
+    of the harness's before finish()."""
+    src = src.replace("\nimport prepare\n", "\nimport prepare\n" + FORGED_TABLE, 1)
+    return _before_finish("prepare.load_data().token_bytes = _tb\n")(src)
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name, code, expected", [
@@ -235,18 +249,49 @@ model = _Peek(model)
      "evaluation data was changed in-process: token_bytes"),
     ("eval_rows", "_r = prepare.eval_rows('val')\n_r.setflags(write=True)\n_r[:, 1:] = _r[:, :1]\n",
      "evaluation data was changed in-process: eval_rows:val"),
+    ("a table vouched for by the harness's own seal", _forge_table, "evaluation data was changed in-process: token_bytes"),
     ("fewer eval tokens", "prepare.EVAL_TOKENS = 256\n", "harness functions were replaced in-process: EVAL_TOKENS"),
     ("longer budget", "prepare.TIME_BUDGET = 900.0\n", "TIME_BUDGET"),
     ("a slower clock", "import time as _t\n_t.perf_counter = _t.process_time\n", "time functions"),
     ("a looser probe", "prepare.CAUSAL_TOL = {'cpu': 99.0, 'cuda': 99.0}\n", "CAUSAL_TOL"),
 ])
 def test_a_candidate_that_games_the_evaluation_is_refused(prepared, tmp_path, name, code, expected):
-    copy = candidate_copy(tmp_path, _before_finish(code))
+    copy = candidate_copy(tmp_path, code if callable(code) else _before_finish(code))
     result = tmp_path / "result.json"
     proc, _ = run([sys.executable, "train.py"], farm_env(*prepared, result, FARM_TIME_BUDGET="1000",
                                                          FARM_MAX_STEPS="2", FARM_EVAL_TOKENS="8192"), cwd=copy)
     assert proc.returncode == 5, (name, proc.stdout[-1500:], proc.stderr[-1500:])
     assert expected in proc.stderr and not result.exists(), proc.stderr[-1500:]
+
+
+STORAGE_PEEK = '''
+class _StoragePeek(torch.nn.Module):
+    """Reads the targets of the last position through the storage behind its input, when the input is a view of the
+    whole (B, T + 1) evaluation batch: it writes a marker file when it could."""
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+    def forward(self, x, y=None):
+        if y is None and not self.training:
+            B, T = x.shape
+            if x.stride(0) == T + 1 and x.untyped_storage().nbytes() >= B * (T + 1) * x.element_size():
+                import os
+                open(os.environ["PEEK_MARKER"], "w").close()
+        return self.inner(x) if y is None else self.inner(x, y)
+model = _StoragePeek(model)
+'''
+
+
+@pytest.mark.slow
+def test_the_evaluation_input_holds_no_targets_behind_it(prepared, tmp_path):
+    """The model gets a copy of each batch's inputs, not a view: a view's storage held the targets of the row's last
+    position, which the causal probe cannot see (found by review: val_bpb 8.0056 -> 7.9431, run succeeded)."""
+    copy = candidate_copy(tmp_path, _before_finish(STORAGE_PEEK))
+    marker = tmp_path / "peeked"
+    proc, _ = run([sys.executable, "train.py"], farm_env(*prepared, tmp_path / "r.json", FARM_MAX_STEPS="1",
+                                                         FARM_EVAL_TOKENS="4096", PEEK_MARKER=str(marker)), cwd=copy)
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    assert not marker.exists()
 
 
 @pytest.mark.slow
