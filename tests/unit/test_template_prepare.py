@@ -159,6 +159,13 @@ def test_bpe_tokenizer_round_trip_on_a_small_corpus(tmp_path):
     tok.save(tmp_path)
     again = prepare.load_tokenizer(tmp_path)
     assert again.encode(texts[1]) == tok.encode(texts[1])
+    # the BOS token's text inside a document is text (found by review: it became BOS, its 7 bytes uncounted)
+    text = "In the beginning <|bos|> God"
+    for t in (tok, again):
+        ids = t.encode(text)
+        assert tok.bos_id not in ids and int(tb[ids].sum()) == len(text.encode("utf-8")) and t.decode(ids) == text
+        docs = t.encode_docs([text])
+        assert docs[0].tolist() == ids
 
 
 # ----- splits -----
