@@ -21,7 +21,7 @@ def softcap_cross_entropy_reference(logits: torch.Tensor, targets: torch.Tensor,
                                     ignore_index: int = -1, reduction: str = "mean") -> torch.Tensor:
     logits = logits.float()
     logits = softcap * torch.tanh(logits / softcap)
-    return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1),
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
                            ignore_index=ignore_index, reduction=reduction)
 
 
@@ -41,6 +41,9 @@ def _softcap_ce_fwd_kernel(logits_ptr, logits_stride, grad_ptr, grad_stride, tar
     row_ptr = logits_ptr + row * logits_stride
     target = tl.load(targets_ptr + row).to(tl.int64)
     valid = target != ignore_index
+    # A target outside [0, n_cols) that is not ignored would read another row's logit (or past the buffer):
+    # its loss and gradient are NaN instead, which the harness fails at once (F.cross_entropy raises there).
+    in_range = (target >= 0) & (target < n_cols)
     cols = tl.arange(0, BLOCK_V)
 
     # pass 1: online logsumexp of the softcapped logits
@@ -55,15 +58,15 @@ def _softcap_ce_fwd_kernel(logits_ptr, logits_stride, grad_ptr, grad_stride, tar
         d = d * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
         m = m_new
     lse = m + tl.log(d)
-    raw_t = tl.load(row_ptr + tl.where(valid, target, 0)).to(tl.float32)
-    loss = tl.where(valid, lse - softcap * _tanh(raw_t / softcap), 0.0)
+    raw_t = tl.load(row_ptr + tl.where(valid & in_range, target, 0)).to(tl.float32)
+    loss = tl.where(valid, tl.where(in_range, lse - softcap * _tanh(raw_t / softcap), float("nan")), 0.0)
     tl.store(loss_ptr + row, loss)
 
     if COMPUTE_GRAD:
         # pass 2: gradient with respect to the raw logits; grad_ptr may alias logits_ptr (each block is
         # read before it is written). Ignored rows get a zero gradient through scale = 0.
         scale = tl.load(scale_ptr + row * scale_stride).to(tl.float32)
-        scale = tl.where(valid, scale, 0.0)
+        scale = tl.where(valid, tl.where(in_range, scale, float("nan")), 0.0)
         grad_row_ptr = grad_ptr + row * grad_stride
         for start in range(0, n_cols, BLOCK_V):
             offs = start + cols
@@ -176,6 +179,10 @@ class SoftcapCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         grad, ctx.grad = ctx.grad, None
+        if grad is None:  # scaled in place by the first backward: a second one cannot be answered
+            raise RuntimeError("softcap_cross_entropy: backward through the same loss a second time (retain_graph) "
+                               "is not supported by the kernel, which scales its stored gradient in place; use "
+                               "kernels.set_ops without softcap_ce/linear_ce for that")
         grad = softcap_ce_scale_grad(grad, grad_output.float(), ctx.block_v)
         return grad.view(ctx.logits_shape), None, None, None, None, None, None, None
 

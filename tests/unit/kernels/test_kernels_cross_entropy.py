@@ -94,3 +94,46 @@ def test_softcap_ce_all_targets_ignored_is_nan_like_torch(K):
     logits, targets = _inputs((4,), 50, torch.float32, seed=2, ignored_rows=4)
     loss = K.softcap_cross_entropy(logits, targets, SOFTCAP)
     assert torch.isnan(loss) and torch.isnan(K.softcap_cross_entropy_reference(logits, targets, SOFTCAP))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("bad,ignore_index", [(1000 + 5, IGNORE), (1000, IGNORE), (-1, -100)])
+def test_softcap_ce_target_out_of_range_is_nan_not_a_read_elsewhere(K, bad, ignore_index, reduction):
+    """A target outside the vocabulary (a head narrower than the data's vocabulary, -100 padding with
+    ignore_index=-1 left as it is) read another row's logit, or memory past the buffer on the last row, and
+    trained on it (found by review). The reference raises; the kernel makes that row's loss and gradient NaN,
+    which the harness fails at once."""
+    logits, targets = _inputs((6,), 1000, torch.float32, seed=5, ignored_rows=0)
+    targets[-1] = bad
+    with pytest.raises(IndexError):
+        K.softcap_cross_entropy_reference(logits, targets, SOFTCAP, ignore_index, reduction)
+    x = leaf(logits)
+    loss = K.cross_entropy.softcap_cross_entropy_triton(x, targets, SOFTCAP, ignore_index, reduction, block_v=256)
+    if reduction == "none":
+        assert torch.isnan(loss[-1]) and torch.isfinite(loss[:-1]).all()
+    else:
+        assert torch.isnan(loss)
+    loss.sum().backward()
+    assert torch.isnan(x.grad[-1]).all()
+    if reduction == "none":
+        assert torch.isfinite(x.grad[:-1]).all()
+
+
+def test_softcap_ce_non_contiguous_targets_on_both_paths(K):
+    """`y[:, 1:]` as targets: the reference viewed them (an error on the CPU path) where the kernel reshaped."""
+    logits, rows = _inputs((4, 9), 300, torch.float32, seed=8, ignored_rows=0)
+    targets = rows[:, 1:]
+    logits = logits[:, 1:]
+    assert not targets.is_contiguous()
+    loss = K.softcap_cross_entropy(logits, targets, SOFTCAP)
+    loss_ref = K.softcap_cross_entropy_reference(logits, targets, SOFTCAP)
+    assert_close(loss, loss_ref, **LOSS_TOL, what="ce non-contiguous targets")
+
+
+def test_softcap_ce_second_backward_is_a_clear_error(K):
+    logits, targets = _inputs((5,), 300, torch.float32, seed=9)
+    x = leaf(logits)
+    loss = K.cross_entropy.softcap_cross_entropy_triton(x, targets, SOFTCAP)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="a second time"):
+        loss.backward()
