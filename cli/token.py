@@ -14,10 +14,10 @@ app = typer.Typer(help="API tokens (stored hashed; shown once).", no_args_is_hel
 @app.command()
 def create(name: Annotated[str, typer.Argument(help="Who or what the token is for")]) -> None:
     """Create a token called NAME and print it once."""
-    from farm.db import check_connection, session_scope
+    from farm.db import check_migrated, session_scope
     from farm.tokens import TokenError, create_token
 
-    check_connection()
+    check_migrated()
     try:
         with session_scope() as session:
             new = create_token(session, name=name)
@@ -30,10 +30,10 @@ def create(name: Annotated[str, typer.Argument(help="Who or what the token is fo
 @app.command("list")
 def list_() -> None:
     """List tokens (names and prefixes; the tokens themselves are not stored)."""
-    from farm.db import check_connection, session_scope
+    from farm.db import check_migrated, session_scope
     from farm.tokens import list_tokens
 
-    check_connection()
+    check_migrated()
     with session_scope() as session:
         for t in list_tokens(session):
             used = t.last_used_at.isoformat(timespec="seconds") if t.last_used_at else "never"
@@ -43,10 +43,10 @@ def list_() -> None:
 @app.command()
 def revoke(name: Annotated[str, typer.Argument(help="The token's name")]) -> None:
     """Revoke the token called NAME."""
-    from farm.db import check_connection, session_scope
+    from farm.db import check_migrated, session_scope
     from farm.tokens import revoke_token
 
-    check_connection()
+    check_migrated()
     with session_scope() as session:
         if not revoke_token(session, name=name):
             raise CLIError(f"no active token named {name!r}")

@@ -35,6 +35,7 @@ from types import FrameType
 from typing import Any, TextIO
 
 import typer
+from pydantic import SecretStr
 
 from cli.errors import CLIError
 from farm.settings import Settings, get_settings, mask_url
@@ -143,17 +144,24 @@ def visible_gpus() -> int:
 
 
 def port_in_use(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.settimeout(0.5)
-        return s.connect_ex((_connect_host(host), port)) == 0
+    # create_connection tries every address the host resolves to, IPv6 included (FARM_API_HOST=::1);
+    # a host that does not resolve has nothing listening on it as far as this check can tell
+    try:
+        with socket.create_connection((_connect_host(host), port), timeout=0.5):
+            return True
+    except OSError:
+        return False
 
 
 def _connect_host(host: str) -> str:
-    return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    return "::1" if host == "::" else host
 
 
 def dashboard_url(settings: Settings) -> str:
-    return f"http://{_connect_host(settings.api_host)}:{settings.api_port}/"
+    host = _connect_host(settings.api_host)
+    return f"http://{f'[{host}]' if ':' in host else host}:{settings.api_port}/"
 
 
 # ---------------------------------------------------------------- children
@@ -264,10 +272,30 @@ def release_interrupted(worker_ids: set[str], settings: Settings | None = None) 
     return [j[0] for j in jobs]
 
 
+def settings_env(settings: Settings) -> dict[str, str]:
+    """Every setting as the FARM_* variable that gives it back. Environment variables win over a .env file,
+    and settings read .env from the current directory: the children start in the repository, so without
+    these a .env where `farm up` was typed (FARM_API_PORT, FARM_DATABASE_URL) reached this process only."""
+    from sqlalchemy.engine import make_url
+
+    env: dict[str, str] = {}
+    for name in type(settings).model_fields:
+        value = getattr(settings, name)
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        env[f"FARM_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
+    url = make_url(settings.db_url)
+    if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
+        # a relative SQLite path means the caller's directory, not the child's
+        url = url.set(database=str(Path(url.database).resolve()))
+    env["FARM_DATABASE_URL"] = url.render_as_string(hide_password=False)
+    return env
+
+
 def child_env(settings: Settings) -> dict[str, str]:
     env = dict(os.environ)
     # the children must see the same farm as this process, whatever their working directory
-    env["FARM_HOME"] = str(settings.home)
+    env.update(settings_env(settings))
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
     env.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     env["PYTHONUNBUFFERED"] = "1"

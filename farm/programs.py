@@ -14,7 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from farm.harness import harness_checksum
+from farm.harness import FIXED_DIR, FIXED_FILE, fixed_files, harness_checksum
 from farm.models import Experiment, Program, ProgramStatus
 from farm.templates import editable_files, template_dir
 
@@ -70,8 +70,14 @@ def create_program(session: Session, *, name: str, instructions: str, profile: s
                    weight: float = 1.0, template: str = "default") -> Program:
     if profile not in PROFILES:
         raise ProgramError(f"unknown profile {profile!r}; known: {', '.join(PROFILES)}")
-    template_dir(template)
+    root = template_dir(template)
     editable = list(editable or ["train.py"])
+    # the worker refuses every candidate that changes the harness, so a program allowed to edit it could never
+    # advance: refuse it here, where the person can still fix the request
+    harness = sorted(set(editable) & set(fixed_files(root)))
+    if harness:
+        raise ProgramError(f"editable_files may not name the template's fixed harness: {', '.join(harness)} "
+                           f"(the harness is {FIXED_FILE} and {FIXED_DIR}/)")
     editable_files(template, editable)  # raises if a name is not in the template
     merged_policy = {**DEFAULT_POLICY, **(policy or {})}
     if merged_policy["kind"] not in ("confirm", "greedy"):

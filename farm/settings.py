@@ -134,7 +134,8 @@ class Settings(BaseSettings):
 
     @property
     def resolved_api_url(self) -> str:
-        return self.api_url or f"http://{self.api_host}:{self.api_port}"
+        host = f"[{self.api_host}]" if ":" in self.api_host else self.api_host  # an IPv6 address (::1)
+        return self.api_url or f"http://{host}:{self.api_port}"
 
 
 def mask_url(url: str) -> str:

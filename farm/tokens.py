@@ -19,6 +19,7 @@ from farm.models import ApiToken, utcnow
 
 TOKEN_PREFIX = "rf_"
 TOUCH_EVERY = timedelta(minutes=1)  # last_used_at is a hint; do not write on every request
+NAME_MAX = 100  # api_tokens.name is String(100)
 
 
 class TokenError(ValueError):
@@ -37,15 +38,32 @@ def hash_token(plain: str) -> str:
 
 def create_token(session: Session, *, name: str) -> NewToken:
     name = name.strip()
-    if not name or len(name) > 100:
-        raise TokenError("a token name must be 1 to 100 characters")
-    if session.execute(select(ApiToken.id).where(ApiToken.name == name)).first() is not None:
+    if not name or len(name) > NAME_MAX:
+        raise TokenError(f"a token name must be 1 to {NAME_MAX} characters")
+    taken = session.execute(select(ApiToken).where(ApiToken.name == name)).scalar_one_or_none()
+    if taken is not None and not taken.revoked:
         raise TokenError(f"a token named {name!r} already exists (revoke it first or pick another name)")
+    if taken is not None:
+        _retire_name(session, taken)
     plain = TOKEN_PREFIX + secrets.token_urlsafe(32)
     row = ApiToken(name=name, token_hash=hash_token(plain), prefix=plain[:10])
     session.add(row)
     session.flush()
     return NewToken(token=row, plain=plain)
+
+
+def _retire_name(session: Session, row: ApiToken) -> None:
+    """Free a revoked token's name for a new token: the unique name column would otherwise refuse the name
+    for good. The row stays, renamed `NAME (revoked #ID)`, so `farm token list` still shows what existed."""
+    n = 1
+    while True:
+        suffix = f" (revoked #{row.id}{'' if n == 1 else f'.{n}'})"
+        new = row.name[:NAME_MAX - len(suffix)] + suffix
+        if session.execute(select(ApiToken.id).where(ApiToken.name == new)).first() is None:
+            break
+        n += 1
+    row.name = new
+    session.flush()  # before the new row claims the old name
 
 
 def verify_token(session: Session, *, plain: str) -> ApiToken | None:

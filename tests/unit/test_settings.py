@@ -52,3 +52,8 @@ def test_placeholder_secret_fine_in_development():
 def test_mask_url_hides_password():
     masked = mask_url("postgresql+psycopg://farm:hunter2@db:5432/farm")
     assert "hunter2" not in masked and "farm:***@db" in masked
+
+
+def test_the_api_url_of_an_ipv6_host_is_bracketed():
+    assert Settings(api_host="::1", api_port=9000).resolved_api_url == "http://[::1]:9000"
+    assert Settings(api_host="127.0.0.1", api_port=9000).resolved_api_url == "http://127.0.0.1:9000"

@@ -227,3 +227,51 @@ def test_interrupted_runs_are_released_without_spending_a_retry(migrated: Settin
         assert m.attempts[-1]["reason"].startswith("farm up stopped its worker")
         assert t.status == ExperimentStatus.running and d.status == ExperimentStatus.succeeded
     assert ids[0] in (live_experiment_ids(migrated, {"cpu"}) or set())
+
+
+def test_children_see_the_parents_settings_whatever_their_directory(
+        farm_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # settings read ".env" from the current directory, and the children start in the repository: a
+    # FARM_API_PORT / FARM_DATABASE_URL in the caller's .env reached `farm up` but not its children
+    # (the parent then waited for the API on a port nobody listened on)
+    here = tmp_path / "caller"
+    here.mkdir()
+    (here / ".env").write_text("FARM_API_PORT=9911\nFARM_DATABASE_URL=sqlite:///rel/farm.db\n"
+                               "FARM_PUBLIC_DASHBOARD=true\nFARM_LLM_API_KEY=sk-from-dotenv\n")
+    monkeypatch.chdir(here)
+    parent = Settings()
+    assert parent.api_port == 9911 and parent.public_dashboard
+    env = up.child_env(parent)
+    assert env["FARM_DATABASE_URL"] == f"sqlite:///{here / 'rel' / 'farm.db'}"  # absolute: the child's cwd differs
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / ".env").write_text("FARM_API_PORT=1234\nFARM_SCHEDULER_INTERVAL=9\n")  # e.g. one in the repository
+    monkeypatch.chdir(elsewhere)
+    for k in [k for k in os.environ if k.startswith("FARM_") and not k.startswith("FARM_TEST_")]:
+        monkeypatch.delenv(k)
+    for k, v in env.items():
+        if k.startswith("FARM_"):
+            monkeypatch.setenv(k, v)
+    child = Settings()
+    assert child.api_port == 9911 and child.public_dashboard and child.scheduler_interval == parent.scheduler_interval
+    assert child.llm_api_key.get_secret_value() == "sk-from-dotenv"
+    assert child.db_url == env["FARM_DATABASE_URL"] and child.home == parent.home
+    assert child.model_dump(exclude={"database_url"}) == parent.model_dump(exclude={"database_url"})
+
+
+def test_port_in_use_takes_ipv6_hosts() -> None:
+    # `FARM_API_HOST=::1 farm up` crashed with socket.gaierror: the probe always opened an IPv4 socket
+    import socket
+
+    assert up.port_in_use("::1", 1) is False
+    assert up.dashboard_url(Settings(api_host="::1", api_port=8765)) == "http://[::1]:8765/"
+    try:
+        srv = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        srv.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    with srv:
+        srv.listen(1)
+        assert up.port_in_use("::1", srv.getsockname()[1]) is True
+        assert up.port_in_use("::", srv.getsockname()[1]) is True
