@@ -21,7 +21,8 @@ for confirmation and never kept on one run, even with confirm_runs 0 (one confir
 mean below the floor is discarded.
 
 A replay (a change that improved on its parent, re-applied onto a head that had moved) carries its
-original improvements as `prior_deltas`: they count as runs of evidence next to the replay's own.
+original improvements as `prior_deltas`: they count as runs of evidence next to the replay's own,
+except for the sanity guards: a replay's single run that trips one is held for confirmation too.
 """
 
 from __future__ import annotations
@@ -118,7 +119,9 @@ def judge(cfg: PolicyConfig, runs: Sequence[float], parent_runs: Sequence[float]
     def v(action: Action, reason: str) -> Verdict:
         return Verdict(action, reason, stats)
 
-    if n == 1 and flags:
+    # the change's own runs, not n: a replay's prior_deltas were measured on another head and do not
+    # vouch for an implausible run on this one
+    if len(runs) == 1 and flags:
         return v("confirm", "held for confirmation: " + "; ".join(flags))
     if mean(runs) < cfg.min_val_bpb:
         return v("discard", f"implausible: mean val_bpb {mean(runs):.6f} below the floor {cfg.min_val_bpb:g}")

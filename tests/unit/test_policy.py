@@ -82,6 +82,19 @@ def test_replay_uses_prior_evidence_and_must_improve_the_new_head():
     assert judge(cfg, [1.001], [1.0], SIGMA, prior_deltas=[0.02, 0.02]).action == "discard"
 
 
+@pytest.mark.parametrize("kind", ["greedy", "confirm"])
+def test_replay_with_one_implausible_run_is_held_not_kept(kind):
+    # a replay's prior_deltas made n == 2, so its single flagged run skipped the sanity hold and was kept
+    cfg = PolicyConfig(kind=kind)
+    v = judge(cfg, [0.80], [1.00], SIGMA, prior_deltas=[0.01])  # improvement 0.2 > max_jump 0.1
+    assert v.action == "confirm" and "jump" in v.reason, v
+    v = judge(cfg, [0.25], [1.00], SIGMA, prior_deltas=[0.01])  # below the min_val_bpb floor
+    assert v.action == "confirm" and "floor" in v.reason, v
+    # confirmed on a second run of its own, the same rules as any change apply
+    assert judge(cfg, [0.80, 0.81], [1.00], SIGMA, prior_deltas=[0.01]).action == "keep"
+    assert judge(cfg, [0.25, 0.26], [1.00], SIGMA, prior_deltas=[0.01]).action == "discard"
+
+
 def test_policy_config_from_program_dict():
     cfg = PolicyConfig.from_dict({"kind": "greedy", "k_sigma": 3, "unknown": 1, "min_delta": None})
     assert cfg.kind == "greedy" and cfg.k_sigma == 3 and cfg.min_delta == 0.0
