@@ -7,7 +7,8 @@ import logging
 import typer
 
 
-def run(once: bool = typer.Option(False, "--once", help="Run one pass and exit"),
+def run(once: bool = typer.Option(
+            False, "--once", help="Run one pass, wait for the LLM calls it started and store their answers, exit"),
         verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging")) -> None:
     """Run the scheduler until interrupted (SIGINT/SIGTERM stop it cleanly; restart at any time)."""
     from farm.db import check_connection
@@ -19,7 +20,11 @@ def run(once: bool = typer.Option(False, "--once", help="Run one pass and exit")
     sched = Scheduler()
     if once:
         try:
-            typer.echo(sched.tick())
+            stats = sched.tick()
+            # the pass may have started LLM calls: store their answers (paid for) before close() cancels the pool
+            for key, n in sched.drain().items():
+                stats[key] = stats.get(key, 0) + n
+            typer.echo(stats)
         finally:
             sched.close()
         return

@@ -12,6 +12,7 @@ Edit formats: SEARCH/REPLACE blocks, a unified diff, or whole files.
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 import re
 import subprocess
@@ -26,6 +27,8 @@ from sqlalchemy.orm import Session
 
 from farm.models import Experiment, ExperimentRole, ExperimentStatus, Program
 from farm.templates import files_digest
+
+log = logging.getLogger("farm.candidates")
 
 MAX_FILE_BYTES = 512_000
 
@@ -52,8 +55,9 @@ def parse_search_replace(text: str, default_file: str | None = None) -> list[tup
     """(file, search, replace) triples from SEARCH/REPLACE blocks; the file name precedes each block."""
     blocks: list[tuple[str, str, str]] = []
     for m in _BLOCK.finditer(text):
-        name = m.group("name").strip().strip("`*: ").split()[-1] if m.group("name").strip() else ""
-        name = name or (blocks[-1][0] if blocks else default_file or "")
+        # the last word of the line before the block; a line of only fences, stars and colons names nothing
+        words = m.group("name").strip().strip("`*: ").split()
+        name = (words[-1] if words else "") or (blocks[-1][0] if blocks else default_file or "")
         if not name:
             raise EditError("a SEARCH/REPLACE block does not name its file")
         blocks.append((name, m.group("search"), m.group("replace")))
@@ -250,6 +254,10 @@ def check_edit(base_files: dict[str, str], edit: Edit, editable: list[str]) -> C
         digest = content_hash(files)
     except EditError as exc:
         reason = str(exc)
+    except Exception as exc:  # noqa: BLE001 - a bug here must not lose the answer: it is stored invalid, with why
+        log.warning("checking an edit failed unexpectedly", exc_info=True)
+        files, digest = {}, None
+        reason = f"the edit could not be checked: {type(exc).__name__}: {exc}"[:2000]
     diff = unified_diff(base_files, files) if files else (edit.unified_diff or edit.search_replace or "")[:100_000]
     return Checked(files_digest(base_files), files, digest, diff, reason)
 

@@ -139,11 +139,14 @@ def build_messages(ctx: ProposalContext) -> list[dict[str, str]]:
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "\n\n".join(parts)}]
 
 
-_DESC = re.compile(r"^\W*description\W*:\s*(?P<d>.+)$", re.I | re.M)
-_RAT = re.compile(r"^\W*rationale\W*:\s*(?P<r>.+?)(?=\n\s*\n|\n\W*edits\W*:|\n[^\n]*\n?<{5,9} SEARCH|\Z)",
-                  re.I | re.M | re.S)
-_EDITS = re.compile(r"^\W*edits\W*:\s*$", re.I | re.M)
-_FILE = re.compile(r"^\W*FILE\W*:\s*`?(?P<name>[\w./-]+)`?\s*\n```[\w+-]*\n(?P<body>.*?)\n```", re.M | re.S)
+# A label's leading markup (`**`, `#`, `- `) is `[^\w\n]*`, never `\W*`: that crosses newlines, so at every line
+# start it ran to the end of a run of markup-only lines and an answer of 8k `-` lines took 4 s (quadratic).
+_DESC = re.compile(r"^[^\w\n]*description\W*:\s*(?P<d>.+)$", re.I | re.M)
+_RAT = re.compile(r"^[^\w\n]*rationale\W*:\s*(?P<r>.+?)"
+                  r"(?=\n\s*\n|\n[^\w\n]*edits\W*:|\n[^\n]*\n?<{5,9} SEARCH|\Z)", re.I | re.M | re.S)
+_EDITS = re.compile(r"^[^\w\n]*edits\W*:\s*$", re.I | re.M)
+_FILE = re.compile(r"^[^\w\n]*FILE\W*:\s*`?(?P<name>[\w./-]+)`?\s*\n```[\w+-]*\n(?P<body>.*?)\n```",
+                   re.M | re.S)
 _FENCE = re.compile(r"```[\w+-]*\n(?P<body>.*?)\n```", re.S)
 
 

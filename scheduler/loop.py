@@ -27,7 +27,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -41,7 +41,6 @@ from farm import states
 from farm.broker import publish_experiment
 from farm.candidates import (
     Edit,
-    EditError,
     apply_edit,
     check_edit,
     content_hash,
@@ -214,6 +213,18 @@ class Scheduler:
             t0 = time.perf_counter()
             phase()
             stats[f"ms_{name}"] = int((time.perf_counter() - t0) * 1000)  # where a slow pass goes
+        return dict(stats)
+
+    def drain(self, timeout: float | None = None) -> dict[str, int]:
+        """Wait for the proposer calls in flight (until `timeout`, None: as long as they take; each LLM call has its
+        own timeout) and store their answers. A one-pass run (`farm scheduler --once`) calls it before close(),
+        which cancels what is still in flight: the calls are paid for, so their answers must not be dropped."""
+        stats: dict[str, int] = defaultdict(int)
+        if self.inflight:
+            wait(list(self.inflight), timeout=timeout)
+            self._collect(stats)
+        if self.inflight:
+            stats["llm_calls_unanswered"] = len(self.inflight)
         return dict(stats)
 
     def wait_for_proposals(self, timeout: float = 30.0) -> None:
@@ -441,11 +452,12 @@ class Scheduler:
             assert crashed is not None
             parent = crashed.parent_commit
             try:
-                fixed = apply_edit(ctx.head_files, edit, default_file=ctx.editable[0])
+                fixed: dict[str, str] | None = apply_edit(ctx.head_files, edit, default_file=ctx.editable[0])
+            except Exception:  # noqa: BLE001 - an EditError, or a parser bug that must not lose the answer:
+                fixed = None  # record_proposal against the crashed files gives the reason (check_edit catches both)
+            if fixed is not None:
                 base = self.lineage.files_at(parent, ctx.editable)
                 edit = Edit(files={n: fixed[n] for n in ctx.editable if n in fixed})
-            except EditError:
-                pass  # record_proposal against the crashed files gives the reason
         return record_proposal(s, program, parent_commit=parent, base_files=base, edit=edit,
                                proposer_kind="repair" if job.repair_of else self._kind(program),
                                description=proposal.description, rationale=proposal.rationale,
@@ -931,8 +943,9 @@ class Scheduler:
             self._pass_pending[p.id] = list(pending)
             pick = self._next_pending(p.id)
             ctx: ProposalContext | None = None
-            if (pick is None and not exhausted and time.monotonic() >= self.cooldown.get(p.id, 0.0)
-                    and self._take_room(p.id, None)):
+            # a manual program proposes nothing (people submit its candidates): no context, no proposer
+            if (pick is None and not exhausted and self._kind(p) != "manual"
+                    and time.monotonic() >= self.cooldown.get(p.id, 0.0) and self._take_room(p.id, None)):
                 ctx = self._context(s, p)
         if pick is not None:
             self._pass_batch.append(pick)

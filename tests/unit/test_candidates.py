@@ -8,6 +8,7 @@ from farm.candidates import (
     apply_edit,
     apply_search_replace,
     apply_unified_diff,
+    check_edit,
     check_files,
     content_hash,
     parse_search_replace,
@@ -79,6 +80,31 @@ def test_parse_multiple_blocks_same_file():
     text = ("train.py\n<<<<<<< SEARCH\nLR = 0.1\n=======\nLR = 0.3\n>>>>>>> REPLACE\n"
             "<<<<<<< SEARCH\nDEPTH = 4\n=======\nDEPTH = 2\n>>>>>>> REPLACE\n")
     assert [b[0] for b in parse_search_replace(text)] == ["train.py", "train.py"]
+
+
+@pytest.mark.parametrize("line", ["***", "```", "`", ":", "**:**", "` * :", "*\t*"])
+def test_a_line_naming_nothing_before_a_block_means_the_default_file(line):
+    # `.split()[-1]` of such a line raised IndexError, which check_edit did not catch: the answer was lost
+    block = "<<<<<<< SEARCH\nDEPTH = 4\n=======\nDEPTH = 5\n>>>>>>> REPLACE\n"
+    assert parse_search_replace(f"{line}\n{block}", default_file="train.py") == [("train.py", "DEPTH = 4", "DEPTH = 5")]
+    # after a named block, it means the previous block's file
+    first = "other.py\n<<<<<<< SEARCH\nLR = 0.1\n=======\nLR = 0.3\n>>>>>>> REPLACE\n"
+    assert [b[0] for b in parse_search_replace(f"{first}{line}\n{block}", default_file="train.py")] == [
+        "other.py", "other.py"]
+    checked = check_edit(BASE, Edit(search_replace=f"{line}\n{block}"), ["train.py"])
+    assert checked.reason is None and "DEPTH = 5" in checked.files["train.py"]
+
+
+def test_check_edit_turns_an_unexpected_error_into_an_invalid_reason(monkeypatch):
+    # a bug in parsing or applying must leave the answer storable as `invalid`, not raise past the scheduler and API
+    def broken(*args, **kwargs):
+        raise IndexError("list index out of range")
+
+    monkeypatch.setattr("farm.candidates.apply_search_replace", broken)
+    checked = check_edit(BASE, Edit(search_replace="train.py\n<<<<<<< SEARCH\nx\n=======\ny\n>>>>>>> REPLACE"),
+                         ["train.py"])
+    assert checked.reason is not None and "IndexError" in checked.reason
+    assert checked.files == {} and checked.digest is None and "<<<<<<< SEARCH" in checked.diff
 
 
 def test_farm_template_dir_overrides_the_default_template_as_on_the_worker(tmp_path, monkeypatch):
