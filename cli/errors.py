@@ -17,12 +17,13 @@ def fail(message: str, code: int = 1) -> NoReturn:
 
 
 def run_guarded(fn: Callable[[], Any]) -> Any:
-    from farm.db import DatabaseUnavailable
+    # SchedulerLockHeld: the repository lock of farm.lineage is one too
+    from farm.db import DatabaseUnavailable, SchedulerLockHeld
     from farm.settings import SettingsError
 
     try:
         return fn()
-    except (CLIError, SettingsError, DatabaseUnavailable) as exc:
+    except (CLIError, SettingsError, DatabaseUnavailable, SchedulerLockHeld) as exc:
         fail(str(exc))
     except KeyboardInterrupt:
         fail("interrupted", 130)

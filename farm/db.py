@@ -6,7 +6,10 @@ the workers can share one file; Postgres is reached through psycopg 3.
 
 from __future__ import annotations
 
+import fcntl
+import os
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -14,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import create_engine, event, select, text
-from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from farm.models import utcnow
@@ -179,3 +182,123 @@ def check_migrated(engine: Engine | None = None) -> None:
 def is_postgres(engine_or_session: Engine | Session) -> bool:
     bind = engine_or_session.get_bind() if isinstance(engine_or_session, Session) else engine_or_session
     return bind.dialect.name == "postgresql"
+
+
+# one scheduler per database: the key of its session-level advisory lock on Postgres ("RFSCHED1")
+SCHEDULER_LOCK_KEY = 0x5246534348454431
+
+
+class SchedulerLockHeld(RuntimeError):
+    """Another scheduler is running on this database."""
+
+
+class SchedulerLock:
+    """One scheduler per farm database, whatever host it runs on. The repository lock beside the scheduler's git
+    repository only covers schedulers that share that folder: a second one started elsewhere against the same
+    database (`farm up` on a worker box pointed at the head's Postgres) would decide the same experiments and mark
+    the first one's candidates invalid, their parents missing from its own repository.
+
+    Postgres: a session-level advisory lock, held on a connection of its own for the scheduler's life; a database
+    restart ends that session and frees the lock, so `check()` (every pass) takes it again, or raises if another
+    scheduler took it meanwhile. SQLite (one host): a file lock beside the database file."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._conn: Connection | None = None
+        self._fd: int | None = None
+        self._checked = 0.0
+
+    @property
+    def held(self) -> bool:
+        return self._conn is not None or self._fd is not None
+
+    def _where(self) -> str:
+        return mask_url(self.engine.url.render_as_string(hide_password=False))
+
+    def acquire(self) -> None:
+        if self.held:
+            return
+        if is_postgres(self.engine):
+            self._acquire_postgres()
+            return
+        path = _sqlite_file(self.engine.url.render_as_string(hide_password=False))
+        if path is None:  # an in-memory database belongs to this process alone
+            return
+        fd = os.open(f"{path}.scheduler-lock", os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise SchedulerLockHeld(f"another scheduler is running on the database at {self._where()} "
+                                    f"(one scheduler per farm)") from None
+        self._fd = fd
+
+    def _acquire_postgres(self) -> None:
+        conn = self.engine.connect()
+        try:
+            got = bool(conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": SCHEDULER_LOCK_KEY}).scalar())
+            holder = "" if got else self._holder(conn)
+            conn.commit()
+        except BaseException:
+            conn.invalidate()  # never back to the pool with the lock possibly held
+            conn.close()
+            raise
+        if not got:
+            conn.close()
+            raise SchedulerLockHeld(f"another scheduler is running on the database at {self._where()}{holder} "
+                                    f"(one scheduler per farm: stop it, or point this one at another database)")
+        self._conn = conn
+        self._checked = time.monotonic()
+
+    @staticmethod
+    def _holder(conn: Connection) -> str:
+        """Where the holder connects from, if this role may see it (a hint for the message, nothing more)."""
+        try:
+            row = conn.execute(text(
+                "SELECT a.pid, host(a.client_addr), a.backend_start FROM pg_locks l "
+                "JOIN pg_stat_activity a ON a.pid = l.pid "
+                "WHERE l.locktype = 'advisory' AND l.granted AND l.classid = CAST(:c AS oid) "
+                "AND l.objid = CAST(:o AS oid) AND l.database = "
+                "(SELECT oid FROM pg_database WHERE datname = current_database())"),
+                {"c": SCHEDULER_LOCK_KEY >> 32, "o": SCHEDULER_LOCK_KEY & 0xFFFFFFFF}).first()
+        except DBAPIError:
+            conn.rollback()
+            return ""
+        if row is None:
+            return ""
+        since = row[2].isoformat(timespec="seconds") if row[2] else "?"
+        return f" (its connection: backend pid {row[0]}, from {row[1] or 'a local socket'}, since {since})"
+
+    def check(self, every: float = 30.0) -> None:
+        """Still held? At most every `every` seconds, a round trip on the lock's connection; a lost connection (the
+        database restarted) takes the lock again, or raises SchedulerLockHeld if another scheduler has it now."""
+        if self._conn is None or time.monotonic() - self._checked < every:
+            return
+        self._checked = time.monotonic()
+        try:
+            self._conn.execute(text("SELECT 1"))
+            self._conn.commit()
+            return
+        except DBAPIError:
+            self._drop()
+        self._acquire_postgres()
+
+    def _drop(self) -> None:
+        if self._conn is not None:
+            self._conn.invalidate()
+            self._conn.close()
+            self._conn = None
+
+    def release(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": SCHEDULER_LOCK_KEY})
+                self._conn.commit()
+                self._conn.close()
+                self._conn = None
+            except DBAPIError:
+                self._drop()  # closing the session for good frees the lock
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None

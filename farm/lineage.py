@@ -37,6 +37,8 @@ from pathlib import Path
 import git
 from gitdb import IStream, LooseObjectDB
 
+from farm.db import SchedulerLockHeld
+
 AUTHOR = ("researchfarm", "farm@researchfarm.invalid")
 
 
@@ -44,7 +46,7 @@ class LineageError(RuntimeError):
     """A git operation the lineage refuses (not a fast-forward, unknown commit, ...)."""
 
 
-class LockHeld(LineageError):
+class LockHeld(LineageError, SchedulerLockHeld):
     """Another scheduler holds the repository lock."""
 
 

@@ -47,7 +47,7 @@ from farm.candidates import (
     known_duplicates,
     record_proposal,
 )
-from farm.db import as_utc, db_now, get_engine, session_scope
+from farm.db import SchedulerLock, as_utc, db_now, get_engine, session_scope
 from farm.lineage import Lineage, LineageError, format_message
 from farm.models import (
     Decision,
@@ -147,6 +147,7 @@ class Scheduler:
         self.settings = settings or get_settings()
         self.engine = engine or get_engine(self.settings)
         self.lineage = lineage or Lineage(self.settings.repo_dir)
+        self.db_lock = SchedulerLock(self.engine)
         self.publish: Publish = publish or publish_experiment
         self.proposer_factory = proposer_factory or self._default_proposer
         self.pool = ThreadPoolExecutor(max_workers=self.settings.llm_concurrency, thread_name_prefix="llm")
@@ -170,6 +171,11 @@ class Scheduler:
         if self._started:
             return
         self.lineage.acquire()
+        try:
+            self.db_lock.acquire()  # one scheduler per database, not only per repository folder
+        except BaseException:
+            self.lineage.release()
+            raise
         self._started = True
         self._init_programs()
         self._sync_branches()
@@ -179,6 +185,7 @@ class Scheduler:
         self._note_writer.shutdown(wait=True)  # notes already decided are written before the lock goes
         self._notes = []
         self._note_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="git-notes")
+        self.db_lock.release()
         self.lineage.release()
         self._started = False
 
@@ -203,6 +210,7 @@ class Scheduler:
     def tick(self) -> dict[str, int]:
         """One pass; returns counters for logs and tests."""
         self.start()
+        self.db_lock.check()
         stats: dict[str, int] = defaultdict(int)
         phases: list[tuple[str, Callable[[], None]]] = [
             ("recover", lambda: self._recover(stats)), ("init", self._init_programs),

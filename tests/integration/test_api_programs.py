@@ -106,6 +106,8 @@ def test_errors(live_api):
     assert r.status_code == 422 and "body.profile" in r.json()["detail"]
     r = c.post("/programs", json={**BODY, "editable_files": ["prepare_nope.py"]})
     assert r.status_code == 422 and "prepare_nope.py" in r.json()["detail"]
+    r = c.post("/programs", json={**BODY, "editable_files": ["train.py", "prepare.py"]})  # the harness
+    assert r.status_code == 422 and "fixed harness: prepare.py" in r.json()["detail"], r.text
     r = c.post("/programs", json={**BODY, "name": "bad\x00name"})
     assert r.status_code == 422 and "body.name" in r.json()["detail"]
     r = c.post("/programs", content=b"{not json", headers={"Content-Type": "application/json"})

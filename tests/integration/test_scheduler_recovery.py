@@ -44,3 +44,41 @@ def test_a_tick_reaps_a_stale_run_and_republishes_a_lost_message(pg_env, redis_u
     assert stats.get("reaped") == 1
     live = live_experiment_ids(get_settings(), {"cpu"})
     assert live is not None and set(ids) <= live  # both have a message again
+
+
+def test_one_scheduler_per_postgres_database_and_the_lock_survives_a_lost_session(pg_env, tmp_path, monkeypatch):
+    """Two schedulers with repositories of their own on one database: the second is refused with a line that says
+    where the first one connects from. When the first one's session ends (a database restart, here its backend
+    terminated), check() takes the lock again, or raises if another scheduler took it first."""
+    import pytest
+
+    from farm.db import SchedulerLockHeld, get_engine
+    from farm.lineage import Lineage
+
+    install(monkeypatch, tmp_path)
+    reset_settings_cache()
+    first = Scheduler(publish=lambda *a, **kw: None)
+    second = Scheduler(publish=lambda *a, **kw: None, lineage=Lineage(tmp_path / "other-box.git"))
+    first.start()
+    try:
+        with pytest.raises(SchedulerLockHeld, match=r"another scheduler is running .*backend pid \d+"):
+            second.start()
+
+        def kill_lock_session() -> None:
+            with get_engine().connect() as conn:
+                pid = conn.execute(text("SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted")).scalar()
+                assert pid is not None
+                conn.execute(text("SELECT pg_terminate_backend(:p)"), {"p": pid})
+
+        kill_lock_session()
+        first.db_lock.check(every=0)  # its session is gone: taken again
+        first.tick()
+        with pytest.raises(SchedulerLockHeld):
+            second.start()
+        kill_lock_session()
+        second.start()  # took it while the first one had lost it
+        with pytest.raises(SchedulerLockHeld):
+            first.db_lock.check(every=0)
+    finally:
+        second.close()
+        first.close()

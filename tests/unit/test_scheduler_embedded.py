@@ -118,3 +118,24 @@ def test_scheduler_once_stores_the_answers_of_the_calls_it_started(
         assert sorted(c.experiment_id or 0 for c in calls) == sorted(e.id for e in answers)
     out: dict[str, Any] = ast.literal_eval(capsys.readouterr().out.strip().splitlines()[-1])  # the counters
     assert out["llm_calls_started"] == len(calls) and out["proposed"] == len(calls)
+
+
+def test_one_scheduler_per_database_whatever_its_repository(sqlite_farm: None, tmp_path: Path) -> None:
+    """The repository lock only covers schedulers sharing a folder: a second scheduler with a repository of its own
+    (another box, `farm up` pointed at the same database) decided the same experiments and marked the first one's
+    candidates invalid, their parents missing from its repository (found by review)."""
+    from farm.db import SchedulerLockHeld
+    from farm.lineage import Lineage
+
+    first = Scheduler(publish=lambda *a, **k: None)
+    second = Scheduler(publish=lambda *a, **k: None, lineage=Lineage(tmp_path / "elsewhere.git"))
+    first.start()
+    try:
+        with pytest.raises(SchedulerLockHeld, match="another scheduler is running on the database"):
+            second.tick()
+        assert second.lineage._lock_fd is None  # a failed start does not keep the repository lock it took first
+    finally:
+        first.close()
+    second.start()  # the first one's close() freed the database
+    second.close()
+
