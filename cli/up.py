@@ -237,39 +237,10 @@ def release_interrupted(worker_ids: set[str], settings: Settings | None = None) 
     """Put the runs our (now dead) workers were in the middle of back in the queue, without
     spending a retry: stopping the farm is not the candidate's fault. Call only once those
     workers' process trees are gone. Returns the released experiment ids."""
-    from sqlalchemy import select, update
+    from farm.recovery import release_runs
 
-    from farm.broker import publish_experiment
-    from farm.db import db_now, session_scope
-    from farm.models import Experiment, ExperimentStatus, Program, Worker, utcnow
-    from farm.recovery import job_time_limit
-
-    if not worker_ids:
-        return []
-    s = settings or get_settings()
-    jobs: list[tuple[int, str, float]] = []
-    with session_scope() as session:
-        now = db_now(session)
-        rows = session.execute(
-            select(Experiment).where(Experiment.status == ExperimentStatus.running,
-                                     Experiment.worker_id.in_(sorted(worker_ids)))
-            .with_for_update().execution_options(populate_existing=True)).scalars().all()
-        for exp in rows:
-            exp.attempts = [*(exp.attempts or []), {
-                "worker_id": exp.worker_id, "released_at": now.isoformat(), "progress": exp.progress,
-                "reason": "farm up stopped its worker; re-queued without counting a retry"}]
-            exp.status = ExperimentStatus.queued
-            exp.worker_id = None
-            exp.queued_at = now
-            exp.progress = None
-            exp.current_loss = None
-            budget = session.execute(select(Program.time_budget).where(Program.id == exp.program_id)).scalar_one()
-            jobs.append((exp.id, exp.hw_class, float(budget)))
-        session.execute(update(Worker).where(Worker.id.in_(sorted(worker_ids)))
-                        .values(current_experiment_id=None, stopped_at=utcnow()))
-    for exp_id, hw_class, budget in jobs:  # after the commit: a worker must find the row queued
-        publish_experiment(exp_id, hw_class, time_limit=job_time_limit(budget, s))
-    return [j[0] for j in jobs]
+    return release_runs(worker_ids, reason="farm up stopped its worker; re-queued without counting a retry",
+                        stop_workers=True, settings=settings)
 
 
 def settings_env(settings: Settings) -> dict[str, str]:

@@ -27,13 +27,13 @@ from pathlib import Path
 from typing import Any
 
 from celery import Celery
-from sqlalchemy import select, text
-from sqlalchemy.exc import OperationalError
+from sqlalchemy import select, text, update
+from sqlalchemy.exc import DBAPIError
 
 from farm import states
 from farm.broker import get_celery, publish_experiment, queue_for
 from farm.db import as_utc, db_now, session_scope
-from farm.models import Experiment, ExperimentStatus, Program
+from farm.models import Experiment, ExperimentStatus, Program, Worker, utcnow
 from farm.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,13 @@ def _publish_all(jobs: Iterable[tuple[int, str, float]], app: Celery | None, set
 _last_db_failure: float | None = None  # monotonic time this process's reaper last failed to reach the database
 
 
+def note_database_failure() -> None:
+    """This process just failed to reach the database (its reaper's own write, say): reap nothing for the grace
+    period after it (reap_and_requeue), since every heartbeat of the outage was missed too."""
+    global _last_db_failure
+    _last_db_failure = time.monotonic()
+
+
 def _database_restarted_within(session: Any, seconds: float) -> bool:
     """Postgres only: did the server start less than `seconds` ago (heartbeats missed then were its fault)?"""
     if session.get_bind().dialect.name != "postgresql":
@@ -75,7 +82,6 @@ def reap_and_requeue(*, settings: Settings | None = None, app: Celery | None = N
     since): every heartbeat missed during the outage would look like a dead worker, and reaping then
     re-queued (and so killed) every run in flight, each counting a retry. Live workers beat again within
     one interval; a dead one is reaped one grace period later."""
-    global _last_db_failure
     s = settings or get_settings()
     every = interval or s.heartbeat_interval
     if _last_db_failure is not None and time.monotonic() - _last_db_failure < 2 * every:
@@ -88,14 +94,53 @@ def reap_and_requeue(*, settings: Settings | None = None, app: Celery | None = N
                                        max_retries=s.max_retries if max_retries is None else max_retries)
             requeued = [exp_id for exp_id, status in reaped if status == ExperimentStatus.queued]
             jobs = _job_rows(session, requeued)
-    except OperationalError:
-        _last_db_failure = time.monotonic()
+    except DBAPIError:  # unreachable, refusing clients, a connection cut mid-transaction
+        note_database_failure()
         raise
     # after commit: a worker that picks the message up must see the queued row
     _publish_all(jobs, app, s)
     for exp_id, status in reaped:
         log.warning("reaper: experiment %s had a stale heartbeat -> %s", exp_id, status.value)
     return reaped
+
+
+def release_runs(worker_ids: set[str], *, reason: str, experiment_ids: set[int] | None = None,
+                 stop_workers: bool = False, settings: Settings | None = None,
+                 app: Celery | None = None) -> list[int]:
+    """Put runs of these workers back in the queue without spending a retry (the worker was stopped: not the
+    candidate's fault), with `reason` in experiments.attempts, and publish them after the commit. Only runs still
+    `running` under one of the workers; `experiment_ids`: only those. Call only once their training processes are
+    gone (a released run may start elsewhere at once). `stop_workers`: mark the workers stopped too. Returns the
+    released experiment ids. `farm up` calls it for the workers it stopped, a worker for its own runs on SIGTERM."""
+    if not worker_ids:
+        return []
+    s = settings or get_settings()
+    jobs: list[tuple[int, str, float]] = []
+    with session_scope() as session:
+        now = db_now(session)
+        stmt = select(Experiment).where(Experiment.status == ExperimentStatus.running,
+                                        Experiment.worker_id.in_(sorted(worker_ids)))
+        if experiment_ids is not None:
+            stmt = stmt.where(Experiment.id.in_(sorted(experiment_ids)))
+        rows = session.execute(stmt.order_by(Experiment.id).with_for_update()
+                               .execution_options(populate_existing=True)).scalars().all()
+        for exp in rows:
+            exp.attempts = [*(exp.attempts or []), {
+                "worker_id": exp.worker_id, "released_at": now.isoformat(), "progress": exp.progress,
+                "reason": reason}]
+            session.execute(update(Worker).where(Worker.id == exp.worker_id, Worker.current_experiment_id == exp.id)
+                            .values(current_experiment_id=None))
+            exp.status = ExperimentStatus.queued
+            exp.worker_id = None
+            exp.queued_at = now
+            exp.progress = None
+            exp.current_loss = None
+        jobs = _job_rows(session, [exp.id for exp in rows])
+        if stop_workers:
+            session.execute(update(Worker).where(Worker.id.in_(sorted(worker_ids)))
+                            .values(current_experiment_id=None, stopped_at=utcnow()))
+    _publish_all(jobs, app, s)  # after the commit: a worker must find the row queued
+    return sorted(j[0] for j in jobs)
 
 
 def _job_rows(session: Any, ids: list[int]) -> list[tuple[int, str, float]]:

@@ -147,6 +147,7 @@ def record_result(session: Session, experiment_id: int, worker_id: str, outcome:
     """
     if outcome not in OUTCOMES:
         raise IllegalTransition(f"{outcome.value} is not a run outcome")
+    result_fields = {key: without_nul(value) for key, value in result_fields.items()}
     exp = _locked(session, experiment_id)
     if exp is None or exp.status != S.running or exp.worker_id != worker_id:
         return False
@@ -163,6 +164,19 @@ def record_result(session: Session, experiment_id: int, worker_id: str, outcome:
         session.rollback()
         return False
     return True
+
+
+def without_nul(value: Any) -> Any:
+    """`value` with NUL characters removed from every string in it (dicts and lists too). The reason, the log tail
+    and the rest of a result are the candidate's output: Postgres text cannot hold NUL, and one NUL in the last
+    lines failed the whole write (psycopg DataError), so the result was lost and the run repeated until `lost`."""
+    if isinstance(value, str):
+        return value.replace("\x00", "")
+    if isinstance(value, dict):
+        return {without_nul(k): without_nul(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [without_nul(v) for v in value]
+    return value
 
 
 def set_decision(session: Session, experiment_id: int, decision: Decision) -> bool:

@@ -16,7 +16,7 @@ import os
 import sys
 from typing import Any
 
-from celery.signals import worker_init, worker_shutdown
+from celery.signals import worker_init, worker_shutdown, worker_shutting_down
 
 from farm.broker import make_celery
 from worker import tasks
@@ -47,6 +47,12 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
         os._exit(3)
 
 
+def _on_worker_shutting_down(**_: Any) -> None:
+    from worker import lifecycle
+
+    lifecycle.shutting_down()
+
+
 def _on_worker_shutdown(**_: Any) -> None:
     from worker import lifecycle
 
@@ -54,4 +60,5 @@ def _on_worker_shutdown(**_: Any) -> None:
 
 
 worker_init.connect(_on_worker_init, weak=False)
+worker_shutting_down.connect(_on_worker_shutting_down, weak=False)
 worker_shutdown.connect(_on_worker_shutdown, weak=False)

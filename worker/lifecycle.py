@@ -15,8 +15,10 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.exc import DBAPIError
+
 from farm.db import session_scope
-from farm.recovery import reap_and_requeue
+from farm.recovery import note_database_failure, reap_and_requeue
 from farm.settings import Settings, get_settings
 from worker import disk, identity
 from worker.gate import DeviceGate
@@ -99,6 +101,12 @@ def _reaper_loop(ctx: WorkerContext, every: float) -> None:
             with session_scope() as s:
                 identity.touch(s, ctx.worker_id)
             reap_and_requeue(settings=ctx.settings)
+        except DBAPIError as exc:
+            # the touch failed before the reap could notice the outage itself: without this the first tick after
+            # the database came back took every run whose heartbeats failed meanwhile for dead and re-queued it
+            note_database_failure()
+            log.warning("reaper: database unreachable: %s", str(exc).splitlines()[0] if str(exc) else
+                        type(exc).__name__)
         except Exception as exc:  # noqa: BLE001 - the reaper must outlive database hiccups
             log.warning("reaper: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
 
@@ -136,6 +144,14 @@ def start(settings: Settings | None = None, *, prepare: bool = True, reaper: boo
 def context() -> WorkerContext:
     """The started worker's context (started on first use where no signal ran start())."""
     return _ctx if _ctx is not None else start()
+
+
+def shutting_down() -> None:
+    """SIGTERM / Ctrl-C (Celery's warm shutdown, worker/app.py): the runs in flight stop within a moment and are
+    handed back (worker/runner.py _hand_back) instead of running on into the container's kill. Runs from a signal
+    handler: it only sets a flag."""
+    if _ctx is not None:
+        _ctx.stopping = True
 
 
 def stop() -> None:

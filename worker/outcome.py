@@ -197,6 +197,11 @@ def verify_result(text: str | None, nonce: str, expected: dict[str, Any], harnes
     val = result.get("val_bpb")
     if scored and (isinstance(val, bool) or not isinstance(val, (int, float)) or not math.isfinite(val) or val <= 0):
         return None, f"val_bpb {val!r} is not a positive finite number"
+    bad = non_finite(result)
+    if bad is not None:
+        # json.loads takes NaN and Infinity; Postgres json does not, and `nan > limit` is False, so a clock set to
+        # nan passed the budget check (found by review: the result write then failed and the run repeated)
+        return None, f"result {bad} is not a finite number"
     for key in ("profile", "seed"):
         if key in expected and key in result and str(result[key]) != str(expected[key]):
             return None, f"result {key} {result[key]!r} is not the run's {expected[key]!r}"
@@ -207,6 +212,18 @@ def verify_result(text: str | None, nonce: str, expected: dict[str, Any], harnes
     if sha is not None and harness and sha != harness:
         return None, "result names a different harness checksum"
     return result, None
+
+
+def non_finite(value: Any, path: str = "") -> str | None:
+    """The first place in a parsed result that holds NaN or an infinity (`training_seconds = nan`), or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{path or 'value'} = {value!r}"
+    items: Any = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = non_finite(item, f"{path}.{key}" if path else str(key))
+        if found is not None:
+            return found
+    return None
 
 
 def _settings_differ(result: dict[str, Any], expected: dict[str, Any]) -> str | None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import math
 import os
 import re
 import secrets
@@ -25,13 +26,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError, StatementError
 
 from farm import states
 from farm.db import session_scope
 from farm.harness import fixed_files, harness_checksum, supports_isolated_evaluation
 from farm.models import Experiment, ExperimentStatus
-from farm.recovery import EVAL_ALLOWANCE
+from farm.recovery import EVAL_ALLOWANCE, release_runs
 from farm.settings import Settings
 from worker import disk
 from worker.gate import DeviceGate
@@ -102,6 +103,9 @@ class WorkerContext:
     slots: int = 1  # jobs this worker holds at once; with 2 the next candidate starts while one trains
     gate: DeviceGate | None = None  # orders the slots' timed runs on the one device (worker/gate.py)
     corpus_id: str | None = None  # a folder corpus's cache name, pinned at start (worker/lifecycle.py pin_corpus)
+    # the worker is shutting down (SIGTERM; worker/lifecycle.py shutting_down): runs in flight stop and are handed
+    # back. A plain flag: it is set from a signal handler
+    stopping: bool = False
 
     @property
     def worker_id(self) -> str:
@@ -279,6 +283,8 @@ class Execution:
     child: ChildRun | None = None
     timings: dict[str, Any] = field(default_factory=dict)
     log_path: Path | None = None
+    workdir: Path | None = None  # still on disk until release(): removed after the result is recorded
+    interrupted: bool = False  # stopped by the worker's shutdown: handed back, not judged
 
 
 def _failed(child: ChildRun) -> bool:
@@ -333,12 +339,15 @@ def _evaluate(ctx: WorkerContext, job: Job, workdir: Path, log_path: Path) -> _E
         argv = [*rlimit_prefix(ctx.limits.memory_mb, address_space=job.profile == "cpu",
                                file_size_mb=ctx.limits.file_size_mb),
                 *ctx.sandbox.wrap([ctx.python, "-I", "prepare.py", "--evaluate", EXPORT_NAME], mounts)]
-        with open(log_path, "ab") as f:
-            f.write(b"\n[farm: isolated evaluation of the exported model]\n")
+        try:
+            with open(log_path, "ab") as f:
+                f.write(b"\n[farm: isolated evaluation of the exported model]\n")
+        except OSError:  # disk full: the log is best effort (worker/supervise.py), the evaluation is not
+            pass
         child = supervise(argv, env=env, cwd=evaldir, log_path=log_path, wall_limit=wall_limit,
                           memory_mb=ctx.limits.memory_mb, log_cap=ctx.limits.log_cap_bytes, pass_fds=(rfd,),
                           on_tick=_heartbeat(ctx, job.id, lambda: True), tick_every=ctx.settings.heartbeat_interval,
-                          append_log=True)
+                          append_log=True, stop=lambda: ctx.stopping)
     finally:
         os.close(rfd)
     return _Evaluated(child, nonce, _read_result(evaldir / "result.json"), wall_limit)
@@ -375,8 +384,13 @@ def _spawn(ctx: WorkerContext, job: Job, workdir: Path, wd: Any, log_path: Path,
     try:
         if turn is not None:
             if exclusive:  # waiting for the other run to end (minutes): keep the claim's heartbeat fresh
-                beat = _heartbeat(ctx, job.id)
-                while not turn.wait_open(timeout=s.heartbeat_interval):
+                beat, next_beat = _heartbeat(ctx, job.id), time.monotonic() + s.heartbeat_interval
+                while not turn.wait_open(timeout=min(1.0, s.heartbeat_interval)):  # (1 s: a shutdown is seen soon)
+                    if ctx.stopping:
+                        return _Spawned(ChildRun(killed="shutdown"), nonce, time.perf_counter())
+                    if time.monotonic() < next_beat:
+                        continue
+                    next_beat = time.monotonic() + s.heartbeat_interval
                     if not beat(Progress()):
                         return _Spawned(ChildRun(killed="claim_lost"), nonce, time.perf_counter())
             overlapped = not turn.opened
@@ -406,7 +420,7 @@ def _spawn(ctx: WorkerContext, job: Job, workdir: Path, wd: Any, log_path: Path,
                           tick_every=s.heartbeat_interval, extra_time=turn.waited if turn is not None else None,
                           # started while another run holds the device: past the early-start limit it waits stopped
                           hold=(lambda: not turn.opened and time.monotonic() - mono_spawn > early)
-                          if turn is not None else None, hold_defer_under=ctx.compile_cache)
+                          if turn is not None else None, hold_defer_under=ctx.compile_cache, stop=lambda: ctx.stopping)
         mono_exit, exited_training_at = time.monotonic(), time.time()
         if child.killed is None and child.exit_code == 0 and isolated(ctx, job):
             os.close(rfd)
@@ -436,80 +450,107 @@ def _spawn(ctx: WorkerContext, job: Job, workdir: Path, wd: Any, log_path: Path,
 
 
 def execute(ctx: WorkerContext, job: Job) -> Execution:
-    """Materialise, run and judge one claimed job (no database writes except heartbeats)."""
-    t0 = time.perf_counter()
+    """Materialise, run and judge one claimed job (no database writes except heartbeats). The workdir stays until
+    the caller's release(ex), after the result is written: removing it (a candidate may leave gigabytes) and trimming
+    the compile cache take seconds with no heartbeat, and a result written more than 2 x the heartbeat interval
+    after the last beat finds its claim reaped and is discarded (found by review). Removed here on an exception."""
     s = ctx.settings
     token = secrets.token_hex(3)
     workdir = s.workdirs / disk.workdir_name(ctx.slug, job.id, job.retry, token)
-    log_path = s.logs_dir / f"experiment-{job.id}-r{job.retry}.log"
     s.workdirs.mkdir(parents=True, exist_ok=True)
     disk.begin_run()
     try:
-        try:
-            wd = materialise(template_dir(job.template), workdir, job.files, job.editable,
-                             expected_digest=job.template_digest)
-        except Refused as exc:
-            return Execution(Outcome(ExperimentStatus.refused, str(exc)),
-                             timings={"setup_seconds": time.perf_counter() - t0})
-        for d in (ctx.compile_cache / "inductor", ctx.compile_cache / "triton", ctx.template_cache,
-                  s.data_dir):
-            d.mkdir(parents=True, exist_ok=True)
-        wall_limit = ctx.limits.wall_limit(job.budget)
-        run = _spawn(ctx, job, workdir, wd, log_path, wall_limit, exclusive=False)
-        t_spawn, restarted = run.t_spawn, False
-        if run.failed_waiting:
-            # it failed while the other slot's run held the device (out of device memory beside it, say):
-            # not a fair trial, so it gets one more start of its own, after the other run
-            log.warning("experiment %s failed before its turn on the device (%s); starting it again alone",
-                        job.id, run.child.killed or f"exit {run.child.exit_code}")
-            shutil.rmtree(workdir, ignore_errors=True)
-            wd = materialise(template_dir(job.template), workdir, job.files, job.editable,
-                             expected_digest=job.template_digest)
-            first_seconds = run.child.wall_seconds
-            run = _spawn(ctx, job, workdir, wd, log_path, wall_limit, exclusive=True)
-            run.child.wall_seconds += first_seconds  # both starts were training processes, not overhead
-            restarted = True
-        child, t_done = run.child, time.perf_counter()
-        facts = RunFacts(exit_code=child.exit_code, killed=child.killed, tail=child.tail,
-                         result_text=_read_result(workdir / "result.json"), nonce=run.nonce,
-                         harness_before=wd.harness_sha256, harness_after=harness_checksum(workdir),
-                         expected=expected_settings(ctx, job, workdir), wall_limit=wall_limit,
-                         memory_limit_mb=ctx.limits.memory_mb, peak_rss_mb=child.peak_rss_mb,
-                         after_start=run.after_start, after_start_allowance=ctx.limits.turn_allowance + (
-                             0.0 if isolated(ctx, job) else ctx.limits.eval_allowance))
-        if run.evaluation is not None:
-            ev = run.evaluation.child
-            facts.evaluation = EvalFacts(exit_code=ev.exit_code, killed=ev.killed, tail=ev.tail,
-                                         result_text=run.evaluation.result_text, nonce=run.evaluation.nonce,
-                                         wall_limit=run.evaluation.wall_limit, peak_rss_mb=ev.peak_rss_mb)
-        outcome = judge(facts)
-        timings = {"setup_seconds": t_spawn - t0, "child_seconds": child.wall_seconds,
-                   "judge_seconds": time.perf_counter() - t_done, "peak_rss_mb": round(child.peak_rss_mb, 1),
-                   "log_bytes": child.log_bytes, "log_truncated": child.log_truncated,
-                   "wall_limit": wall_limit, "sandbox": ctx.sandbox.method}
-        timings.update(run.marks)
-        if run.after_start is not None:
-            timings["after_start_seconds"] = round(run.after_start, 3)
-        if ctx.gate is not None:
-            timings["held_seconds"] = round(child.held_seconds, 3)
-        if run.evaluation is not None:
-            timings.update(eval_child_seconds=run.evaluation.child.wall_seconds,
-                           eval_peak_rss_mb=round(run.evaluation.child.peak_rss_mb, 1))
-            child.tail = [*child.tail, "[farm: isolated evaluation of the exported model]", *run.evaluation.child.tail]
-        timings["evaluation"] = (outcome.result or {}).get("evaluation") or ("isolated" if facts.expected.get(
-            "isolated") else "in_process")
-        if ctx.gate is not None:
-            timings.update(turn_wait_seconds=run.gate_wait, overlapped=run.overlapped, restarted_alone=restarted)
-        if outcome.result:
-            for key in ("startup_seconds", "training_seconds", "eval_seconds", "total_seconds", "gate_wait_seconds",
-                        "eval_warmup_seconds", "training_started_at", "export_seconds"):
-                if isinstance(outcome.result.get(key), (int, float)):
-                    timings[key] = outcome.result[key]
-        return Execution(outcome, child, timings, log_path)
-    finally:
+        ex = _execute(ctx, job, workdir)
+    except BaseException:
+        _remove_run_files(ctx, workdir)
+        raise
+    ex.workdir = workdir
+    return ex
+
+
+def release(ctx: WorkerContext, ex: Execution) -> None:
+    """Remove a recorded run's workdir and, when no other run of the worker is in flight, trim the compile cache
+    (once per execute())."""
+    if ex.workdir is not None:
+        workdir, ex.workdir = ex.workdir, None
+        _remove_run_files(ctx, workdir)
+
+
+def _remove_run_files(ctx: WorkerContext, workdir: Path) -> None:
+    shutil.rmtree(workdir, ignore_errors=True)
+    shutil.rmtree(eval_dir(workdir), ignore_errors=True)
+    disk.end_run(ctx.compile_cache, ctx.limits.compile_cache_mb)
+
+
+def _execute(ctx: WorkerContext, job: Job, workdir: Path) -> Execution:
+    t0 = time.perf_counter()
+    s = ctx.settings
+    log_path = s.logs_dir / f"experiment-{job.id}-r{job.retry}.log"
+    try:
+        wd = materialise(template_dir(job.template), workdir, job.files, job.editable,
+                         expected_digest=job.template_digest)
+    except Refused as exc:
+        return Execution(Outcome(ExperimentStatus.refused, str(exc)),
+                         timings={"setup_seconds": time.perf_counter() - t0})
+    for d in (ctx.compile_cache / "inductor", ctx.compile_cache / "triton", ctx.template_cache,
+              s.data_dir):
+        d.mkdir(parents=True, exist_ok=True)
+    wall_limit = ctx.limits.wall_limit(job.budget)
+    run = _spawn(ctx, job, workdir, wd, log_path, wall_limit, exclusive=False)
+    t_spawn, restarted = run.t_spawn, False
+    if run.failed_waiting:
+        # it failed while the other slot's run held the device (out of device memory beside it, say):
+        # not a fair trial, so it gets one more start of its own, after the other run
+        log.warning("experiment %s failed before its turn on the device (%s); starting it again alone",
+                    job.id, run.child.killed or f"exit {run.child.exit_code}")
         shutil.rmtree(workdir, ignore_errors=True)
-        shutil.rmtree(eval_dir(workdir), ignore_errors=True)
-        disk.end_run(ctx.compile_cache, ctx.limits.compile_cache_mb)
+        wd = materialise(template_dir(job.template), workdir, job.files, job.editable,
+                         expected_digest=job.template_digest)
+        first_seconds = run.child.wall_seconds
+        run = _spawn(ctx, job, workdir, wd, log_path, wall_limit, exclusive=True)
+        run.child.wall_seconds += first_seconds  # both starts were training processes, not overhead
+        restarted = True
+    child, t_done = run.child, time.perf_counter()
+    if child.killed == "shutdown" or (run.evaluation is not None and run.evaluation.child.killed == "shutdown"):
+        return Execution(Outcome(ExperimentStatus.crashed, "the worker shut down"), child, interrupted=True)
+    facts = RunFacts(exit_code=child.exit_code, killed=child.killed, tail=child.tail,
+                     result_text=_read_result(workdir / "result.json"), nonce=run.nonce,
+                     harness_before=wd.harness_sha256, harness_after=harness_checksum(workdir),
+                     expected=expected_settings(ctx, job, workdir), wall_limit=wall_limit,
+                     memory_limit_mb=ctx.limits.memory_mb, peak_rss_mb=child.peak_rss_mb,
+                     after_start=run.after_start, after_start_allowance=ctx.limits.turn_allowance + (
+                         0.0 if isolated(ctx, job) else ctx.limits.eval_allowance))
+    if run.evaluation is not None:
+        ev = run.evaluation.child
+        facts.evaluation = EvalFacts(exit_code=ev.exit_code, killed=ev.killed, tail=ev.tail,
+                                     result_text=run.evaluation.result_text, nonce=run.evaluation.nonce,
+                                     wall_limit=run.evaluation.wall_limit, peak_rss_mb=ev.peak_rss_mb)
+    outcome = judge(facts)
+    timings = {"setup_seconds": t_spawn - t0, "child_seconds": child.wall_seconds,
+               "judge_seconds": time.perf_counter() - t_done, "peak_rss_mb": round(child.peak_rss_mb, 1),
+               "log_bytes": child.log_bytes, "log_truncated": child.log_truncated,
+               "wall_limit": wall_limit, "sandbox": ctx.sandbox.method}
+    timings.update(run.marks)
+    if child.log_error:  # the output was read, but the log file is short (disk full)
+        timings["log_error"] = child.log_error[:200]
+    if run.after_start is not None:
+        timings["after_start_seconds"] = round(run.after_start, 3)
+    if ctx.gate is not None:
+        timings["held_seconds"] = round(child.held_seconds, 3)
+    if run.evaluation is not None:
+        timings.update(eval_child_seconds=run.evaluation.child.wall_seconds,
+                       eval_peak_rss_mb=round(run.evaluation.child.peak_rss_mb, 1))
+        child.tail = [*child.tail, "[farm: isolated evaluation of the exported model]", *run.evaluation.child.tail]
+    timings["evaluation"] = (outcome.result or {}).get("evaluation") or ("isolated" if facts.expected.get(
+        "isolated") else "in_process")
+    if ctx.gate is not None:
+        timings.update(turn_wait_seconds=run.gate_wait, overlapped=run.overlapped, restarted_alone=restarted)
+    if outcome.result:
+        for key in ("startup_seconds", "training_seconds", "eval_seconds", "total_seconds", "gate_wait_seconds",
+                    "eval_warmup_seconds", "training_started_at", "export_seconds"):
+            if isinstance(outcome.result.get(key), (int, float)):
+                timings[key] = outcome.result[key]
+    return Execution(outcome, child, timings, log_path)
 
 
 def _record(ctx: WorkerContext, job: Job, ex: Execution) -> bool:
@@ -526,16 +567,52 @@ def _record(ctx: WorkerContext, job: Job, ex: Execution) -> bool:
     deadline = time.monotonic() + ctx.settings.record_patience
     pause_cap = max(0.2, min(8.0, ctx.settings.heartbeat_interval / 2))
     attempt = 0
+    status, stripped = o.status, False
     while True:
         try:
             with session_scope() as s:
-                return states.record_result(s, job.id, ctx.worker_id, o.status, **fields)
+                return states.record_result(s, job.id, ctx.worker_id, status, **fields)
         except OperationalError as exc:
             if time.monotonic() >= deadline:
                 raise
-            log.warning("recording experiment %s failed (%s); retrying", job.id, str(exc).splitlines()[0])
+            log.warning("recording experiment %s failed (%s); retrying", job.id, _first_line(exc))
             time.sleep(min(pause_cap, 0.5 * 2 ** min(attempt, 8)))  # (2**attempt overflows a float after an hour)
             attempt += 1
+        except StatementError as exc:
+            # The database refused what the run produced (a value it cannot store: the candidate's output, not an
+            # outage). Retrying cannot help and losing the result repeats the run until it is `lost`: record the
+            # run without its figures and output, with why, instead. A second refusal reaches the caller.
+            if stripped:
+                raise
+            log.error("recording experiment %s failed (%s); recording it without its figures", job.id,
+                      _first_line(exc))
+            stripped = True
+            status = ExperimentStatus.refused if o.status == ExperimentStatus.succeeded else o.status
+            kept = {k: v for k, v in ex.timings.items()  # finite numbers only: what it refused was text or a NaN
+                    if isinstance(v, (int, float)) and math.isfinite(v)}
+            fields = {"exit_code": fields.get("exit_code"), "hw_class": job.hw_class, "timings": kept, "log_tail": "",
+                      "reason": (f"{o.status.value}, but the database refused the result "
+                                 f"({type(exc.orig or exc).__name__}: {_first_line(exc)[:300]})")}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _hand_back(ctx: WorkerContext, job: Job, ex: Execution) -> RunReport:
+    """The worker is shutting down (SIGTERM: `docker compose stop` gives 60 s, less than a run) and stopped this
+    run: queue it again without counting a retry, as `farm up` does for the runs of the workers it stops. Left
+    `running`, it was reaped once the worker was gone and counted a retry (two and it was `lost`)."""
+    try:
+        released = release_runs({ctx.worker_id}, experiment_ids={job.id}, settings=ctx.settings,
+                                reason="its worker was shut down (SIGTERM); re-queued without counting a retry")
+    except SQLAlchemyError as exc:  # the reaper re-queues it later (counting a retry)
+        log.warning("experiment %s: stopped by the shutdown, not handed back: %s", job.id, _first_line(exc))
+        return RunReport(job.id, "interrupted", "the worker shut down", ex.timings)
+    log.warning("experiment %s: stopped by the worker's shutdown; %s", job.id,
+                "queued again" if released else "no longer this worker's (not handed back)")
+    return RunReport(job.id, "released" if released else "interrupted", "the worker shut down", ex.timings)
 
 
 @dataclass
@@ -557,16 +634,24 @@ def run_experiment(experiment_id: int, ctx: WorkerContext) -> RunReport:
     job = load_job(experiment_id)
     t_loaded = time.perf_counter()
     ex = execute(ctx, job)
-    ex.timings["claim_seconds"] = t_claimed - t0
-    ex.timings["setup_seconds"] = ex.timings.get("setup_seconds", 0.0) + (t_loaded - t_claimed)
-    # everything from claim to here that was not the training process or the isolated evaluation (the result write
-    # follows)
-    ex.timings["overhead_seconds"] = (time.perf_counter() - t0 - ex.timings.get("child_seconds", 0.0)
-                                      - ex.timings.get("eval_child_seconds", 0.0))
-    # judging, the harness re-check, reading the result and removing the workdir
-    ex.timings["report_seconds"] = max(0.0, ex.timings["overhead_seconds"] - ex.timings["claim_seconds"]
-                                       - ex.timings["setup_seconds"])
-    recorded = _record(ctx, job, ex)
+    if ex.interrupted:
+        try:
+            return _hand_back(ctx, job, ex)
+        finally:
+            release(ctx, ex)
+    try:
+        ex.timings["claim_seconds"] = t_claimed - t0
+        ex.timings["setup_seconds"] = ex.timings.get("setup_seconds", 0.0) + (t_loaded - t_claimed)
+        # everything from claim to here that was not the training process or the isolated evaluation (the result
+        # write and the workdir's removal follow)
+        ex.timings["overhead_seconds"] = (time.perf_counter() - t0 - ex.timings.get("child_seconds", 0.0)
+                                          - ex.timings.get("eval_child_seconds", 0.0))
+        # judging, the harness re-check and reading the result
+        ex.timings["report_seconds"] = max(0.0, ex.timings["overhead_seconds"] - ex.timings["claim_seconds"]
+                                           - ex.timings["setup_seconds"])
+        recorded = _record(ctx, job, ex)
+    finally:
+        release(ctx, ex)  # after the result: see execute()
     if not recorded:
         log.warning("experiment %s: result discarded, the claim was lost (reaped and re-queued?)", experiment_id)
         return RunReport(experiment_id, "discarded", ex.outcome.reason, ex.timings)

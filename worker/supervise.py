@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from worker.progress import Progress
 
@@ -32,7 +33,7 @@ _PAGE = os.sysconf("SC_PAGE_SIZE")
 @dataclass
 class ChildRun:
     exit_code: int | None = None
-    killed: str | None = None  # "timeout" | "memory" | "claim_lost"
+    killed: str | None = None  # "timeout" | "memory" | "claim_lost" | "shutdown"
     wall_seconds: float = 0.0
     peak_rss_mb: float = 0.0
     log_bytes: int = 0
@@ -40,20 +41,50 @@ class ChildRun:
     tail: list[str] = field(default_factory=list)
     progress: Progress = field(default_factory=Progress)
     held_seconds: float = 0.0  # time the process tree spent stopped by `hold` (supervise)
+    log_error: str | None = None  # the log file could not be written (disk full): the output was still read
 
 
 class _Reader(threading.Thread):
-    """Drains the child's output: log file up to `cap` bytes, the tail in memory, progress parsing."""
+    """Drains the child's output: log file up to `cap` bytes, the tail in memory, progress parsing.
+
+    The log is best effort: when it cannot be written (disk full) the reader stops logging but goes on draining the
+    pipe and keeping the tail. A reader that died with it left the pipe unread, the child blocked once it filled,
+    and a healthy run was recorded timed_out (found by review)."""
 
     def __init__(self, fd: int, log_path: Path, cap: int, progress: Progress, append: bool = False) -> None:
         super().__init__(daemon=True, name="child-output")
         self.fd, self.cap, self.progress = fd, cap, progress
-        self.log = open(log_path, "ab" if append else "wb")  # noqa: SIM115 - closed in run()
+        self.log_error: str | None = None  # why the log stopped being written (the output was still read)
+        self.log: BinaryIO | None = None
+        try:
+            self.log = open(log_path, "ab" if append else "wb")  # noqa: SIM115 - closed in run()
+        except OSError as exc:
+            self.log_error = str(exc)
         self.written = 0
         self.truncated = False
         self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_KEEP)
         self.lock = threading.Lock()
         self._partial = b""
+
+    def _write(self, data: bytes, flush: bool = False) -> None:
+        if self.log is None:
+            return
+        try:
+            self.log.write(data)
+            if flush:
+                self.log.flush()
+        except OSError as exc:
+            self.log_error = str(exc)
+            self._close_log()
+
+    def _close_log(self) -> None:
+        log, self.log = self.log, None
+        if log is None:
+            return
+        try:
+            log.close()  # flushes what is buffered: it can fail as a write does
+        except OSError as exc:
+            self.log_error = self.log_error or str(exc)
 
     def _line(self, raw: bytes) -> None:
         text = raw[:LINE_MAX].decode("utf-8", errors="replace").rstrip()
@@ -75,14 +106,13 @@ class _Reader(threading.Thread):
                     break
                 room = max(0, self.cap - self.written)
                 if room:
-                    self.log.write(chunk[:room])
+                    self._write(chunk[:room])
                     self.written += min(room, len(chunk))
                 # past the cap, whether the cap fell inside this chunk or exactly on a chunk boundary
                 if len(chunk) > room and not self.truncated:
                     self.truncated = True
-                    self.log.write(f"\n[farm: log truncated at {self.cap} bytes; the rest of the output "
-                                   f"was discarded]\n".encode())
-                    self.log.flush()
+                    self._write(f"\n[farm: log truncated at {self.cap} bytes; the rest of the output "
+                                f"was discarded]\n".encode(), flush=True)
                 data = self._partial + chunk
                 parts = data.replace(b"\r", b"\n").split(b"\n")
                 self._partial = parts.pop()
@@ -94,8 +124,10 @@ class _Reader(threading.Thread):
             if self._partial:
                 self._line(self._partial)
         finally:
-            self.log.close()
-            os.close(self.fd)
+            try:
+                self._close_log()
+            finally:
+                os.close(self.fd)
 
     def lines(self) -> list[str]:
         with self.lock:
@@ -196,7 +228,7 @@ def supervise(argv: Sequence[str], *, env: dict[str, str], cwd: Path, log_path: 
               on_tick: Callable[[Progress], bool] | None = None, tick_every: float = 5.0,
               extra_time: Callable[[], float] | None = None, append_log: bool = False,
               hold: Callable[[], bool] | None = None, hold_defer_under: Path | None = None,
-              hold_defer_max: float = HOLD_DEFER_MAX) -> ChildRun:
+              hold_defer_max: float = HOLD_DEFER_MAX, stop: Callable[[], bool] | None = None) -> ChildRun:
     """Start argv and watch it to the end. `on_tick(progress)` runs every `tick_every` seconds
     (heartbeat); returning False kills the child (the claim was lost). `extra_time()` extends the wall
     limit by time the child spent waiting for its turn on the device (worker/gate.py). `append_log` adds to the
@@ -204,7 +236,8 @@ def supervise(argv: Sequence[str], *, env: dict[str, str], cwd: Path, log_path: 
     the whole process tree is stopped (SIGSTOP, sent again now and then for anything forked in the meantime), then
     continued (SIGCONT); `held_seconds` adds it up. A stop is put off, for up to `hold_defer_max` seconds, while the
     tree holds a lock on a file under `hold_defer_under` (the compile cache, which the run holding the device shares:
-    stopped with a kernel's lock, it would keep that run waiting for the lock until it was continued)."""
+    stopped with a kernel's lock, it would keep that run waiting for the lock until it was continued). `stop()`, checked
+    every POLL seconds, ends the run at once (`killed="shutdown"`: the worker is shutting down)."""
     run = ChildRun()
     log_path.parent.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
@@ -225,6 +258,9 @@ def supervise(argv: Sequence[str], *, env: dict[str, str], cwd: Path, log_path: 
             code = proc.poll()
             if code is not None:
                 run.exit_code = code
+                break
+            if stop is not None and stop():
+                run.killed = "shutdown"
                 break
             now = time.monotonic()
             if hold is not None:
@@ -275,4 +311,5 @@ def supervise(argv: Sequence[str], *, env: dict[str, str], cwd: Path, log_path: 
     run.tail = reader.lines()
     run.log_bytes = reader.written
     run.log_truncated = reader.truncated
+    run.log_error = reader.log_error
     return run

@@ -193,3 +193,39 @@ def test_integration_talks_to_the_real_services(pg_url, redis_url):
     engine.dispose()
     r = redis.Redis.from_url(redis_url)
     assert r.ping() and r.info("server")["tcp_port"] == int(os.environ["FARM_TEST_REDIS_PORT"])
+
+
+def test_a_result_postgres_cannot_store_as_it_is_is_still_recorded(pg_env):
+    """Found by review: a NUL byte in the output's last lines (log_tail, crash reason) and a NaN in the timings
+    made Postgres refuse the result write (DataError, not OperationalError): nothing caught it, the run stayed
+    `running` until reaped and repeated until `lost`."""
+    from types import SimpleNamespace
+
+    from farm.settings import get_settings
+    from worker import runner
+    from worker.outcome import Outcome
+    from worker.supervise import ChildRun
+
+    engine = make_engine(pg_env["FARM_DATABASE_URL"])
+    with session_scope(engine) as s:
+        prog = make_program(s)
+        make_worker(s, "w1")
+        crashed, nan = make_experiment(s, prog).id, make_experiment(s, prog).id
+    with session_scope(engine) as s:
+        assert states.claim(s, crashed, "w1") and states.claim(s, nan, "w1")
+    ctx = SimpleNamespace(settings=get_settings(), identity=SimpleNamespace(gpu_name=None), worker_id="w1")
+    ex = runner.Execution(Outcome(S.crashed, "ValueError: bad \x00 byte"),
+                          ChildRun(exit_code=1, tail=["step 1 loss 2.0 \x00", "ValueError: bad \x00 byte"]))
+    assert runner._record(ctx, SimpleNamespace(id=crashed, hw_class="cpu"), ex)  # type: ignore[arg-type]
+    ex = runner.Execution(Outcome(S.succeeded, None, {"val_bpb": 1.2}),
+                          timings={"child_seconds": 3.0, "training_seconds": float("nan")})
+    assert runner._record(ctx, SimpleNamespace(id=nan, hw_class="cpu"), ex)  # type: ignore[arg-type]
+    with session_scope(engine) as s:
+        first = s.scalars(select(Result).where(Result.experiment_id == crashed)).one()
+        assert first.outcome == S.crashed and first.reason == "ValueError: bad  byte"
+        assert first.log_tail == "step 1 loss 2.0 \nValueError: bad  byte"
+        second = s.scalars(select(Result).where(Result.experiment_id == nan)).one()
+        assert second.outcome == S.refused and second.val_bpb is None and second.timings == {"child_seconds": 3.0}
+        assert "database refused the result" in (second.reason or "")
+        exp = s.get(Experiment, nan)
+        assert exp is not None and exp.status == S.refused

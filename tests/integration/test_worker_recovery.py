@@ -136,3 +136,27 @@ def test_redis_restarted_empty_while_queued_everything_still_completes(pg_env, t
                                 .where(Result.experiment_id == exp_id)) == 1
     finally:
         stop_redis(port)
+
+
+def test_a_worker_stopped_with_sigterm_hands_its_run_back_without_a_retry(farm_env, tmp_path):
+    """Found by review: `docker compose stop` sends SIGTERM and kills the worker 60 s later, inside a 300 s run;
+    Celery's warm shutdown waited for the run, so it was killed with the worker, reaped later and counted a retry
+    (two and it was `lost`). Now the worker stops the run at once and queues it again, no retry counted."""
+    from farm.recovery import live_experiment_ids
+
+    reset_settings_cache()
+    migrate.upgrade(get_settings().db_url)
+    with session_scope() as s:
+        exp_id = make_experiment(s, make_program(s, time_budget=30.0), files={"train.py": FAKE_TRAIN}).id
+    publish_experiment(exp_id, "cpu", time_limit=60, app=make_celery())
+    with workers(worker_env(farm_env), ["a:cpu0"], tmp_path / "logs") as procs:
+        wait_status([exp_id], [S.running], timeout=30)
+        time.sleep(1.5)  # mid-run: the child is training
+        t0 = time.monotonic()
+        procs[0].send_signal(signal.SIGTERM)
+        procs[0].wait(20)
+        stopped_in = time.monotonic() - t0
+    exp = rows(Experiment, id=exp_id)[0]
+    assert exp.status == S.queued and exp.retry_count == 0 and exp.worker_id is None, exp.status_reason
+    assert exp.attempts[-1]["reason"].startswith("its worker was shut down") and stopped_in < 15
+    assert exp_id in (live_experiment_ids(get_settings(), {"cpu"}) or set())  # published for the next worker

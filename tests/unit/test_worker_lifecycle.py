@@ -70,3 +70,141 @@ def test_a_cache_under_its_limit_is_kept_and_only_the_last_run_trims(tmp_path):
     assert (cache / "triton" / "k").exists()
     disk.end_run(cache, 1)
     assert not (cache / "triton" / "k").exists() and (cache / "triton").is_dir()
+
+
+def test_the_reaper_thread_waits_out_the_grace_after_an_outage_its_touch_ran_into(farm_env, monkeypatch):
+    """Found by review: the worker's reaper thread touches its own row before it reaps. In an outage the touch
+    failed, the thread swallowed the error and never reached reap_and_requeue, so the outage was never noted; the
+    first tick after the database came back re-queued every run whose heartbeats had failed meanwhile (live runs
+    killed, a retry counted each)."""
+    from datetime import timedelta
+    from types import SimpleNamespace
+
+    from sqlalchemy import update
+    from sqlalchemy.exc import OperationalError
+
+    import farm.recovery as recovery
+    from farm import states
+    from farm.db import db_now
+    from farm.models import Experiment, ExperimentStatus
+    from tests.factories import make_experiment, make_program, make_worker
+
+    monkeypatch.setattr(recovery, "_last_db_failure", None)  # restored after the test: no grace leaks out
+    migrate.upgrade(get_settings().db_url)
+    with session_scope() as s:
+        prog = make_program(s)
+        make_worker(s, "w1")
+        exp_id = make_experiment(s, prog).id
+    with session_scope() as s:
+        assert states.claim(s, exp_id, "w1")
+        # alive, but its heartbeats failed during a 30 s outage
+        s.execute(update(Experiment).where(Experiment.id == exp_id)
+                  .values(heartbeat_at=db_now(s) - timedelta(seconds=30)))
+    real_touch = lifecycle.identity.touch
+    touches = [0]
+
+    def touch(session, worker_id):  # type: ignore[no-untyped-def]
+        touches[0] += 1
+        if touches[0] == 1:
+            raise OperationalError("UPDATE workers", {}, Exception("could not connect: network unreachable"))
+        real_touch(session, worker_id)
+
+    monkeypatch.setattr(lifecycle.identity, "touch", touch)
+    monkeypatch.setattr(recovery, "publish_experiment", lambda *a, **k: None)
+    ticks = iter([False, False, True])  # tick 1: the outage; tick 2: the database is back; then stop
+    monkeypatch.setattr(lifecycle, "_stop", SimpleNamespace(wait=lambda timeout: next(ticks)))
+    lifecycle._reaper_loop(SimpleNamespace(worker_id="w1", settings=get_settings()), 5.0)  # type: ignore[arg-type]
+    assert touches[0] == 2 and recovery._last_db_failure is not None
+    with session_scope() as s:
+        exp = s.get(Experiment, exp_id)
+        assert exp is not None and exp.status == ExperimentStatus.running and exp.retry_count == 0
+
+
+def test_the_result_is_written_before_the_workdir_is_removed_and_the_cache_trimmed(farm_env, monkeypatch):
+    """Found by review: the workdir's removal and the compile cache's size check (and emptying) ran before the
+    result write, with no heartbeat in between: a run that left gigabytes behind took long enough for the reaper
+    (2 x heartbeat interval) to re-queue it, and its result was discarded. Now the result is written first."""
+    from farm.models import Experiment, ExperimentStatus
+    from tests.factories import make_experiment, make_program
+    from tests.workerkit import FAKE_TRAIN
+    from worker import runner
+
+    monkeypatch.setenv("FARM_SANDBOX", "none")
+    monkeypatch.setenv("FARM_TEMPLATE_DIR", str(FAKE_TEMPLATE))
+    monkeypatch.setenv("FARM_WORKER_ID", "t:order")
+    reset_settings_cache()
+    migrate.upgrade(get_settings().db_url)
+    ctx = lifecycle.start(prepare=True, reaper=False)
+    with session_scope() as s:
+        exp_id = make_experiment(s, make_program(s, time_budget=0.5), files={"train.py": FAKE_TRAIN}).id
+    events: list[str] = []
+    real_record, real_end_run = runner.states.record_result, runner.disk.end_run
+
+    def workdirs() -> list[str]:
+        return [p.name for p in ctx.settings.workdirs.glob(f"{ctx.slug}-e{exp_id}-*")]
+
+    def record(*args, **kwargs):  # type: ignore[no-untyped-def]
+        events.append(f"record with {len(workdirs())} workdir(s)")
+        return real_record(*args, **kwargs)
+
+    def end_run(*args, **kwargs):  # type: ignore[no-untyped-def]
+        events.append("trim")
+        real_end_run(*args, **kwargs)
+
+    monkeypatch.setattr(runner.states, "record_result", record)
+    monkeypatch.setattr(runner.disk, "end_run", end_run)
+    report = runner.run_experiment(exp_id, ctx)
+    assert report.status == "succeeded", report.reason
+    assert events == ["record with 1 workdir(s)", "trim"]
+    assert workdirs() == []  # removed all the same
+    with session_scope() as s:
+        exp = s.get(Experiment, exp_id)
+        assert exp is not None and exp.status == ExperimentStatus.succeeded
+
+
+def test_a_worker_told_to_shut_down_hands_its_run_back_without_a_retry(farm_env, monkeypatch):
+    """Found by review: `docker compose stop` sends SIGTERM and kills the worker 60 s later, inside a 300 s run. The
+    run was left `running`, reaped later and counted a retry (two and it was `lost`), where `farm up` hands such
+    runs back without one. Now Celery's warm shutdown (worker_shutting_down) stops the run at once and queues it
+    again, no retry counted, published for the next worker."""
+    import threading
+    import time
+
+    from celery.signals import worker_shutting_down
+
+    import worker.app  # noqa: F401 - connects the worker's signal handlers
+    from farm.models import Experiment, ExperimentStatus
+    from farm.recovery import live_experiment_ids
+    from tests.factories import make_experiment, make_program
+    from tests.workerkit import FAKE_TRAIN
+    from worker import runner
+
+    monkeypatch.setenv("FARM_SANDBOX", "none")
+    monkeypatch.setenv("FARM_TEMPLATE_DIR", str(FAKE_TEMPLATE))
+    monkeypatch.setenv("FARM_WORKER_ID", "t:term")
+    monkeypatch.setenv("FARM_HEARTBEAT_INTERVAL", "0.5")
+    reset_settings_cache()
+    migrate.upgrade(get_settings().db_url)
+    ctx = lifecycle.start(prepare=True, reaper=False)
+    with session_scope() as s:
+        exp_id = make_experiment(s, make_program(s, time_budget=60.0), files={"train.py": FAKE_TRAIN},
+                                 retry_count=1).id
+    reports: list[runner.RunReport] = []
+    t = threading.Thread(target=lambda: reports.append(runner.run_experiment(exp_id, ctx)), daemon=True)
+    t.start()
+    while True:  # training
+        with session_scope() as s:
+            exp = s.get(Experiment, exp_id)
+            if exp is not None and exp.progress:
+                break
+        assert t.is_alive()
+        time.sleep(0.1)
+    worker_shutting_down.send(sender="t:term", sig="SIGTERM", how="Warm", exitcode=0)
+    t.join(timeout=15)
+    assert not t.is_alive() and reports[0].status == "released"
+    with session_scope() as s:
+        exp = s.get(Experiment, exp_id)
+        assert exp is not None and exp.status == ExperimentStatus.queued and exp.retry_count == 1
+        assert exp.worker_id is None and exp.attempts[-1]["reason"].startswith("its worker was shut down")
+    assert exp_id in (live_experiment_ids(get_settings(), {"cpu"}) or set())
+    assert not list(ctx.settings.workdirs.glob(f"{ctx.slug}-e{exp_id}-*"))

@@ -214,3 +214,21 @@ def test_a_run_that_held_the_device_past_its_budget_and_allowance_is_refused_wha
     # a toy template's result without a budget: the job's budget is what the worker gave, but none is known here
     o = judge(RunFacts(**{**facts().__dict__, "after_start": 900.0}))
     assert o.status == S.succeeded
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_result_with_a_non_finite_number_is_refused(value):
+    """Found by review: a candidate that set clock.training_seconds = nan got NaN into the result (json.loads takes
+    it), `nan > limit` is False so the budget check passed it, and Postgres json then rejected the result write, so
+    the run was lost and repeated until `lost`. A non-finite number anywhere in a signed result is refused."""
+    o = judge(facts(result_text=signed(time_budget=300.0, training_seconds=value, run_env=RUN_ENV), expected=GIVEN,
+                    tail=SUMMARY[:3]))
+    assert o.status == S.refused and "training_seconds" in (o.reason or "") and "finite" in (o.reason or "")
+    trained = json.loads(signed(evaluation="exported", training_seconds=value, extra={"mfu": [1.0, value]}))
+    del trained["val_bpb"], trained["test_bpb"], trained["digest"]
+    trained["digest"] = result_digest(trained, NONCE)
+    o = judge(isolated_facts(result_text=json.dumps(trained)))
+    assert o.status == S.refused and "finite" in (o.reason or ""), o.reason
+    o = judge(isolated_facts(evaluation=EvalFacts(exit_code=0, result_text=signed_eval(causal_probe_nats=value),
+                                                  nonce=EVAL_NONCE, wall_limit=60)))
+    assert o.status != S.succeeded and "causal_probe_nats" in (o.reason or "")

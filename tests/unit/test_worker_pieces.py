@@ -160,6 +160,22 @@ def test_log_cap_reports_truncation_wherever_the_cap_falls(tmp_path, total):
     assert len(text) <= cap + 200 and text.rstrip().endswith(b"was discarded]")
 
 
+def test_a_log_that_cannot_be_written_does_not_stop_the_output_being_read(tmp_path):
+    """Found by review: disk full. The log write raised, the output-reader thread died (its cleanup raised again,
+    so the pipe's fd was never closed either), nobody read the pipe, the child blocked once it filled and a healthy
+    run was recorded timed_out. Now the reader stops logging and keeps draining, with the tail for the summary."""
+    from worker.outcome import parse_summary
+    from worker.supervise import supervise
+
+    code = "for i in range(20000):\n    print('step', i, 'loss 1.0')\nprint('---')\nprint('val_bpb: 1.0')\n"
+    fds_before = len(os.listdir("/proc/self/fd"))
+    run = supervise([sys.executable, "-c", code], env={"PATH": "/usr/bin:/bin"}, cwd=tmp_path,
+                    log_path=Path("/dev/full"), wall_limit=15, memory_mb=0, log_cap=32 << 20)
+    assert run.killed is None and run.exit_code == 0 and run.wall_seconds < 10
+    assert parse_summary(run.tail) == {"val_bpb": "1.0"} and run.log_error and "space" in run.log_error
+    assert len(os.listdir("/proc/self/fd")) == fds_before  # the pipe's read end was closed too
+
+
 def test_a_result_write_waits_out_a_long_database_outage(tmp_path, monkeypatch):
     """Found by review: the write of a finished run's result gave up after ~15 s of outage, so the result was
     dropped and the whole run repeated. It now retries (every half heartbeat interval) up to record_patience."""
@@ -197,6 +213,81 @@ def test_a_result_write_waits_out_a_long_database_outage(tmp_path, monkeypatch):
     up_at = 10_000.0  # past the patience (1 h): the error reaches the caller
     with pytest.raises(OperationalError):
         runner._record(ctx, job, ex)  # type: ignore[arg-type]
+
+
+def test_a_result_the_database_refuses_is_recorded_without_its_figures(tmp_path, monkeypatch):
+    """Found by review: a database error other than OperationalError while writing the result (a NUL in the log
+    tail, a NaN in the timings: psycopg / Postgres DataError) was caught by nothing; the task failed, the run stayed
+    `running` until reaped and repeated until `lost`. Now the run is recorded without its figures, with why."""
+    from contextlib import contextmanager
+    from types import SimpleNamespace
+
+    from sqlalchemy.exc import DataError
+
+    import worker.runner as runner
+    from farm.models import ExperimentStatus
+    from farm.settings import Settings
+    from worker.outcome import Outcome
+
+    @contextmanager
+    def scope():  # type: ignore[no-untyped-def]
+        yield None
+
+    calls: list[tuple[ExperimentStatus, dict[str, object]]] = []
+
+    def record(session, exp_id, worker_id, status, **fields):  # type: ignore[no-untyped-def]
+        calls.append((status, fields))
+        if len(calls) == 1 or refuse_all:
+            raise DataError("INSERT INTO results", {}, Exception("invalid input syntax for type json\nDETAIL: NaN"))
+        return True
+
+    monkeypatch.setattr(runner, "session_scope", scope)
+    monkeypatch.setattr(runner.states, "record_result", record)
+    ctx = SimpleNamespace(settings=Settings(home=tmp_path, heartbeat_interval=5.0),
+                          identity=SimpleNamespace(gpu_name=None), worker_id="w1")
+    job = SimpleNamespace(id=7, hw_class="cpu")
+    ex = runner.Execution(Outcome(ExperimentStatus.succeeded, None, {"val_bpb": 1.0}),
+                          timings={"child_seconds": 3.0, "training_seconds": float("nan"), "sandbox": "bwrap"})
+    refuse_all = False
+    assert runner._record(ctx, job, ex)  # type: ignore[arg-type]
+    status, fields = calls[-1]
+    assert len(calls) == 2 and status == ExperimentStatus.refused and "val_bpb" not in fields
+    assert fields["timings"] == {"child_seconds": 3.0} and fields["log_tail"] == ""
+    assert "database refused the result" in str(fields["reason"]) and "invalid input syntax" in str(fields["reason"])
+    ex = runner.Execution(Outcome(ExperimentStatus.crashed, "exit code 1"))
+    calls.clear()
+    assert runner._record(ctx, job, ex) and calls[-1][0] == ExperimentStatus.crashed  # type: ignore[arg-type]
+    refuse_all = True  # refused again: that reaches the caller (no loop)
+    calls.clear()
+    with pytest.raises(DataError):
+        runner._record(ctx, job, ex)  # type: ignore[arg-type]
+    assert len(calls) == 2
+
+
+def test_a_nul_in_the_runs_output_is_dropped_from_what_is_recorded(farm_env):
+    """Found by review: a NUL byte in the last lines of output went into log_tail and the crash reason, and
+    Postgres text cannot hold one (psycopg DataError): the result was lost. record_result strips NULs from every
+    string it writes (tests/integration/test_states.py writes one to Postgres)."""
+    from farm import migrate, states
+    from farm.db import session_scope
+    from farm.models import Experiment, ExperimentStatus, Result
+    from farm.settings import get_settings
+    from tests.factories import make_experiment, make_program, make_worker
+
+    migrate.upgrade(get_settings().db_url)
+    with session_scope() as s:
+        make_worker(s, "w1")
+        exp_id = make_experiment(s, make_program(s)).id
+        assert states.claim(s, exp_id, "w1")
+    with session_scope() as s:
+        assert states.record_result(s, exp_id, "w1", ExperimentStatus.crashed, reason="ValueError: bad \x00 byte",
+                                    log_tail="step 1\nValueError: bad \x00 byte", timings={"note": ["a\x00b"]})
+    with session_scope() as s:
+        exp = s.get(Experiment, exp_id)
+        res = s.query(Result).filter_by(experiment_id=exp_id).one()
+        assert exp is not None and exp.status_reason == "ValueError: bad  byte"
+        assert res.reason == "ValueError: bad  byte" and res.log_tail == "step 1\nValueError: bad  byte"
+        assert res.timings == {"note": ["ab"]}
 
 
 def test_isolated_evaluation_follows_the_setting_and_the_templates_declaration(tmp_path, monkeypatch):
