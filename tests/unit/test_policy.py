@@ -116,3 +116,28 @@ def test_true_four_sigma_effects_are_kept_at_least_80_percent():
     assert out.rate >= 0.80, out
     # and confirmation costs less than one extra run per candidate
     assert out.runs / out.trials < 2.0
+
+
+@pytest.mark.parametrize("kind", ["greedy", "confirm"])
+def test_a_flagged_run_its_other_runs_do_not_bear_out_is_set_aside(kind):
+    """Found by review: the held run was averaged with its confirmation. 0.85 then 0.999 against a parent of 1.0
+    (a gain of 0.001) was kept on a mean of 0.075 once sigma was large; greedy kept 0.2 then 1.01."""
+    cfg = PolicyConfig(kind=kind)
+    v = judge(cfg, [0.85, 0.999], [1.00], 0.022)  # greedy keeps any gain of the clean run, as its rule says
+    assert v.action == ("keep" if kind == "greedy" else "discard") and v.stats["set_aside"] == [0.85], v
+    assert v.stats["delta"] == pytest.approx(0.001)
+    assert judge(cfg, [0.2, 1.01], [1.00], SIGMA).action == "discard"
+    # what is left decides: a clean run past the margin still needs its own confirmation under confirm
+    v = judge(cfg, [0.2, 0.99], [1.00], SIGMA)
+    assert v.action == ("keep" if kind == "greedy" else "confirm") and v.stats["runs"] == [0.99], v
+    # runs that all trip the guard bear each other out: a real jump, judged as a whole
+    assert judge(cfg, [0.85, 0.86], [1.00], SIGMA).action == "keep"
+
+
+def test_noise_sigma_leaves_out_implausible_runs_and_groups():
+    clean = [[1.0, 1.002]] * 20
+    sigma, dof = noise_sigma(clean)
+    # a pair with a broken run (0.85 against 0.999) is not seed noise; neither is a run below the floor
+    assert noise_sigma([*clean, [0.85, 0.999]]) == (sigma, dof)
+    assert noise_sigma([*clean, [0.1, 1.0, 1.002]])[1] == dof + 1
+    assert noise_sigma([*clean, [0.85, 0.999]], max_spread=1.0)[0] > 5 * sigma  # what it was before
