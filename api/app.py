@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
 from api import errors
+from api.chartcache import ChartCache
 from api.limits import BodyLimitMiddleware
 from api.routes import candidates, dashboard, experiments, health, programs, reports, workers
 from farm.settings import Settings, get_settings
@@ -42,6 +43,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="researchfarm", version="0.1.0", description=DESCRIPTION, openapi_tags=TAGS,
                   docs_url=None, redoc_url=None)
     app.state.settings = settings
+    app.state.chart_cache = ChartCache()
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     errors.install(app)
     for module in (programs, experiments, candidates, reports, workers, health, dashboard):

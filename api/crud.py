@@ -30,7 +30,7 @@ from farm.models import (
     Worker,
 )
 from farm.programs import create_program, head_files
-from farm.stats import baseline_val_bpb, program_noise, run_commit
+from farm.stats import baseline_val_bpb, baseline_val_bpbs, program_noise, run_commit
 
 SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{0,99}$")
 MAX_ID = 2**31 - 1
@@ -133,8 +133,9 @@ def list_programs(session: Session) -> list[schemas.ProgramSummary]:
     programs = list(session.execute(select(Program).order_by(Program.id.desc())).scalars())
     counts = _counts(session, Experiment.status, None)
     best = _best(session, None)
+    baselines = baseline_val_bpbs(session, None)
     return [schemas.ProgramSummary(**_public(p), counts=counts.get(p.id, {}), best=best.get(p.id),
-                                   baseline_val_bpb=baseline_val_bpb(session, p.id)) for p in programs]
+                                   baseline_val_bpb=baselines.get(p.id)) for p in programs]
 
 
 def program_detail(session: Session, *, program: Program) -> schemas.ProgramDetail:
@@ -202,7 +203,12 @@ def _rows_to_public(session: Session, program_id: int, rows: Sequence[Any]) -> l
 def list_experiments(session: Session, *, program_id: int, status: Sequence[ExperimentStatus] = (),
                      decision: Decision | None = None, role: ExperimentRole | None = None,
                      sort: SortKey = "id", order: Literal["asc", "desc"] = "desc", limit: int = 50,
-                     offset: int = 0) -> schemas.ExperimentPage:
+                     offset: int = 0, before_id: int | None = None) -> schemas.ExperimentPage:
+    """One page. `before_id` (newest first only) is a keyset cursor: runs with a smaller id, a walk of the
+    (program_id, id) index that stays put while new runs arrive, which an offset does not (each arrival
+    pushed the previous page's last row onto the next: five arrivals between two pages, five rows twice)."""
+    if before_id is not None and (sort, order) != ("id", "desc"):
+        raise ValueError("before_id pages the newest-first order only (sort=id, order=desc)")
     where = [Experiment.program_id == program_id]
     if status:
         where.append(Experiment.status.in_(list(status)))
@@ -211,17 +217,33 @@ def list_experiments(session: Session, *, program_id: int, status: Sequence[Expe
     if role is not None:
         where.append(Experiment.role == role)
     total = session.execute(select(func.count()).select_from(Experiment).where(*where)).scalar_one()
+    if before_id is not None:
+        where.append(Experiment.id < before_id)
     col: Any = {"id": Experiment.id, "val_bpb": Result.val_bpb, "created_at": Experiment.created_at,
                 "finished_at": Experiment.finished_at}[sort]
     ordered = col.asc() if order == "asc" else col.desc()
-    if sort != "id":  # NULLS LAST on the never-null id would keep Postgres off the (program_id, id) index
+    # NULLS LAST on a never-null column would keep Postgres off its (program_id, column) index
+    if sort not in ("id", "created_at"):
         ordered = ordered.nulls_last()
     stmt = (select(*LIST_COLUMNS).outerjoin(Result, Result.experiment_id == Experiment.id)
             .where(*where).order_by(ordered, Experiment.id.desc())
-            .limit(limit).offset(offset))
+            .limit(limit + 1).offset(offset))
     rows = session.execute(stmt).all()
+    more = len(rows) > limit
+    rows = rows[:limit]
     return schemas.ExperimentPage(items=_rows_to_public(session, program_id, rows), total=int(total),
-                                  limit=limit, offset=offset)
+                                  limit=limit, offset=offset, before_id=before_id,
+                                  next_before_id=rows[-1].id if more and (sort, order) == ("id", "desc") else None)
+
+
+def newer_than(session: Session, *, program_id: int, before_id: int, limit: int) -> tuple[int, int | None]:
+    """For the dashboard's pager at cursor `before_id`: how many runs are newer (at or above it), and the
+    cursor of the page before it (None: the first page). Two walks of the (program_id, id) index."""
+    at_or_above = (Experiment.program_id == program_id, Experiment.id >= before_id)
+    newer = session.execute(select(func.count()).select_from(Experiment).where(*at_or_above)).scalar_one()
+    cursor = session.execute(select(Experiment.id).where(*at_or_above).order_by(Experiment.id.asc())
+                             .offset(limit).limit(1)).scalar_one_or_none()
+    return int(newer), cursor
 
 
 def experiment_public(session: Session, *, experiment_id: int) -> schemas.ExperimentPublic | None:

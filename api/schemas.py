@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from farm.db import as_utc
 from farm.models import Decision, ExperimentRole, ExperimentStatus, ProgramStatus
 
 
@@ -22,6 +23,11 @@ def _clean_text(value: str) -> str:
 
 
 Text = Annotated[str, AfterValidator(_clean_text)]
+
+# Every datetime the API returns, in UTC with its offset. SQLite hands back naive values (stored as UTC)
+# and Postgres aware ones: without this the same field read "2026-11-27T17:08:40.642000" on one backend
+# and "...+00:00" on the other, and a browser or client takes the naive form for local time.
+UTCDateTime = Annotated[datetime, AfterValidator(as_utc)]
 
 
 def _clean_json(value: Any) -> Any:
@@ -131,7 +137,7 @@ class ProgramPublic(BaseModel):
     weight: float
     branch: str
     head_commit: str | None
-    created_at: datetime
+    created_at: UTCDateTime
 
 
 class BestPublic(BaseModel):
@@ -183,16 +189,19 @@ class ExperimentPublic(BaseModel):
     memory_gb: float | None
     worker_id: str | None
     progress: float | None
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
+    created_at: UTCDateTime
+    started_at: UTCDateTime | None
+    finished_at: UTCDateTime | None
 
 
 class ExperimentPage(BaseModel):
     items: list[ExperimentPublic]
-    total: int
+    total: int = Field(description="Experiments matching the filters, on every page")
     limit: int
     offset: int
+    before_id: int | None = Field(default=None, description="The cursor this page was asked for")
+    next_before_id: int | None = Field(default=None, description="Pass as `before_id` for the next (older) "
+                                       "page; null on the last page, and for any order but newest first")
 
 
 class MetricsPublic(BaseModel):
@@ -227,15 +236,15 @@ class DecisionPublic(BaseModel):
     head_before: str | None
     head_after: str | None
     statistics: dict[str, Any]
-    created_at: datetime
+    created_at: UTCDateTime
 
 
 class TimingsPublic(BaseModel):
-    created_at: datetime
-    queued_at: datetime | None
-    started_at: datetime | None
-    finished_at: datetime | None
-    decided_at: datetime | None
+    created_at: UTCDateTime
+    queued_at: UTCDateTime | None
+    started_at: UTCDateTime | None
+    finished_at: UTCDateTime | None
+    decided_at: UTCDateTime | None
     wait_seconds: float | None = Field(description="queued -> started")
     run_seconds: float | None = Field(description="started -> finished")
 
@@ -246,7 +255,7 @@ class ExperimentDetail(ExperimentPublic):
     retry_count: int
     attempts: list[Any]
     current_loss: float | None
-    heartbeat_at: datetime | None
+    heartbeat_at: UTCDateTime | None
     metrics: MetricsPublic | None
     decision_record: DecisionPublic | None
     log_tail: str
@@ -289,7 +298,7 @@ class WorkerPublic(BaseModel):
     gpu_memory_mb: float | None
     state: Literal["alive", "stale", "stopped"] = Field(
         description="alive: heartbeat within 2 x the interval (database clock)")
-    last_heartbeat: datetime
+    last_heartbeat: UTCDateTime
     seconds_since_heartbeat: float
     current_experiment_id: int | None
     current_program_id: int | None

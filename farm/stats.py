@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
-from farm.models import DecisionRecord, Experiment, ExperimentRole, ExperimentStatus, Result
+from farm.models import DecisionRecord, Experiment, ExperimentRole, ExperimentStatus, Program, Result
 
 SIGMA_KEYS = ("sigma", "noise_sigma")  # where a decision's statistics may carry the policy's estimate
 
@@ -101,17 +101,26 @@ def program_noise(session: Session, program_id: int) -> Noise:
 
 def baseline_val_bpb(session: Session, program_id: int) -> float | None:
     """Mean val_bpb of the baseline runs of the program's first measured commit (where it started)."""
-    first = session.execute(
-        select(run_commit()).where(Experiment.program_id == program_id,
-                                            Experiment.role == ExperimentRole.baseline,
-                                            Experiment.status == ExperimentStatus.succeeded)
-        .order_by(Experiment.id).limit(1)
-    ).scalar_one_or_none()
-    if first is None:
-        return None
-    value = session.execute(
-        select(func.avg(Result.val_bpb)).join(Experiment, Experiment.id == Result.experiment_id)
-        .where(Experiment.program_id == program_id, Experiment.role == ExperimentRole.baseline,
-               Experiment.status == ExperimentStatus.succeeded, run_commit() == first)
-    ).scalar_one_or_none()
-    return float(value) if value is not None else None
+    return baseline_val_bpbs(session, [program_id]).get(program_id)
+
+
+def baseline_val_bpbs(session: Session, program_ids: Sequence[int] | None = None) -> dict[int, float]:
+    """baseline_val_bpb of many programs (all of them for None) in one statement; programs without one are
+    left out. The program list asked for it once per program (35 statements for 31 programs, every 2 s).
+
+    Both lookups are correlated per program, so each is a walk of the (program_id, role) index: joined
+    and grouped instead, SQLite drove the query from every succeeded run (47 ms at 100k runs; this, 8 ms).
+    """
+    def baselines(e: Any) -> tuple[Any, ...]:
+        return (e.program_id == Program.id, e.role == ExperimentRole.baseline,
+                e.status == ExperimentStatus.succeeded)
+
+    first = aliased(Experiment)
+    start = (select(func.coalesce(first.commit_sha, first.parent_commit)).where(*baselines(first))
+             .order_by(first.id).limit(1).correlate(Program).scalar_subquery())
+    mean = (select(func.avg(Result.val_bpb)).join(Experiment, Experiment.id == Result.experiment_id)
+            .where(*baselines(Experiment), run_commit() == start).correlate(Program).scalar_subquery())
+    stmt = select(Program.id, mean)
+    if program_ids is not None:
+        stmt = stmt.where(Program.id.in_(list(program_ids)))
+    return {int(pid): float(v) for pid, v in session.execute(stmt) if v is not None}

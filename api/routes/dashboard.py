@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 
 from api import crud
 from api.deps import COOKIE, SessionDep, SettingsDep
+from farm import reports
 from farm.db import as_utc
 from farm.models import ApiToken
 from farm.programs import PROFILES
@@ -162,24 +163,35 @@ def new_program_page(request: Request, session: SessionDep, settings: SettingsDe
     return page(request, session, settings, "new_program.html", lambda: {"profiles": PROFILES})
 
 
-def _program_ctx(session: Session, ref: str, offset: int) -> dict[str, Any]:
+def _program_ctx(session: Session, ref: str, offset: int, before_id: int | None) -> dict[str, Any]:
     program = _program_or_404(session, ref)
     detail = crud.program_detail(session, program=program)
-    exps = crud.list_experiments(session, program_id=program.id, limit=PAGE, offset=offset)
-    finished = sum(v for k, v in detail.counts.items() if k not in ("proposed", "queued", "running"))
-    return {"p": detail, "page": exps, "offset": offset, "page_size": PAGE, "finished": finished}
+    # the pager walks by cursor (before_id), so an older page keeps its rows while new runs arrive;
+    # `offset` still works for an old link
+    exps = crud.list_experiments(session, program_id=program.id, limit=PAGE, offset=offset, before_id=before_id)
+    newer, newer_cursor = 0, None
+    if before_id is not None:
+        newer, newer_cursor = crud.newer_than(session, program_id=program.id, before_id=before_id, limit=PAGE)
+    chart_v = reports.version_key(detail.counts, detail.decisions)
+    return {"p": detail, "page": exps, "start": newer + offset, "page_size": PAGE, "before_id": before_id,
+            "offset": offset, "newer_cursor": newer_cursor, "chart_v": chart_v}
+
+
+Offset = Annotated[int, Query(ge=0, le=10_000_000)]
+BeforeId = Annotated[int | None, Query(ge=1, le=crud.MAX_ID)]
 
 
 @router.get("/ui/programs/{ref}")
-def program_page(request: Request, ref: str, session: SessionDep, settings: SettingsDep,
-                 offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0) -> Response:
-    return page(request, session, settings, "program.html", lambda: _program_ctx(session, ref, offset))
+def program_page(request: Request, ref: str, session: SessionDep, settings: SettingsDep, offset: Offset = 0,
+                 before_id: BeforeId = None) -> Response:
+    return page(request, session, settings, "program.html", lambda: _program_ctx(session, ref, offset, before_id))
 
 
 @router.get("/ui/programs/{ref}/live")
-def program_live(request: Request, ref: str, session: SessionDep, settings: SettingsDep,
-                 offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0) -> Response:
-    return fragment(request, session, settings, "_program_live.html", lambda: _program_ctx(session, ref, offset))
+def program_live(request: Request, ref: str, session: SessionDep, settings: SettingsDep, offset: Offset = 0,
+                 before_id: BeforeId = None) -> Response:
+    return fragment(request, session, settings, "_program_live.html",
+                    lambda: _program_ctx(session, ref, offset, before_id))
 
 
 @router.get("/ui/experiments/{experiment_id}")

@@ -25,10 +25,19 @@ def list_(program_id: ProgramRef, session: SessionDep, _: ReadAccess,
           sort: Annotated[crud.SortKey, Query(description="Sort key")] = "id",
           order: Annotated[Literal["asc", "desc"], Query()] = "desc",
           limit: Annotated[int, Query(ge=1, le=500)] = 50,
-          offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0) -> ExperimentPage:
+          offset: Annotated[int, Query(ge=0, le=10_000_000, description=(
+              "Rows to skip. Arrivals shift an offset page; prefer before_id for the newest-first order"))] = 0,
+          before_id: Annotated[int | None, Query(ge=1, le=crud.MAX_ID, description=(
+              "Keyset cursor (sort=id, order=desc only): experiments with a smaller id, so pages do not repeat "
+              "or skip rows as new ones arrive. Take it from the previous page's next_before_id"))] = None,
+          ) -> ExperimentPage:
     program = load_program(session, program_id)
-    return crud.list_experiments(session, program_id=program.id, status=status_ or (), decision=decision,
-                                 role=role, sort=sort, order=order, limit=limit, offset=offset)
+    try:
+        return crud.list_experiments(session, program_id=program.id, status=status_ or (), decision=decision,
+                                     role=role, sort=sort, order=order, limit=limit, offset=offset,
+                                     before_id=before_id)
+    except ValueError as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"query.before_id: {exc}") from None
 
 
 @router.get("/experiments/{experiment_id}", response_model=ExperimentDetail,

@@ -3,6 +3,8 @@
 (function () {
   "use strict";
   var POLL_MS = 2000;
+  var CHART_MS = 60000;
+  var chartLoaded = Date.now();  // the page came with the current chart
   var selected = null;
 
   function toLogin() { location.href = "/login?next=" + encodeURIComponent(location.pathname + location.search); }
@@ -23,11 +25,14 @@
           if (Object.keys(before).length && before[tr.dataset.exp] !== tr.dataset.sig) tr.classList.add("fresh");
           if (tr.dataset.exp === selected) tr.classList.add("sel");
         });
+        // the chart is one image per version, cached for good under its ?v=; reload it at most once a
+        // minute (at 100k runs a render costs the server seconds): a newer version waits here until then
         var chart = el.dataset.chart && document.getElementById(el.dataset.chart);
-        var marker = el.querySelector("[data-finished]");
-        if (chart && marker && chart.dataset.v !== marker.dataset.finished) {
-          chart.dataset.v = marker.dataset.finished;
-          chart.src = chart.dataset.base + "?v=" + marker.dataset.finished;
+        var marker = el.querySelector("[data-chart-v]");
+        if (chart && marker && chart.dataset.v !== marker.dataset.chartV && Date.now() - chartLoaded >= CHART_MS) {
+          chartLoaded = Date.now();
+          chart.dataset.v = marker.dataset.chartV;
+          chart.src = chart.dataset.base + "?v=" + encodeURIComponent(marker.dataset.chartV);
         }
         if (selected && document.querySelector("#detail [data-running]")) showExperiment(selected, true);
       })
