@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     llm_api_key: SecretStr = SecretStr("")
     llm_temperature: float = Field(default=0.7, ge=0.0, le=2.0)
     llm_max_tokens: int = Field(default=4096, gt=0)
+    # the model's context window in tokens, which the prompt is budgeted against; 0: litellm's model map, else
+    # 32768. Set it for a local model litellm does not know (SmolLM2: 8192)
+    llm_context_tokens: int = Field(default=0, ge=0)
     llm_timeout: float = Field(default=120.0, gt=0)
     llm_concurrency: int = Field(default=4, gt=0)
 

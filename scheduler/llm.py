@@ -1,10 +1,12 @@
 """LLM proposer through litellm: any model string, local or hosted.
 
-The prompt holds the program's instructions, the measured noise floor, a compact history of every
-past experiment of the program (so nothing that failed is forgotten) and the head's editable files.
-The answer format is a DESCRIPTION line, a RATIONALE and SEARCH/REPLACE blocks (or whole files
-after `FILE: name`). Parsing never raises: an answer with no usable edit becomes a proposal with
-an empty edit, which record_proposal stores as `invalid` with its reason.
+The prompt holds the program's instructions, the measured noise floor, a compact history of past
+experiments of the program (so nothing that failed is forgotten) and the head's editable files. It is
+budgeted against the model's context (litellm's model map, or FARM_LLM_CONTEXT_TOKENS): when the
+history does not fit, the oldest lines go first, keeps and recent outcomes stay. The answer format is
+a DESCRIPTION line, a RATIONALE and SEARCH/REPLACE blocks (or whole files after `FILE: name`, offered
+only when a file fits in max_tokens). Parsing never raises: an answer with no usable edit becomes a
+proposal with an empty edit, which record_proposal stores as `invalid` with its reason.
 
 Calls run on the scheduler's thread pool (several in flight), retry rate limits, timeouts and
 server errors with exponential backoff, and every attempt is recorded through `record_call`
@@ -20,6 +22,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 from farm.candidates import Edit
@@ -32,6 +35,37 @@ log = logging.getLogger(__name__)
 
 MAX_ANSWER_CHARS = 400_000
 MAX_HISTORY_LINES = 400
+# a model litellm does not know (most local servers) and no FARM_LLM_CONTEXT_TOKENS: a common local size
+DEFAULT_CONTEXT_TOKENS = 32_768
+# what an answer needs besides a whole file: DESCRIPTION, RATIONALE, the FILE line and the fence
+ANSWER_OVERHEAD_TOKENS = 300
+# contexts learned from a server's "maximum context length is N tokens" refusal, by (model, api_base): a model
+# litellm does not know need not fail every call before FARM_LLM_CONTEXT_TOKENS is set
+_learned_context: dict[tuple[str, str | None], int] = {}
+_DIGITS = re.compile(r"\d")
+_CONTEXT_SIZE = re.compile(r"(?:maximum context length is|context window of|context length of)\D{0,12}(\d{3,8})",
+                           re.I)
+
+
+def estimate_tokens(text: str) -> int:
+    """A conservative token count with no tokenizer. SmolLM2's tokenizer (49k entries, the smallest we serve)
+    reads train.py at 3.0 characters a token and history lines at 2.4, since it gives every digit a token:
+    counting a token per digit and per 3 other characters overestimates both by 1-9 %, larger vocabularies more."""
+    digits = len(_DIGITS.findall(text))
+    return (len(text) - digits) // 3 + digits + 1
+
+
+@lru_cache(maxsize=64)
+def model_context_tokens(model: str) -> int | None:
+    """The model's context window from litellm's model map, or None for a model it does not know."""
+    import litellm
+
+    try:
+        info = litellm.get_model_info(model)
+    except Exception:  # not mapped: a local or new model
+        return None
+    n = info.get("max_input_tokens")
+    return int(n) if n else None
 
 
 @dataclass(frozen=True)
@@ -58,6 +92,7 @@ class LLMConfig:
     timeout: float
     max_attempts: int = 4
     backoff: float = 1.0
+    context_tokens: int = 0  # 0: litellm's model map, else DEFAULT_CONTEXT_TOKENS
 
     @classmethod
     def resolve(cls, proposer: dict[str, Any], settings: Settings) -> LLMConfig:
@@ -77,10 +112,21 @@ class LLMConfig:
             timeout=float(proposer.get("timeout", settings.llm_timeout)),
             max_attempts=int(proposer.get("max_attempts", 4)),
             backoff=float(proposer.get("backoff", 1.0)),
+            context_tokens=int(proposer.get("context_tokens", settings.llm_context_tokens)),
         )
 
+    def context_window(self) -> int:
+        return (self.context_tokens or _learned_context.get((self.model, self.api_base))
+                or model_context_tokens(self.model) or DEFAULT_CONTEXT_TOKENS)
 
-SYSTEM = """You are a machine-learning researcher improving a small GPT training script.
+    def prompt_budget(self, context: int | None = None) -> int:
+        """Tokens the prompt may take: the context less the answer's max_tokens and a margin for the chat
+        template's markup (role tokens, a server's own system text)."""
+        window = context or self.context_window()
+        return window - self.max_tokens - (128 + window // 64)
+
+
+_SYSTEM = """You are a machine-learning researcher improving a small GPT training script.
 Each experiment trains for a fixed wall-clock budget; the goal is the lowest val_bpb (validation
 bits per byte; lower is better). Propose ONE focused change that has not been tried before.
 Differences smaller than the noise floor are not real improvements.
@@ -97,8 +143,12 @@ EDITS:
 >>>>>>> REPLACE
 
 You may give several SEARCH/REPLACE blocks. The SEARCH text must match the file exactly, once.
-Instead of blocks you may give a whole file as `FILE: <name>` followed by a fenced code block.
-Only the editable files may change. Do not add dependencies."""
+{whole_file}Only the editable files may change. Do not add dependencies."""
+_WHOLE_FILE = "Instead of blocks you may give a whole file as `FILE: <name>` followed by a fenced code block.\n"
+
+
+def system_prompt(*, whole_files: bool = True) -> str:
+    return _SYSTEM.format(whole_file=_WHOLE_FILE if whole_files else "")
 
 
 def _fmt_item(h: HistoryItem) -> str:
@@ -109,34 +159,82 @@ def _fmt_item(h: HistoryItem) -> str:
     return f"#{h.experiment_id} [{h.status}] {val} {delta} {desc}{reason}".replace("  ", " ")
 
 
-def history_text(history: list[HistoryItem]) -> str:
+def history_text(history: list[HistoryItem], budget: int | None = None,
+                 max_lines: int = MAX_HISTORY_LINES) -> str:
+    """The history lines, oldest first, within `budget` tokens (estimated; None: no limit) and `max_lines`
+    recent lines. What does not fit goes oldest first: keeps (the head's lineage, its best results) are chosen
+    first, newest first, with up to half the budget, then the most recent lines of any outcome, so recent
+    failures are not tried again; the omitted are summarised by count."""
     if not history:
         return "(no experiments yet)"
     lines = [_fmt_item(h) for h in history]
-    if len(lines) > MAX_HISTORY_LINES:
-        # the oldest lines are summarised by count; keeps and recent ones stay verbatim
-        kept = [_fmt_item(h) for h in history[:-MAX_HISTORY_LINES] if h.status == "keep"]
-        lines = [f"({len(lines) - MAX_HISTORY_LINES} older experiments omitted, their keeps follow)", *kept,
-                 *lines[-MAX_HISTORY_LINES:]]
-    return "\n".join(lines)
+    cost = [estimate_tokens(ln) + 1 for ln in lines]
+    left = budget if budget is not None else sum(cost)
+    chosen: set[int] = set()
+    keep_left = left // 2 if budget is not None else left
+    for i in reversed(range(len(lines))):
+        if history[i].status == "keep" and cost[i] <= keep_left:
+            chosen.add(i)
+            keep_left -= cost[i]
+            left -= cost[i]
+    recent = 0
+    for i in reversed(range(len(lines))):
+        if recent >= max_lines:
+            break
+        if i not in chosen:
+            if cost[i] > left:
+                break
+            chosen.add(i)
+            left -= cost[i]
+        recent += 1
+    omitted = len(lines) - len(chosen)
+    shown = [lines[i] for i in sorted(chosen)]
+    if omitted:
+        return "\n".join([f"({omitted} older experiments omitted; keeps and the most recent follow)", *shown])
+    return "\n".join(shown)
 
 
-def build_messages(ctx: ProposalContext) -> list[dict[str, str]]:
+def build_messages(ctx: ProposalContext, *, budget: int | None = None, max_tokens: int | None = None,
+                   history_budget: int | None = None) -> list[dict[str, str]]:
+    """The chat messages for a proposal. `budget`: the tokens the prompt may take (None: no limit), filled by
+    history after everything else; `history_budget` caps the history alone. `max_tokens`: the answer's limit,
+    which decides whether a whole file may be asked for (None: it may)."""
+    return _build(ctx, budget=budget, max_tokens=max_tokens, history_budget=history_budget)[0]
+
+
+def _build(ctx: ProposalContext, *, budget: int | None, max_tokens: int | None,
+           history_budget: int | None) -> tuple[list[dict[str, str]], int]:
+    """The messages and the tokens (estimated) their history takes."""
     noise = (f"Measured noise floor: sigma = {ctx.sigma:.6f} bpb between seeds of identical code."
              if ctx.sigma is not None else "Noise floor: not measured yet.")
     head = f"Current head val_bpb: {ctx.head_val_bpb:.6f}." if ctx.head_val_bpb is not None else ""
     files = "\n\n".join(f"{name}\n```python\n{text}\n```" for name, text in ctx.head_files.items())
-    parts = [f"# Research program\n{ctx.instructions.strip()}",
-             f"# Status\n{noise} {head}\nEditable files: {', '.join(ctx.editable)}.",
-             "# History (id [outcome] val_bpb improvement-vs-parent description | reason)\n"
-             + history_text(ctx.history)]
+    # train.py alone is about 6.8k tokens: with the default max_tokens of 4096 a whole-file answer is always cut
+    # off, and was stored invalid with no word of why
+    whole = max_tokens is None or all(estimate_tokens(ctx.head_files.get(n, "")) + ANSWER_OVERHEAD_TOKENS
+                                      <= max_tokens for n in ctx.editable)
+    system = system_prompt(whole_files=whole)
+    before = [f"# Research program\n{ctx.instructions.strip()}",
+              f"# Status\n{noise} {head}\nEditable files: {', '.join(ctx.editable)}."]
+    title = "# History (id [outcome] val_bpb improvement-vs-parent description | reason)\n"
+    after = []
     if ctx.repair_of is not None:
-        parts.append(f"# Repair\nExperiment #{ctx.repair_of} crashed. Fix the bug while keeping its idea. "
+        after.append(f"# Repair\nExperiment #{ctx.repair_of} crashed. Fix the bug while keeping its idea. "
                      f"Its change was:\n```diff\n{ctx.repair_diff[-6000:]}\n```\n"
                      f"The end of its log:\n```\n{ctx.repair_log[-4000:]}\n```\n"
                      "The files below are the crashed version; edit them.")
-    parts.append(f"# Current files\n{files}")
-    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "\n\n".join(parts)}]
+    after.append(f"# Current files\n{files}")
+    room: int | None = None
+    if budget is not None:
+        fixed = estimate_tokens(system) + estimate_tokens("\n\n".join([*before, title, *after]))
+        # the files alone may not fit (SmolLM2's 8k context): send them with no history and let the server say
+        room = max(0, budget - fixed)
+    if history_budget is not None:
+        room = history_budget if room is None else min(room, history_budget)
+    hist = history_text(ctx.history, room)
+    parts = [*before, title + hist, *after]
+    return ([{"role": "system", "content": system}, {"role": "user", "content": "\n\n".join(parts)}],
+            estimate_tokens(hist))
 
 
 # A label's leading markup (`**`, `#`, `- `) is `[^\w\n]*`, never `\W*`: that crosses newlines, so at every line
@@ -195,6 +293,22 @@ def _retryable() -> tuple[type[BaseException], ...]:
             ex.InternalServerError, ex.BadGatewayError)
 
 
+class ContextOverflow(ProposerError):
+    """The prompt did not fit the model's context. `context`: the window the server named, if it did."""
+
+    def __init__(self, message: str, call_ids: list[int], context: int | None) -> None:
+        super().__init__(message)
+        self.call_ids = call_ids
+        self.context = context
+
+
+def _overflow(exc: Exception) -> bool:
+    from litellm import exceptions as ex
+
+    return isinstance(exc, ex.ContextWindowExceededError) or (
+        isinstance(exc, ex.BadRequestError) and bool(_CONTEXT_SIZE.search(str(exc))))
+
+
 def _usage(resp: Any) -> tuple[int, int]:
     usage = getattr(resp, "usage", None)
     if usage is None:
@@ -223,8 +337,9 @@ class LLMProposer:
         self.record_call = record_call
         self.sleep = sleep
 
-    def complete(self, messages: list[dict[str, str]], purpose: str = "propose") -> tuple[str, list[int]]:
-        """The answer text, with retries; the ids of the recorded calls. ProposerError when all attempts fail."""
+    def complete(self, messages: list[dict[str, str]], purpose: str = "propose") -> tuple[str, list[int], str]:
+        """The answer text, with retries; the ids of the recorded calls; the finish reason ("length": cut off
+        at max_tokens). ProposerError when all attempts fail, ContextOverflow when the prompt is too long."""
         import litellm
 
         cfg = self.config
@@ -240,6 +355,9 @@ class LLMProposer:
                 latency = time.monotonic() - t0
                 last = f"{type(exc).__name__}: {str(exc).strip()[:500]}"
                 self._record(CallRecord(cfg.model, purpose, 0, 0, 0.0, latency, last), ids)
+                if _overflow(exc):  # the same prompt fails the same way every time: no backoff
+                    m = _CONTEXT_SIZE.search(str(exc))
+                    raise ContextOverflow(f"LLM call failed: {last}", ids, int(m.group(1)) if m else None) from None
                 if not isinstance(exc, _retryable()) or attempt + 1 >= cfg.max_attempts:
                     raise ProposerError(f"LLM call failed after {attempt + 1} attempt(s): {last}") from None
                 delay = cfg.backoff * (2 ** attempt) * (0.5 + random.random() / 2)
@@ -250,8 +368,9 @@ class LLMProposer:
             pt, ct = _usage(resp)
             choices = getattr(resp, "choices", None) or []
             content = (getattr(getattr(choices[0], "message", None), "content", None) if choices else None) or ""
+            finish = str((getattr(choices[0], "finish_reason", None) if choices else None) or "")
             self._record(CallRecord(cfg.model, purpose, pt, ct, _cost(resp), latency, None), ids)
-            return str(content), ids
+            return str(content), ids, finish
         raise ProposerError(f"LLM call failed: {last}")
 
     def _record(self, rec: CallRecord, ids: list[int]) -> None:
@@ -266,8 +385,29 @@ class LLMProposer:
             ids.append(call_id)
 
     def propose(self, ctx: ProposalContext) -> Proposal:
+        cfg = self.config
         purpose = "repair" if ctx.repair_of is not None else "propose"
-        text, ids = self.complete(build_messages(ctx), purpose)
+        messages, used = _build(ctx, budget=cfg.prompt_budget(), max_tokens=cfg.max_tokens, history_budget=None)
+        try:
+            text, ids, finish = self.complete(messages, purpose)
+        except ContextOverflow as exc:
+            # our estimate or the context we assumed was wrong: once more with half the history, in the
+            # context the server named (kept for later calls). Left alone, every later call failed the same way
+            # and the program stayed active forever, proposing nothing
+            budget = cfg.prompt_budget()
+            if exc.context:
+                _learned_context[(cfg.model, cfg.api_base)] = exc.context
+                budget = min(budget, cfg.prompt_budget(exc.context))
+            log.warning("program %d: prompt too long for %s; retrying with half its history", ctx.program_id,
+                        cfg.model)
+            messages, _ = _build(ctx, budget=budget, max_tokens=cfg.max_tokens, history_budget=used // 2)
+            try:
+                text, later, finish = self.complete(messages, purpose)
+            except ContextOverflow as again:
+                raise ProposerError(str(again)) from None
+            ids = exc.call_ids + later
         proposal = parse_answer(text, ctx.editable, ctx.head_files)
         proposal.llm_call_ids = ids
+        if finish == "length":
+            proposal.defect = f"the answer was cut off at max_tokens={cfg.max_tokens}"
         return proposal
