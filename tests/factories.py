@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
+from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from farm.models import Experiment, ExperimentStatus, Program, Worker
@@ -35,3 +37,20 @@ def make_worker(session: Session, worker_id: str, hw_class: str = "cpu") -> Work
     session.add(w)
     session.flush()
     return w
+
+
+def make_silent_run(worker_id: str = "w1", silent_for: float = 30.0) -> int:
+    """A run claimed by `worker_id` whose last heartbeat is `silent_for` seconds old, on a migrated database: a
+    worker that died, or whose heartbeats failed during an outage. Returns its experiment id."""
+    from farm import states
+    from farm.db import db_now, session_scope
+
+    with session_scope() as s:
+        prog = make_program(s)
+        make_worker(s, worker_id)
+        exp_id = make_experiment(s, prog).id
+    with session_scope() as s:
+        assert states.claim(s, exp_id, worker_id)
+        s.execute(update(Experiment).where(Experiment.id == exp_id)
+                  .values(heartbeat_at=db_now(s) - timedelta(seconds=silent_for)))
+    return exp_id

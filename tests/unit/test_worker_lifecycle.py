@@ -77,29 +77,17 @@ def test_the_reaper_thread_waits_out_the_grace_after_an_outage_its_touch_ran_int
     failed, the thread swallowed the error and never reached reap_and_requeue, so the outage was never noted; the
     first tick after the database came back re-queued every run whose heartbeats had failed meanwhile (live runs
     killed, a retry counted each)."""
-    from datetime import timedelta
     from types import SimpleNamespace
 
-    from sqlalchemy import update
     from sqlalchemy.exc import OperationalError
 
     import farm.recovery as recovery
-    from farm import states
-    from farm.db import db_now
     from farm.models import Experiment, ExperimentStatus
-    from tests.factories import make_experiment, make_program, make_worker
+    from tests.factories import make_silent_run
 
     monkeypatch.setattr(recovery, "_last_db_failure", None)  # restored after the test: no grace leaks out
     migrate.upgrade(get_settings().db_url)
-    with session_scope() as s:
-        prog = make_program(s)
-        make_worker(s, "w1")
-        exp_id = make_experiment(s, prog).id
-    with session_scope() as s:
-        assert states.claim(s, exp_id, "w1")
-        # alive, but its heartbeats failed during a 30 s outage
-        s.execute(update(Experiment).where(Experiment.id == exp_id)
-                  .values(heartbeat_at=db_now(s) - timedelta(seconds=30)))
+    exp_id = make_silent_run()  # alive, but its heartbeats failed during a 30 s outage
     real_touch = lifecycle.identity.touch
     touches = [0]
 

@@ -6,13 +6,12 @@ from datetime import timedelta
 
 from sqlalchemy import update
 
-from farm import states
 from farm.broker import make_celery, publish_experiment
 from farm.db import db_now, session_scope
 from farm.models import Experiment, ExperimentStatus
 from farm.recovery import _filesystem_live_ids, reap_and_requeue, reconcile_broker
 from farm.settings import get_settings
-from tests.factories import make_experiment, make_program, make_worker
+from tests.factories import make_experiment, make_program
 
 S = ExperimentStatus
 
@@ -42,18 +41,10 @@ def test_reconcile_republishes_only_queued_experiments_without_a_live_message(fa
 def _a_silent_run():  # type: ignore[no-untyped-def]
     """A run claimed by w1 whose last heartbeat is 30 s old, on a migrated embedded database."""
     from farm import migrate
+    from tests.factories import make_silent_run
 
     migrate.upgrade(get_settings().db_url)
-    app = make_celery()
-    with session_scope() as s:
-        prog = make_program(s)
-        make_worker(s, "w1")
-        exp_id = make_experiment(s, prog).id
-    with session_scope() as s:
-        assert states.claim(s, exp_id, "w1")
-        s.execute(update(Experiment).where(Experiment.id == exp_id)
-                  .values(heartbeat_at=db_now(s) - timedelta(seconds=30)))
-    return app, exp_id
+    return make_celery(), make_silent_run()
 
 
 def test_reaper_requeues_stale_runs_and_publishes_them_after_commit(farm_env):
