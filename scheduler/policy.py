@@ -106,19 +106,29 @@ def judge(cfg: PolicyConfig, runs: Sequence[float], parent_runs: Sequence[float]
     if not runs or not parent_runs:
         raise ValueError("judge needs at least one run of the change and one of its parent")
     parent_mean = mean(parent_runs)
-    flags = []
-    if min(runs) < cfg.min_val_bpb:
-        flags.append(f"val_bpb {min(runs):.6f} below the floor {cfg.min_val_bpb:g}")
-    if max(parent_mean - r for r in runs) > cfg.max_jump:
-        flags.append(f"improvement {max(parent_mean - r for r in runs):.6f} above the plausible jump {cfg.max_jump:g}")
-    # A flagged run that its other runs do not bear out is a broken measurement, not evidence: decided on the others
-    # alone (averaged in, 0.85 then 0.999 against a parent of 1.0 was kept on a mean gain of 0.075, and greedy kept
-    # 0.2 then 1.01: found by review). Runs that all trip a guard bear each other out: a real jump, judged whole.
+
     def plausible(r: float) -> bool:
         return r >= cfg.min_val_bpb and parent_mean - r <= cfg.max_jump
-    clean = [r for r in runs if plausible(r)]
-    dropped = [r for r in runs if not plausible(r)] if clean else []
-    runs = clean or list(runs)
+
+    def sanity(rs: Sequence[float]) -> list[str]:
+        out = []
+        if min(rs) < cfg.min_val_bpb:
+            out.append(f"val_bpb {min(rs):.6f} below the floor {cfg.min_val_bpb:g}")
+        if max(parent_mean - r for r in rs) > cfg.max_jump:
+            out.append(f"improvement {max(parent_mean - r for r in rs):.6f} above the plausible jump {cfg.max_jump:g}")
+        return out
+
+    # A run that trips a guard and that no other run of the change bears out (none within max_jump / 2 of it) is a
+    # broken measurement, not evidence: set aside, and the change is judged on the rest (averaged in, 0.85 then
+    # 0.999 against a parent of 1.0 was kept on a mean gain of 0.075, and greedy kept 0.2 then 1.01: found by
+    # review). Runs that bear each other out are judged whole, a real jump included (0.85 then 0.86).
+    def borne_out(i: int) -> bool:
+        return any(abs(runs[i] - r) <= cfg.max_jump / 2 for j, r in enumerate(runs) if j != i)
+    dropped = [r for i, r in enumerate(runs) if not plausible(r) and not borne_out(i)]
+    if len(dropped) == len(runs):  # nothing left to judge on: held (one run) or judged whole, as before
+        dropped = []
+    runs = [r for i, r in enumerate(runs) if plausible(r) or borne_out(i)] if dropped else list(runs)
+    flags = sanity(runs)
     own = [parent_mean - r for r in runs]
     deltas = [*prior_deltas, *own]
     d = mean(deltas)
@@ -136,7 +146,7 @@ def judge(cfg: PolicyConfig, runs: Sequence[float], parent_runs: Sequence[float]
 
     # the change's own runs, not n: a replay's prior_deltas were measured on another head and do not
     # vouch for an implausible run on this one
-    if len(runs) == 1 and flags and not dropped:
+    if len(runs) == 1 and flags:
         return v("confirm", "held for confirmation: " + "; ".join(flags))
     if mean(runs) < cfg.min_val_bpb:
         return v("discard", f"implausible: mean val_bpb {mean(runs):.6f} below the floor {cfg.min_val_bpb:g}")

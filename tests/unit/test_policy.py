@@ -130,8 +130,13 @@ def test_a_flagged_run_its_other_runs_do_not_bear_out_is_set_aside(kind):
     # what is left decides: a clean run past the margin still needs its own confirmation under confirm
     v = judge(cfg, [0.2, 0.99], [1.00], SIGMA)
     assert v.action == ("keep" if kind == "greedy" else "confirm") and v.stats["runs"] == [0.99], v
-    # runs that all trip the guard bear each other out: a real jump, judged as a whole
+    # runs that bear each other out are judged whole, a real jump included, whichever side of the guard they fall
     assert judge(cfg, [0.85, 0.86], [1.00], SIGMA).action == "keep"
+    assert judge(cfg, [0.89, 0.905], [1.00], SIGMA).action == "keep"  # a confirmed jump is not discarded
+    v = judge(cfg, [0.85, 0.86, 0.999], [1.00], 0.022)  # two runs bear each other out against one
+    assert v.action == "keep" and v.stats["set_aside"] == [], v
+    # a set-aside run leaves no sanity flag behind: a head that moved meanwhile lets the change be replayed
+    assert judge(cfg, [0.2, 0.99], [1.00], SIGMA).stats["sanity"] == []
 
 
 def test_noise_sigma_leaves_out_implausible_runs_and_groups():
