@@ -207,6 +207,7 @@ class SchedulerLock:
         self._conn: Connection | None = None
         self._fd: int | None = None
         self._checked = 0.0
+        self._lost = False  # held, then lost with its session: every check() tries to take it again until it does
 
     @property
     def held(self) -> bool:
@@ -249,6 +250,7 @@ class SchedulerLock:
                                     f"(one scheduler per farm: stop it, or point this one at another database)")
         self._conn = conn
         self._checked = time.monotonic()
+        self._lost = False
 
     @staticmethod
     def _holder(conn: Connection) -> str:
@@ -269,19 +271,27 @@ class SchedulerLock:
         since = row[2].isoformat(timespec="seconds") if row[2] else "?"
         return f" (its connection: backend pid {row[0]}, from {row[1] or 'a local socket'}, since {since})"
 
-    def check(self, every: float = 30.0) -> None:
-        """Still held? At most every `every` seconds, a round trip on the lock's connection; a lost connection (the
-        database restarted) takes the lock again, or raises SchedulerLockHeld if another scheduler has it now."""
+    def check(self, every: float = 30.0) -> bool:
+        """Still held? At most every `every` seconds, a round trip on the lock's connection. A lost connection (the
+        database restarted) takes the lock again, or raises: SchedulerLockHeld if another scheduler has it now, the
+        database's error if it is still down. Once lost, every call tries again until it is taken back, so a caller
+        that does its work only after check() never works without it. True when it was taken back just now (what
+        the caller learned from the database meanwhile may be stale)."""
+        if self._lost:
+            self._acquire_postgres()
+            return True
         if self._conn is None or time.monotonic() - self._checked < every:
-            return
+            return False
         self._checked = time.monotonic()
         try:
             self._conn.execute(text("SELECT 1"))
             self._conn.commit()
-            return
+            return False
         except DBAPIError:
             self._drop()
+            self._lost = True
         self._acquire_postgres()
+        return True
 
     def _drop(self) -> None:
         if self._conn is not None:
@@ -290,6 +300,7 @@ class SchedulerLock:
             self._conn = None
 
     def release(self) -> None:
+        self._lost = False
         if self._conn is not None:
             try:
                 self._conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": SCHEDULER_LOCK_KEY})

@@ -220,7 +220,8 @@ class Scheduler:
     def tick(self) -> dict[str, int]:
         """One pass; returns counters for logs and tests."""
         self.start()
-        self.db_lock.check()
+        if self.db_lock.check():  # taken back after losing it: another scheduler may have repaired crashes
+            self._crashes = {}
         stats: dict[str, int] = defaultdict(int)
         phases: list[tuple[str, Callable[[], None]]] = [
             ("recover", lambda: self._recover(stats)), ("init", self._init_programs),

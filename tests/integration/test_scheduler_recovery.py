@@ -79,6 +79,15 @@ def test_one_scheduler_per_postgres_database_and_the_lock_survives_a_lost_sessio
         second.start()  # took it while the first one had lost it
         with pytest.raises(SchedulerLockHeld):
             first.db_lock.check(every=0)
+        # and goes on refusing, every pass (found by review: after one refusal check() passed silently, and the
+        # first scheduler went on working without the lock beside the second)
+        with pytest.raises(SchedulerLockHeld):
+            first.tick()
+        with pytest.raises(SchedulerLockHeld):
+            first.db_lock.check()
+        second.close()
+        assert first.db_lock.check() is True  # free again: taken back at the next check
+        first.tick()
     finally:
         second.close()
         first.close()
