@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy.exc import OperationalError, SQLAlchemyError, StatementError
+from sqlalchemy.exc import DataError, DBAPIError, OperationalError, SQLAlchemyError, StatementError
 
 from farm import states
 from farm.db import session_scope
@@ -581,8 +581,9 @@ def _record(ctx: WorkerContext, job: Job, ex: Execution) -> bool:
         except StatementError as exc:
             # The database refused what the run produced (a value it cannot store: the candidate's output, not an
             # outage). Retrying cannot help and losing the result repeats the run until it is `lost`: record the
-            # run without its figures and output, with why, instead. A second refusal reaches the caller.
-            if stripped:
+            # run without its figures and output, with why, instead. A second refusal reaches the caller, and so
+            # does any other database error (a read-only or failed-over database is no reason to drop figures).
+            if stripped or (isinstance(exc, DBAPIError) and not isinstance(exc, DataError)):
                 raise
             log.error("recording experiment %s failed (%s); recording it without its figures", job.id,
                       _first_line(exc))

@@ -262,6 +262,18 @@ def test_a_result_the_database_refuses_is_recorded_without_its_figures(tmp_path,
     with pytest.raises(DataError):
         runner._record(ctx, job, ex)  # type: ignore[arg-type]
     assert len(calls) == 2
+    # any other database error is not the run's doing: it is not recorded without its figures (found by review)
+    from sqlalchemy.exc import InternalError
+
+    def read_only(session, exp_id, worker_id, status, **fields):  # type: ignore[no-untyped-def]
+        calls.append((status, fields))
+        raise InternalError("INSERT INTO results", {}, Exception("cannot execute INSERT in a read-only transaction"))
+
+    monkeypatch.setattr(runner.states, "record_result", read_only)
+    calls.clear()
+    with pytest.raises(InternalError):
+        runner._record(ctx, job, runner.Execution(Outcome(ExperimentStatus.succeeded, None, {"val_bpb": 1.0})))
+    assert len(calls) == 1
 
 
 def test_a_nul_in_the_runs_output_is_dropped_from_what_is_recorded(farm_env):
