@@ -19,12 +19,14 @@ from __future__ import annotations
 import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from farm.db import as_utc
 from farm.models import Decision, Experiment, ExperimentRole, ExperimentStatus, Program, Result
 
 if TYPE_CHECKING:
@@ -92,14 +94,17 @@ def results_tsv(session: Session, program: Program) -> str:
     return format_tsv(result_rows(session, program))
 
 
-def version_key(counts: Mapping[str, int], decisions: Mapping[str, int]) -> str:
+def version_key(counts: Mapping[str, int], decisions: Mapping[str, int], created_at: datetime) -> str:
     """What the plot depends on, from a program's experiment counts by status and by decision.
 
     A run enters the plot when it reaches one of PLOTTED_STATUSES and changes colour when it is decided,
-    and neither is ever undone, so these counts only grow: equal keys mean an equal plot.
+    and neither is ever undone, so these counts only grow: equal keys mean an equal plot. The program's
+    creation time (microseconds) leads the key: counts start again from zero in a new database (a second
+    `farm demo` on the same address), and its program 1 would otherwise get the first one's immutable charts.
     """
     plotted = sum(counts.get(s.value, 0) for s in PLOTTED_STATUSES)
-    return f"{plotted}-{decisions.get(Decision.keep.value, 0)}-{decisions.get(Decision.discard.value, 0)}"
+    born = int(as_utc(created_at).timestamp() * 1_000_000)
+    return f"{born}-{plotted}-{decisions.get(Decision.keep.value, 0)}-{decisions.get(Decision.discard.value, 0)}"
 
 
 def chart_version(session: Session, program_id: int) -> str:
@@ -110,7 +115,9 @@ def chart_version(session: Session, program_id: int) -> str:
     decisions = session.execute(select(Experiment.decision, func.count())
                                 .where(Experiment.program_id == program_id, Experiment.decision.is_not(None))
                                 .group_by(Experiment.decision)).all()
-    return version_key({s.value: int(n) for s, n in counts}, {d.value: int(n) for d, n in decisions if d is not None})
+    created = session.execute(select(Program.created_at).where(Program.id == program_id)).scalar_one()
+    return version_key({s.value: int(n) for s, n in counts}, {d.value: int(n) for d, n in decisions if d is not None},
+                       created)
 
 
 def thin_points(points: Sequence[tuple[int, float]], x_max: int, columns: int = THIN_COLUMNS,

@@ -172,7 +172,7 @@ def _program_ctx(session: Session, ref: str, offset: int, before_id: int | None)
     newer, newer_cursor = 0, None
     if before_id is not None:
         newer, newer_cursor = crud.newer_than(session, program_id=program.id, before_id=before_id, limit=PAGE)
-    chart_v = reports.version_key(detail.counts, detail.decisions)
+    chart_v = reports.version_key(detail.counts, detail.decisions, program.created_at)
     return {"p": detail, "page": exps, "start": newer + offset, "page_size": PAGE, "before_id": before_id,
             "offset": offset, "newer_cursor": newer_cursor, "chart_v": chart_v}
 

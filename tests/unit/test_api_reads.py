@@ -298,3 +298,15 @@ def test_a_page_sorted_by_created_at_walks_an_index(sqlite_url: str) -> None:
         plan = " | ".join(str(r[-1]) for r in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {stmt}", params))
     engine.dispose()
     assert "ix_experiments_program_created" in plan and "TEMP B-TREE FOR ORDER BY" not in plan, plan
+
+
+def test_a_chart_version_names_its_program_not_only_its_counts() -> None:
+    """Found by review: the version was the counts alone, which start again in a new database (a second `farm demo`
+    on the same address), and its program 1 got the first one's charts, cached as immutable for a year."""
+    from datetime import UTC, datetime
+
+    from farm import reports
+
+    first, second = datetime(2026, 11, 27, 17, 0, tzinfo=UTC), datetime(2026, 11, 27, 17, 5, tzinfo=UTC)
+    assert reports.version_key({}, {}, first) != reports.version_key({}, {}, second)
+    assert reports.version_key({}, {}, first) == reports.version_key({}, {}, first.replace(tzinfo=None))
