@@ -17,7 +17,7 @@ import os
 import re
 import subprocess
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,8 +93,23 @@ def apply_search_replace(base: dict[str, str], text: str, default_file: str | No
     return out
 
 
-_PATCH_PATH_LINE = re.compile(
-    r"^(?:--- |\+\+\+ |diff --git |(?:rename|copy) (?:from|to) )(?P<rest>.*)$", re.M)
+_PATCH_PATH_LINE = re.compile(r"^(?:diff --git |(?:rename|copy) (?:from|to) )(?P<rest>.*)$")
+_OLD_NEW_PATH_LINE = re.compile(r"^(?:--- |\+\+\+ )(?P<rest>.*)$")
+
+
+def _patch_paths(diff: str) -> Iterator[str]:
+    """What the patch's header lines name. A `--- x` / `+++ y` pair is a file's header only when a hunk header
+    (`@@`) follows it: inside a hunk, a removed line `-- /x` next to an added `++ ../y` is content."""
+    lines = diff.splitlines()
+    for i, line in enumerate(lines):
+        m = _PATCH_PATH_LINE.match(line)
+        if m is None and (m := _OLD_NEW_PATH_LINE.match(line)) is not None:
+            first = i if line.startswith("--- ") else i - 1
+            if not (first >= 0 and first + 2 < len(lines) and lines[first].startswith("--- ")
+                    and lines[first + 1].startswith("+++ ") and lines[first + 2].startswith("@@")):
+                continue
+        if m is not None:
+            yield m.group("rest")
 
 
 def _unsafe_patch_path(line: str) -> str | None:
@@ -116,8 +131,8 @@ def apply_unified_diff(base: dict[str, str], diff: str) -> dict[str, str]:
     patch made (`new file mode 120000` pointing at a file of the host)."""
     if not diff.strip():
         raise EditError("empty patch")
-    for m in _PATCH_PATH_LINE.finditer(diff):
-        bad = _unsafe_patch_path(m.group("rest"))
+    for rest in _patch_paths(diff):
+        bad = _unsafe_patch_path(rest)
         if bad is not None:
             raise EditError(f"the patch names a path outside the template: {bad[:200]!r}")
     with tempfile.TemporaryDirectory(prefix="farm-apply-") as tmp:

@@ -152,3 +152,13 @@ def test_unified_diff_cannot_read_a_host_file_through_a_symlink(tmp_path):
     with pytest.raises(EditError, match="symbolic link") as info:
         apply_unified_diff(BASE, diff)
     assert "do-not-leak" not in str(info.value)
+
+
+def test_unified_diff_content_lines_that_look_like_headers_are_content():
+    """A removed line `-- /x` or an added `++ ../y` inside a hunk is content (its diff lines read `--- /x` and
+    `+++ ../y`), not a path: the check reads only header lines."""
+    base = {"notes.md": "a\n-- /usr/share\nb\n"}
+    new = {"notes.md": "a\n++ ../up\nb\n"}
+    diff = unified_diff(base, new)
+    assert "\n--- /usr/share\n" in diff and "\n+++ ../up\n" in diff
+    assert apply_unified_diff(base, diff) == new
