@@ -77,7 +77,12 @@ def test_mutation_program_runs_to_n_experiments_with_real_workers(pg_env, tmp_pa
                               .order_by(Experiment.id)).scalars())
         decisions = {d.experiment_id: d for d in s.execute(select(DecisionRecord)).scalars()}
         ran = [e for e in exps if e.status not in (ExperimentStatus.proposed, ExperimentStatus.invalid)]
-        assert N <= len(ran) <= N + 3  # confirmations may finish a decision past the cap
+        # the cap bounds new work; confirmations (and replays, which confirm a keep on a moved head) complete a
+        # decision and may run past it, as many as there were candidates in flight at the cap (a fixed N + 3 here
+        # failed once under the full suite's load with 14 runs)
+        new_work = [e for e in ran if e.role.value != "confirmation"]
+        assert len(ran) >= N and len(new_work) <= N, [(e.id, e.role.value, e.proposer_kind) for e in ran]
+        assert all(e.replicate_of is not None or e.proposer_kind == "replay" for e in ran if e not in new_work)
         assert all(e.status.finished for e in ran)
         assert all(e.decision is not None for e in ran if e.status == ExperimentStatus.succeeded
                    and e.role.value != "baseline")
