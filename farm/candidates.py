@@ -281,7 +281,8 @@ def record_proposal(session: Session, program: Program, *, parent_commit: str, b
                     edit: Edit, proposer_kind: str, description: str, rationale: str = "",
                     seed: int = 0, repair_of: int | None = None,
                     role: ExperimentRole = ExperimentRole.candidate, checked: Checked | None = None,
-                    known: dict[str, int | None] | None = None, batch: bool = False) -> Experiment:
+                    known: dict[str, int | None] | None = None, batch: bool = False,
+                    defect: str | None = None) -> Experiment:
     """Validate an edit against `base_files` and store it as `proposed` (valid) or `invalid` (with reason).
 
     Never raises for a bad edit: the reason lands in `status_reason`. The caller commits; a valid
@@ -289,11 +290,15 @@ def record_proposal(session: Session, program: Program, *, parent_commit: str, b
     `check_edit` of the same edit, done earlier (it is redone if it was made against other files).
     `known`: known_duplicates of a batch (no query here). `batch`: only add the row (no savepoint, no flush):
     the caller flushes the batch at once, and a duplicate that raced in raises IntegrityError there.
+    `defect`: what was wrong with the answer besides its edit (an LLM answer cut off at max_tokens); it leads the
+    reason of an edit found invalid, which alone would say only "the proposal contains no edit".
     """
     editable = list(program.editable_files)
     if checked is None or checked.base_digest != files_digest(base_files):
         checked = check_edit(base_files, edit, editable)
     files, digest, reason = checked.files, checked.digest, checked.reason
+    if reason is not None and defect:
+        reason = f"{defect}; {reason}"
     if reason is None and digest is not None:
         dup = known[digest] if known is not None and digest in known else find_duplicate(session, program.id, digest)
         if dup == PENDING:

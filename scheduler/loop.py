@@ -482,7 +482,7 @@ class Scheduler:
                                proposer_kind="repair" if job.repair_of else self._kind(program),
                                description=proposal.description, rationale=proposal.rationale,
                                repair_of=job.repair_of, checked=proposal.checked, known=known,
-                               batch=known is not None)
+                               batch=known is not None, defect=proposal.defect)
 
     def _kind(self, program: Program) -> str:
         conf = program.proposer or {}

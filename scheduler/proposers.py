@@ -7,7 +7,7 @@ like any manual patch, so every candidate is validated the same way.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from farm.candidates import Checked, Edit
@@ -57,16 +57,9 @@ class Proposal:
     llm_call_ids: list[int] = field(default_factory=list)
     raw: str = ""
     checked: Checked | None = None  # the edit checked against the context's head files (set by the scheduler)
-    # what was wrong with the answer besides its edit (an LLM answer cut off at max_tokens): it leads the reason an
-    # invalid proposal is stored with, which alone said only "the proposal contains no edit"
+    # what was wrong with the answer besides its edit (an LLM answer cut off at max_tokens): record_proposal puts it
+    # first in the reason an invalid proposal is stored with, whatever files the edit is checked against there
     defect: str | None = None
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        object.__setattr__(self, name, value)
-        if name in ("checked", "defect"):  # the scheduler sets `checked` after the proposer returns
-            checked, defect = self.__dict__.get("checked"), self.__dict__.get("defect")
-            if defect and checked is not None and checked.reason and not checked.reason.startswith(defect):
-                object.__setattr__(self, "checked", replace(checked, reason=f"{defect}; {checked.reason}"))
 
 
 class Proposer(Protocol):

@@ -1,7 +1,7 @@
 """The LLM proposer's prompt against the model's limits, with litellm.completion replaced by a fake server that
 counts tokens and refuses what does not fit, as vLLM and llama.cpp do: the history is budgeted into the context,
 an overflow is retried once with half of it, a whole file is asked for only when it fits in max_tokens, and an
-answer cut off at max_tokens says so in its invalid reason."""
+answer cut off at max_tokens is marked as such."""
 
 from __future__ import annotations
 
@@ -157,17 +157,14 @@ def test_a_whole_file_answer_is_offered_only_when_the_file_fits_in_max_tokens(mo
     assert offers == [False, True, True]
 
 
-def test_an_answer_cut_off_at_max_tokens_says_so_in_its_invalid_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_answer_cut_off_at_max_tokens_is_marked_as_such(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the stored reason is tested in tests/unit/test_scheduler_embedded.py (record_proposal puts the defect first)
     cut = "DESCRIPTION: rewrite\nRATIONALE: x\nFILE: train.py\n```python\n" + TEMPLATE[:12_000]
     _serve(monkeypatch, FakeServer(context=200_000, answer=cut, finish="length"))
     ctx = _ctx([])
     proposal = LLMProposer(_cfg(max_tokens=4096)).propose(ctx)
-    # as the scheduler does in its proposer thread, once the proposer returns
-    proposal.checked = check_edit(ctx.head_files, proposal.edit, ctx.editable)
-    assert proposal.checked.reason is not None
-    assert proposal.checked.reason.startswith("the answer was cut off at max_tokens=4096; ")
-    # an answer that ends where it should is judged by its edit alone
+    assert proposal.defect == "the answer was cut off at max_tokens=4096"
+    assert check_edit(ctx.head_files, proposal.edit, ctx.editable).reason is not None
+    # an answer that ends where it should has no defect
     _serve(monkeypatch, FakeServer(context=200_000, answer="DESCRIPTION: nothing\n"))
-    plain = LLMProposer(_cfg()).propose(ctx)
-    plain.checked = check_edit(ctx.head_files, plain.edit, ctx.editable)
-    assert plain.checked.reason == "the proposal contains no edit"
+    assert LLMProposer(_cfg()).propose(ctx).defect is None

@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import select
 
 from farm import migrate
-from farm.candidates import Edit, record_proposal
+from farm.candidates import Edit, check_edit, record_proposal
 from farm.db import session_scope
 from farm.models import Experiment, ExperimentStatus, LLMCall, Program
 from farm.programs import create_program
@@ -139,3 +139,49 @@ def test_one_scheduler_per_database_whatever_its_repository(sqlite_farm: None, t
     second.start()  # the first one's close() freed the database
     second.close()
 
+
+
+class _CutOffLLM:
+    """An LLM whose answer ran into max_tokens: its edit is broken (here: it breaks train.py's syntax)."""
+
+    kind = "llm"
+    inline = False
+
+    def propose(self, ctx: ProposalContext) -> Proposal:
+        cut = ctx.head_files["train.py"][: len(ctx.head_files["train.py"]) // 2] + "\ndef half(\n"
+        return Proposal(description="cut", rationale="", edit=Edit(files={"train.py": cut}),
+                        defect="the answer was cut off at max_tokens=64")
+
+
+def test_an_answer_cut_off_at_max_tokens_says_so_where_it_is_stored(
+        sqlite_farm: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cli import scheduler as cli_scheduler
+
+    with session_scope() as s:
+        program = create_program(s, name="cut", instructions="# ideas", proposer={"model": "openai/fake"},
+                                 policy={"baseline_runs": 1})
+        pid = program.id
+    monkeypatch.setattr("scheduler.loop.publish_experiment", lambda *a, **kw: None)
+    monkeypatch.setattr(Scheduler, "_default_proposer", lambda self, program: _CutOffLLM())
+    cli_scheduler.run(once=True, verbose=False)
+    with session_scope() as s:
+        reasons = list(s.execute(select(Experiment.status_reason).where(Experiment.proposer_kind == "llm")).scalars())
+        assert reasons and all(r.startswith("the answer was cut off at max_tokens=64; ") for r in reasons), reasons
+        # a repair is checked against the crashed run's files, not the ones the scheduler checked it against, and a
+        # check that failed in the proposer thread is redone when stored: the defect led the reason in neither case
+        program = s.get(Program, pid)
+        assert program is not None and program.head_commit
+        half = TRAIN[: len(TRAIN) // 2] + "\ndef half(\n"
+        for checked_against in ({"train.py": TRAIN + "# other\n"}, None):
+            checked = check_edit(checked_against, Edit(files={"train.py": half}), ["train.py"]) \
+                if checked_against else None
+            exp = record_proposal(s, program, parent_commit=program.head_commit, base_files={"train.py": TRAIN},
+                                  edit=Edit(files={"train.py": half}), proposer_kind="repair", description="r",
+                                  checked=checked, defect="the answer was cut off at max_tokens=64")
+            assert exp.status == S.invalid
+            assert exp.status_reason and exp.status_reason.startswith("the answer was cut off at max_tokens=64; ")
+        # a valid edit is stored as proposed whatever the answer's defect: the edit is what runs
+        ok = record_proposal(s, program, parent_commit=program.head_commit, base_files={"train.py": TRAIN},
+                             edit=Edit(files={"train.py": TRAIN.replace("LR = ", "LR = 0.25 * ", 1)}),
+                             proposer_kind="llm", description="ok", defect="the answer was cut off at max_tokens=64")
+        assert ok.status == S.proposed and ok.status_reason is None
