@@ -43,7 +43,7 @@ from farm.settings import Settings, get_settings, mask_url
 ROOT = Path(__file__).resolve().parent.parent
 MAX_RESTARTS = 5
 RESTART_WINDOW = 600.0
-DEFAULT_GRACE = 20.0
+DEFAULT_GRACE = 45.0  # above a worker's FARM_STOP_EVAL_GRACE (30 s): an evaluation under way finishes
 TOKEN_FILE = "api-token"
 TOKEN_NAME = "farm-up"
 _PR_SET_CHILD_SUBREAPER = 36

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -26,6 +27,17 @@ FAKE_TRAIN = (FAKE_TEMPLATE / "train.py").read_text()
 WORKER_ENV = {"FARM_TEMPLATE_DIR": str(FAKE_TEMPLATE), "FARM_HEARTBEAT_INTERVAL": "1",
               "FARM_STARTUP_ALLOWANCE": "1", "FARM_EVAL_ALLOWANCE": "1", "FARM_WORKER_MEMORY_MB": "300",
               "FARM_LOG_CAP_MB": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def isolated_fake_template(dest: Path) -> Path:
+    """A copy of the fake template whose harness declares the isolated evaluation (farm/harness.py's marker): the
+    worker exports the run's model and scores it with `prepare.py --evaluate` in a second process."""
+    from farm.harness import ISOLATED_MARKER
+
+    shutil.copytree(FAKE_TEMPLATE, dest, ignore=shutil.ignore_patterns("__pycache__"))
+    with open(dest / "prepare.py", "a") as f:
+        f.write(f"\n{ISOLATED_MARKER}\n")
+    return dest
 
 
 def worker_env(base: dict[str, str], **extra: str) -> dict[str, str]:

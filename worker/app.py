@@ -47,10 +47,10 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
         os._exit(3)
 
 
-def _on_worker_shutting_down(**_: Any) -> None:
+def _on_worker_shutting_down(how: str = "Warm", **_: Any) -> None:
     from worker import lifecycle
 
-    lifecycle.shutting_down()
+    lifecycle.shutting_down(str(how))
 
 
 def _on_worker_shutdown(**_: Any) -> None:

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -146,11 +147,16 @@ def context() -> WorkerContext:
     return _ctx if _ctx is not None else start()
 
 
-def shutting_down() -> None:
+def shutting_down(how: str = "Warm") -> None:
     """SIGTERM / Ctrl-C (Celery's warm shutdown, worker/app.py): the runs in flight stop within a moment and are
-    handed back (worker/runner.py _hand_back) instead of running on into the container's kill. Runs from a signal
-    handler: it only sets a flag."""
+    handed back (worker/runner.py _hand_back) instead of running on into the container's kill; an isolated
+    evaluation under way finishes first, within FARM_STOP_EVAL_GRACE. A second signal, or Celery's cold shutdown,
+    stops that too. Runs from a signal handler: it only sets fields."""
     if _ctx is not None:
+        if _ctx.stopping or how != "Warm":
+            _ctx.stop_now = True
+        if _ctx.stopping_since is None:
+            _ctx.stopping_since = time.monotonic()  # before `stopping`: a reader that sees it set finds the time
         _ctx.stopping = True
 
 

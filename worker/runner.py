@@ -52,6 +52,10 @@ ENV_PASSTHROUGH = ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "CUDA_HOME", "CU
 RESULT_MAX_BYTES = 1 << 20
 EXPORT_NAME = "model.json"  # where the training process exports its model for the isolated evaluation
 TURN_ALLOWANCE = 60.0  # Limits.turn_allowance: FARM_TURN_ALLOWANCE
+# Limits.stop_eval_grace (FARM_STOP_EVAL_GRACE): how long, from a shutdown, an isolated evaluation already under way
+# may go on. Its training is over (minutes of device time): stopped, the run would train again from the start
+# elsewhere. Below docker-compose.yml's stop_grace_period (60 s) and `farm up --grace` (45 s), with room to hand back.
+STOP_EVAL_GRACE = 30.0
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,7 @@ class Limits:
     # two slots: how long a run started while another holds the device may run before it is stopped (SIGSTOP) until
     # its turn (None: the start-up allowance)
     early_start_limit: float | None = None
+    stop_eval_grace: float = STOP_EVAL_GRACE
 
     def wall_limit(self, budget: float) -> float:
         return budget + self.startup_allowance + self.eval_allowance
@@ -86,7 +91,8 @@ class Limits:
                    file_size_mb=float(e.get("FARM_FILE_SIZE_MB", "8192")),
                    compile_cache_mb=float(e.get("FARM_COMPILE_CACHE_MB", disk.COMPILE_CACHE_MB)),
                    turn_allowance=float(e.get("FARM_TURN_ALLOWANCE", TURN_ALLOWANCE)),
-                   early_start_limit=float(e["FARM_EARLY_START_LIMIT"]) if e.get("FARM_EARLY_START_LIMIT") else None)
+                   early_start_limit=float(e["FARM_EARLY_START_LIMIT"]) if e.get("FARM_EARLY_START_LIMIT") else None,
+                   stop_eval_grace=float(e.get("FARM_STOP_EVAL_GRACE", STOP_EVAL_GRACE)))
 
     @property
     def early_limit(self) -> float:
@@ -104,8 +110,18 @@ class WorkerContext:
     gate: DeviceGate | None = None  # orders the slots' timed runs on the one device (worker/gate.py)
     corpus_id: str | None = None  # a folder corpus's cache name, pinned at start (worker/lifecycle.py pin_corpus)
     # the worker is shutting down (SIGTERM; worker/lifecycle.py shutting_down): runs in flight stop and are handed
-    # back. A plain flag: it is set from a signal handler
+    # back, but an isolated evaluation under way gets Limits.stop_eval_grace from `stopping_since` (monotonic) unless
+    # `stop_now` (a second signal, or Celery's cold shutdown). Plain fields: a signal handler sets them
     stopping: bool = False
+    stopping_since: float | None = None
+    stop_now: bool = False
+
+    def evaluation_must_stop(self) -> bool:
+        """Must an isolated evaluation under way stop now for the shutdown?"""
+        if not self.stopping:
+            return False
+        since = self.stopping_since
+        return self.stop_now or since is None or time.monotonic() - since >= self.limits.stop_eval_grace
 
     @property
     def worker_id(self) -> str:
@@ -347,7 +363,7 @@ def _evaluate(ctx: WorkerContext, job: Job, workdir: Path, log_path: Path) -> _E
         child = supervise(argv, env=env, cwd=evaldir, log_path=log_path, wall_limit=wall_limit,
                           memory_mb=ctx.limits.memory_mb, log_cap=ctx.limits.log_cap_bytes, pass_fds=(rfd,),
                           on_tick=_heartbeat(ctx, job.id, lambda: True), tick_every=ctx.settings.heartbeat_interval,
-                          append_log=True, stop=lambda: ctx.stopping)
+                          append_log=True, stop=ctx.evaluation_must_stop)
     finally:
         os.close(rfd)
     return _Evaluated(child, nonce, _read_result(evaldir / "result.json"), wall_limit)

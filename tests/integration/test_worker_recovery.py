@@ -10,6 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 from sqlalchemy import func, select
 
 from farm import migrate
@@ -20,7 +21,15 @@ from farm.recovery import reconcile_broker
 from farm.settings import get_settings, reset_settings_cache
 from tests.factories import make_experiment, make_program
 from tests.procs import free_port, start_redis, stop_redis
-from tests.workerkit import FAKE_TRAIN, FINISHED, rows, wait_status, worker_env, workers
+from tests.workerkit import (
+    FAKE_TRAIN,
+    FINISHED,
+    isolated_fake_template,
+    rows,
+    wait_status,
+    worker_env,
+    workers,
+)
 
 S = ExperimentStatus
 
@@ -160,3 +169,52 @@ def test_a_worker_stopped_with_sigterm_hands_its_run_back_without_a_retry(farm_e
     assert exp.status == S.queued and exp.retry_count == 0 and exp.worker_id is None, exp.status_reason
     assert exp.attempts[-1]["reason"].startswith("its worker was shut down") and stopped_in < 15
     assert exp_id in (live_experiment_ids(get_settings(), {"cpu"}) or set())  # published for the next worker
+
+
+def _stop_during_the_isolated_evaluation(farm_env: dict[str, str], tmp_path: Path, *, eval_sleep: float,
+                                         grace: float) -> tuple[Experiment, float, list[Result]]:
+    """A run whose training is over and whose isolated evaluation takes `eval_sleep` s, its worker sent SIGTERM
+    once the evaluation has begun, with FARM_STOP_EVAL_GRACE=`grace`: the experiment, the seconds the worker took
+    to stop, its results."""
+    template = isolated_fake_template(tmp_path / "template")
+    env = worker_env(farm_env, FARM_TEMPLATE_DIR=str(template), FARM_EVAL_ALLOWANCE="120",
+                     FARM_STOP_EVAL_GRACE=f"{grace:g}")
+    reset_settings_cache()
+    migrate.upgrade(get_settings().db_url)
+    train = FAKE_TRAIN.replace("steps=step)", f"steps=step, eval_sleep={eval_sleep})")
+    assert train != FAKE_TRAIN
+    with session_scope() as s:
+        exp_id = make_experiment(s, make_program(s, time_budget=1.0), files={"train.py": train}).id
+    publish_experiment(exp_id, "cpu", time_limit=300, app=make_celery())
+    with workers(env, ["a:cpu0"], tmp_path / "logs") as procs:
+        wait_status([exp_id], [S.running], timeout=30)
+        deadline = time.monotonic() + 30
+        while not list(get_settings().workdirs.glob(f"*-e{exp_id}-*-eval/model.json")):  # the export moved in
+            assert time.monotonic() < deadline, "the isolated evaluation never began"
+            time.sleep(0.1)
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        procs[0].send_signal(signal.SIGTERM)
+        procs[0].wait(60)
+        stopped_in = time.monotonic() - t0
+    with session_scope() as s:
+        results = list(s.execute(select(Result).where(Result.experiment_id == exp_id)).scalars())
+    return rows(Experiment, id=exp_id)[0], stopped_in, results
+
+
+def test_a_shutdown_lets_an_isolated_evaluation_under_way_finish(farm_env, tmp_path):
+    """Found by review: SIGTERM during the isolated evaluation stopped it and handed the run back, so a run whose
+    training was over (5 minutes of a GPU) trained again from the start. The evaluation now finishes within
+    FARM_STOP_EVAL_GRACE, and the run is judged and recorded as usual."""
+    exp, stopped_in, results = _stop_during_the_isolated_evaluation(farm_env, tmp_path, eval_sleep=4.0, grace=30.0)
+    assert exp.status == S.succeeded and exp.retry_count == 0, exp.status_reason
+    assert len(results) == 1 and results[0].val_bpb == pytest.approx(1.5, abs=0.01)
+    assert results[0].timings["evaluation"] == "isolated"
+    assert 3.0 < stopped_in < 30
+
+
+def test_a_shutdown_stops_an_isolated_evaluation_past_the_grace_and_hands_the_run_back(farm_env, tmp_path):
+    exp, stopped_in, results = _stop_during_the_isolated_evaluation(farm_env, tmp_path, eval_sleep=60.0, grace=1.0)
+    assert exp.status == S.queued and exp.retry_count == 0 and exp.worker_id is None, exp.status_reason
+    assert exp.attempts[-1]["reason"].startswith("its worker was shut down") and not results
+    assert stopped_in < 20

@@ -196,3 +196,35 @@ def test_a_worker_told_to_shut_down_hands_its_run_back_without_a_retry(farm_env,
         assert exp.worker_id is None and exp.attempts[-1]["reason"].startswith("its worker was shut down")
     assert exp_id in (live_experiment_ids(get_settings(), {"cpu"}) or set())
     assert not list(ctx.settings.workdirs.glob(f"{ctx.slug}-e{exp_id}-*"))
+
+
+def test_an_isolated_evaluation_under_way_gets_the_stop_grace_unless_told_twice(monkeypatch):
+    """The grace itself runs in tests/integration/test_worker_recovery.py; here the signals that end it."""
+    from types import SimpleNamespace
+
+    from worker import runner
+
+    now = [100.0]
+    monkeypatch.setattr(runner.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(lifecycle.time, "monotonic", lambda: now[0])
+    limits = runner.Limits(startup_allowance=1, eval_allowance=1, memory_mb=100, log_cap_bytes=1, file_size_mb=1,
+                           stop_eval_grace=30.0)
+    for second in ("Warm", "Cold", None):
+        ctx = runner.WorkerContext(settings=SimpleNamespace(), identity=SimpleNamespace(),  # type: ignore[arg-type]
+                                   sandbox=SimpleNamespace(), limits=limits)  # type: ignore[arg-type]
+        monkeypatch.setattr(lifecycle, "_ctx", ctx)
+        assert not ctx.evaluation_must_stop()
+        lifecycle.shutting_down("Warm")
+        assert ctx.stopping and not ctx.evaluation_must_stop()
+        now[0] += 10
+        assert not ctx.evaluation_must_stop()
+        if second is None:  # no second signal: the grace runs out
+            now[0] += 20
+        else:  # Ctrl-C twice, SIGTERM twice, or Celery's cold shutdown (SIGQUIT)
+            lifecycle.shutting_down(second)
+        assert ctx.evaluation_must_stop()
+    ctx = runner.WorkerContext(settings=SimpleNamespace(), identity=SimpleNamespace(),  # type: ignore[arg-type]
+                               sandbox=SimpleNamespace(), limits=limits)  # type: ignore[arg-type]
+    monkeypatch.setattr(lifecycle, "_ctx", ctx)
+    lifecycle.shutting_down("Cold")  # a cold shutdown first: no grace
+    assert ctx.evaluation_must_stop()
