@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from scheduler.policy import PolicyConfig, judge, noise_sigma
+from scheduler.policy import PRIOR_DOF, PolicyConfig, judge, noise_sigma
 
 
 @dataclass(frozen=True)
@@ -48,3 +48,29 @@ def keep_rate(cfg: PolicyConfig, *, effect: float, sigma: float = 0.002, trials:
         kept += k
         spent += n
     return SimOutcome(kept, trials, spent)
+
+
+def program_sigma(cfg: PolicyConfig, rng: random.Random, *, candidates: int, sigma: float,
+                  effects: tuple[float, ...] = (0.0, 0.0, 0.0, 1.0, -1.0, -2.0, -4.0),
+                  head_true: float = 1.0, prior_dof: float = PRIOR_DOF) -> tuple[float, float]:
+    """(sigma, degrees of freedom) as the scheduler measures it at the end of a program of `candidates` candidates
+    (true effects drawn from `effects`, in sigmas), pooling the baselines and every candidate run more than once
+    with its confirmations; kept candidates become the parent. Confirmations are asked for the candidates whose
+    screening run looked good, so the screening run is a selected draw: the pooled spread is biased upward.
+    `prior_dof`: the weight of cfg.prior_sigma in the final estimate (0: the data's own)."""
+    parent = [rng.gauss(head_true, sigma) for _ in range(cfg.baseline_runs)]
+    groups = [parent]
+    for _ in range(candidates):
+        true = head_true + rng.choice(effects) * sigma
+        runs = [rng.gauss(true, sigma)]
+        while True:
+            est, _ = noise_sigma(groups + ([runs] if len(runs) > 1 else []), prior=cfg.prior_sigma)
+            verdict = judge(cfg, runs, parent, est)
+            if verdict.action != "confirm" or len(runs) > 1 + cfg.confirm_runs + 1:
+                break
+            runs.append(rng.gauss(true, sigma))
+        if len(runs) > 1:
+            groups.append(runs)
+        if verdict.action == "keep":
+            parent, head_true = runs, true
+    return noise_sigma(groups, prior=cfg.prior_sigma, prior_dof=prior_dof)
