@@ -12,14 +12,14 @@ per-row losses are returned in float32 in every mode, so evaluation sums exactly
 import torch
 import torch.nn.functional as F
 
-from ._triton import next_pow2, tl, triton
+from ._triton import first_order_only, next_pow2, tl, triton
 
 REDUCTIONS = ("mean", "sum", "none")
 
 
 def softcap_cross_entropy_reference(logits: torch.Tensor, targets: torch.Tensor, softcap: float,
                                     ignore_index: int = -1, reduction: str = "mean") -> torch.Tensor:
-    logits = logits.float()
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 up to float32; float64 stays
     logits = softcap * torch.tanh(logits / softcap)
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
                            ignore_index=ignore_index, reduction=reduction)
@@ -28,9 +28,13 @@ def softcap_cross_entropy_reference(logits: torch.Tensor, targets: torch.Tensor,
 @triton.jit
 def _tanh(x):
     # tanh from exp: no tanh in tl.math across Triton 3.x versions. exp overflow gives exactly +-1.
-    # Absolute error about 1e-7 near 0 (cancellation in 1 - 2/(e^2x + 1)); times a softcap of 15 that is
-    # about 1e-6 in a logit, far below what a bf16 logit can resolve.
-    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+    # 1 - 2/(e^2x + 1) cancels near 0 (absolute error about 1e-7 whatever x): times a softcap of 15 that is
+    # about 1e-6 in a logit, but a softcap raised to switch it off (1e9) made every logit 0 and every loss
+    # log(vocab) (found by review). Below 0.25 the Taylor series instead: its first left-out term is under
+    # 1e-8 of tanh there, so the relative error is float32's own.
+    x2 = x * x
+    series = x * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (62.0 / 2835.0)))))
+    return tl.where(tl.abs(x) < 0.25, series, 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0))
 
 
 @triton.jit
@@ -45,6 +49,10 @@ def _softcap_ce_fwd_kernel(logits_ptr, logits_stride, grad_ptr, grad_stride, tar
     # its loss and gradient are NaN instead, which the harness fails at once (F.cross_entropy raises there).
     in_range = (target >= 0) & (target < n_cols)
     cols = tl.arange(0, BLOCK_V)
+    # the target's logit, read before pass 1: its reductions order this load of every warp before any store of
+    # pass 2, which may overwrite the logits with the gradient (grad_ptr aliasing logits_ptr). Read after pass 1,
+    # a warp that reached pass 2 first could have replaced it for a slower one (found by review, from reading)
+    raw_t = tl.load(row_ptr + tl.where(valid & in_range, target, 0)).to(tl.float32)
 
     # pass 1: online logsumexp of the softcapped logits
     m = float("-inf")
@@ -58,7 +66,6 @@ def _softcap_ce_fwd_kernel(logits_ptr, logits_stride, grad_ptr, grad_stride, tar
         d = d * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
         m = m_new
     lse = m + tl.log(d)
-    raw_t = tl.load(row_ptr + tl.where(valid & in_range, target, 0)).to(tl.float32)
     loss = tl.where(valid, tl.where(in_range, lse - softcap * _tanh(raw_t / softcap), float("nan")), 0.0)
     tl.store(loss_ptr + row, loss)
 
@@ -80,12 +87,15 @@ def _softcap_ce_fwd_kernel(logits_ptr, logits_stride, grad_ptr, grad_stride, tar
 
 
 @triton.jit
-def _softcap_ce_bwd_kernel(grad_ptr, grad_stride, gout_ptr, gout_stride, n_cols, BLOCK_V: tl.constexpr):
-    # Chain rule with the upstream gradient: scales the stored gradient in place, one block per program.
+def _softcap_ce_bwd_kernel(grad_ptr, grad_stride, gout_ptr, gout_stride, targets_ptr, n_cols, ignore_index,
+                           BLOCK_V: tl.constexpr):
+    # Chain rule with the upstream gradient: scales the stored gradient in place, one block per program. An
+    # ignored row's gradient is zero whatever the upstream one (0 x inf would be NaN; F.cross_entropy gives 0).
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     mask = offs < n_cols
     gout = tl.load(gout_ptr + row * gout_stride).to(tl.float32)
+    gout = tl.where(tl.load(targets_ptr + row) == ignore_index, 0.0, gout)
     ptrs = grad_ptr + row * grad_stride + offs
     g = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
     tl.store(ptrs, (g * gout).to(grad_ptr.dtype.element_ty), mask=mask)
@@ -104,7 +114,9 @@ def softcap_ce_rows(logits: torch.Tensor, targets: torch.Tensor, softcap: float,
     """Per-row float32 losses of 2-D `logits` (rows, vocab); with `grad` (same shape, may be `logits`
     itself) also writes d(loss_row * scale_row)/d(logits). `scale` holds one value or one per row."""
     n_rows, n_cols = logits.shape
+    # targets are read as a dense vector: a strided view (pairs[:, 0]) would give other rows' targets
     assert logits.stride(-1) == 1 and targets.dim() == 1 and targets.shape[0] == n_rows
+    assert targets.stride(0) == 1 or n_rows <= 1
     loss = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
     if n_rows == 0:
         return loss
@@ -121,15 +133,16 @@ def softcap_ce_rows(logits: torch.Tensor, targets: torch.Tensor, softcap: float,
     return loss
 
 
-def softcap_ce_scale_grad(grad: torch.Tensor, grad_output: torch.Tensor,
+def softcap_ce_scale_grad(grad: torch.Tensor, grad_output: torch.Tensor, targets: torch.Tensor, ignore_index: int,
                           block_v: int | None = None) -> torch.Tensor:
     n_rows, n_cols = grad.shape
     if n_rows == 0:
         return grad
+    assert targets.dim() == 1 and targets.shape[0] == n_rows and (targets.stride(0) == 1 or n_rows <= 1)
     gout_stride = grad_output.stride(0) if grad_output.dim() == 1 else 0
     bv, num_warps = _block_v(n_cols, block_v)
     grid = (n_rows, triton.cdiv(n_cols, bv))
-    _softcap_ce_bwd_kernel[grid](grad, grad.stride(0), grad_output, gout_stride, n_cols,
+    _softcap_ce_bwd_kernel[grid](grad, grad.stride(0), grad_output, gout_stride, targets, n_cols, int(ignore_index),
                                  BLOCK_V=bv, num_warps=num_warps)
     return grad
 
@@ -155,7 +168,7 @@ class SoftcapCrossEntropyFunction(torch.autograd.Function):
         l2 = logits.reshape(-1, logits.shape[-1])
         if l2.stride(-1) != 1:
             l2 = l2.contiguous()
-        t = targets.reshape(-1)
+        t = targets.reshape(-1).contiguous()  # reshape keeps a strided 1-D view strided; the kernel reads it dense
         n_valid, inv = valid_count_scale(t, ignore_index) if reduction == "mean" else (None, None)
         grad = None
         # needs_input_grad is True even under torch.no_grad(), hence grad_enabled from the caller
@@ -169,21 +182,22 @@ class SoftcapCrossEntropyFunction(torch.autograd.Function):
                 # any other node that saved them, instead of silently reading the gradient. The buffer
                 # is kept as a plain attribute: saving a view of a dirtied input is refused by autograd.
                 torch.autograd.graph.increment_version(logits)
-            ctx.grad = grad
+            ctx.grad, ctx.targets = grad, t
         else:
             loss_rows = softcap_ce_rows(l2, t, softcap, ignore_index, block_v=block_v)
         ctx.logits_shape = logits.shape
-        ctx.block_v = block_v
+        ctx.block_v, ctx.ignore_index = block_v, ignore_index
         return reduce_losses(loss_rows, n_valid, reduction)
 
     @staticmethod
+    @first_order_only("softcap_ce")
     def backward(ctx, grad_output: torch.Tensor):
         grad, ctx.grad = ctx.grad, None
         if grad is None:  # scaled in place by the first backward: a second one cannot be answered
             raise RuntimeError("softcap_cross_entropy: backward through the same loss a second time (retain_graph) "
                                "is not supported by the kernel, which scales its stored gradient in place; use "
                                "kernels.set_ops without softcap_ce/linear_ce for that")
-        grad = softcap_ce_scale_grad(grad, grad_output.float(), ctx.block_v)
+        grad = softcap_ce_scale_grad(grad, grad_output.float(), ctx.targets, ctx.ignore_index, ctx.block_v)
         return grad.view(ctx.logits_shape), None, None, None, None, None, None, None
 
 
@@ -197,5 +211,6 @@ def softcap_cross_entropy_triton(logits: torch.Tensor, targets: torch.Tensor, so
 
 
 def supported(logits: torch.Tensor, targets: torch.Tensor) -> bool:
-    return (logits.dim() >= 1 and logits.is_floating_point() and logits.shape[-1] > 0
+    # float64 goes to the reference: the kernel computes in float32 (gradcheck needs float64 throughout)
+    return (logits.dim() >= 1 and logits.is_floating_point() and logits.dtype != torch.float64 and logits.shape[-1] > 0
             and targets.numel() * logits.shape[-1] == logits.numel() and not targets.is_floating_point())

@@ -13,7 +13,7 @@ torch.compile has not been measured yet (bench/kernels.py does it).
 import torch
 import torch.nn.functional as F
 
-from ._triton import tl, triton
+from ._triton import first_order_only, tl, triton
 
 BLOCK = 4096  # elements per program; untuned on a GPU
 
@@ -31,7 +31,8 @@ def _relu_squared_fwd_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    r = tl.maximum(x, 0.0)
+    # not tl.maximum: it lowers to maxnum, which turns NaN into 0 and would hide a diverged run from the NaN guard
+    r = tl.where(x < 0.0, 0.0, x)
     tl.store(y_ptr + offs, (r * r).to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -43,7 +44,7 @@ def _relu_squared_bwd_kernel(dy_ptr, x_ptr, dx_ptr, y_ptr, n, STORE_Y: tl.conste
     mask = offs < n
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    r = tl.maximum(x, 0.0)
+    r = tl.where(x < 0.0, 0.0, x)  # NaN stays NaN (above)
     tl.store(dx_ptr + offs, (2.0 * r * dy).to(dx_ptr.dtype.element_ty), mask=mask)
     if STORE_Y:
         tl.store(y_ptr + offs, (r * r).to(y_ptr.dtype.element_ty), mask=mask)
@@ -77,6 +78,7 @@ class ReluSquaredFunction(torch.autograd.Function):
         return relu_squared_fwd(x)
 
     @staticmethod
+    @first_order_only("relu_squared")
     def backward(ctx, dy: torch.Tensor):
         (x,) = ctx.saved_tensors
         return relu_squared_bwd(dy, x)[0]
@@ -95,6 +97,7 @@ class ReluSquaredLinearFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @first_order_only("relu_squared")
     def backward(ctx, dy: torch.Tensor):
         x, weight = ctx.saved_tensors
         cdt = ctx.cdt
@@ -115,4 +118,4 @@ def relu_squared_linear_triton(x: torch.Tensor, weight: torch.Tensor) -> torch.T
 
 
 def supported(x: torch.Tensor) -> bool:
-    return x.is_floating_point()
+    return x.is_floating_point() and x.dtype != torch.float64  # float64 to the reference: the kernel is float32

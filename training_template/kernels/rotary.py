@@ -8,7 +8,7 @@ gradient here (they are buffers); the dispatcher uses the reference when they re
 
 import torch
 
-from ._triton import next_pow2, tl, triton
+from ._triton import first_order_only, next_pow2, tl, triton
 
 
 def apply_rotary_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -86,6 +86,7 @@ class RotaryFunction(torch.autograd.Function):
         return _launch(_rotary_fwd_kernel, x, cos, sin)
 
     @staticmethod
+    @first_order_only("rotary")
     def backward(ctx, dy: torch.Tensor):
         cos, sin = ctx.saved_tensors
         return _launch(_rotary_bwd_kernel, dy, cos, sin), None, None
@@ -96,7 +97,7 @@ def apply_rotary_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -
 
 
 def supported(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
-    if x.dim() != 4 or x.shape[-1] % 2 or not x.is_floating_point():
+    if x.dim() != 4 or x.shape[-1] % 2 or not x.is_floating_point() or x.dtype == torch.float64:  # float32 kernel
         return False
     if cos.requires_grad or sin.requires_grad:
         return False
