@@ -30,6 +30,7 @@ from farm.models import (
     Worker,
 )
 from farm.programs import create_program, head_files
+from farm.states import cancel_unstarted
 from farm.stats import baseline_val_bpb, baseline_val_bpbs, program_noise, run_commit
 
 SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{0,99}$")
@@ -76,6 +77,8 @@ def move_program(session: Session, *, program_id: int, action: str) -> tuple[boo
         return False, prog
     prog.status = to
     prog.status_reason = f"{action} requested through the API"
+    if to == ProgramStatus.stopped:  # what has not started never will (a run in flight finishes and is recorded)
+        cancel_unstarted(session, prog.id, "its program was stopped before it ran")
     session.flush()
     return True, prog
 

@@ -44,7 +44,7 @@ from farm.settings import Settings, get_settings, reset_settings_cache
 EXAMPLE_PROGRAM = ROOT / "docs" / "examples" / "program.md"
 HOME_MARKER = ".farm-demo-home"
 STOP_GRACE = 10.0  # an idle worker takes about 6 s to shut down on a loaded 2-core machine
-FINISHED = ("succeeded", "crashed", "timed_out", "refused", "lost", "invalid")
+FINISHED = ("succeeded", "crashed", "timed_out", "refused", "lost", "invalid", "cancelled")
 
 
 @dataclass

@@ -95,6 +95,7 @@ class ExperimentStatus(enum.StrEnum):
     timed_out = "timed_out"
     refused = "refused"  # tampered harness or forged result
     lost = "lost"  # worker vanished and the retry limit is spent
+    cancelled = "cancelled"  # never ran: its program was stopped (or finished) first
 
     @property
     def finished(self) -> bool:
@@ -102,7 +103,8 @@ class ExperimentStatus(enum.StrEnum):
 
 
 FINISHED_STATUSES = frozenset({ExperimentStatus.succeeded, ExperimentStatus.crashed, ExperimentStatus.timed_out,
-                               ExperimentStatus.refused, ExperimentStatus.lost, ExperimentStatus.invalid})
+                               ExperimentStatus.refused, ExperimentStatus.lost, ExperimentStatus.invalid,
+                               ExperimentStatus.cancelled})
 
 
 class ExperimentRole(enum.StrEnum):

@@ -247,7 +247,8 @@ def reconcile_broker(*, settings: Settings | None = None, app: Celery | None = N
         rows = session.execute(
             select(Experiment.id, Experiment.hw_class, Program.time_budget, Experiment.queued_at)
             .join(Program, Program.id == Experiment.program_id)
-            .where(Experiment.status == ExperimentStatus.queued)
+            # a paused program's queued runs are not started (farm/states.py claim): published again once resumed
+            .where(Experiment.status == ExperimentStatus.queued, Program.status.not_in(states.HELD_PROGRAMS))
             .order_by(Experiment.id)).all()
     report = ReconcileReport(queued=len(rows))
     old = [(int(r[0]), str(r[1]), float(r[2])) for r in rows if r[3] is None or as_utc(r[3]) <= cutoff]

@@ -1,7 +1,9 @@
 """The experiment state machine: every status change goes through here, as compare-and-set.
 
     proposed -> invalid | queued
-    queued   -> running                      (a worker's claim)
+    proposed -> cancelled                    (its program stopped or finished first)
+    queued   -> running                      (a worker's claim, while its program is not paused or stopped)
+    queued   -> cancelled                    (its program was stopped)
     running  -> succeeded | crashed | timed_out | refused   (a worker's report, with its one result)
     running  -> queued                       (the reaper: heartbeat stale, retries left)
     running  -> lost                         (the reaper: retries spent)
@@ -27,6 +29,8 @@ from farm.models import (
     Decision,
     Experiment,
     ExperimentStatus,
+    Program,
+    ProgramStatus,
     Result,
     Worker,
     utcnow,
@@ -35,8 +39,8 @@ from farm.models import (
 S = ExperimentStatus
 
 ALLOWED: dict[ExperimentStatus, frozenset[ExperimentStatus]] = {
-    S.proposed: frozenset({S.invalid, S.queued}),
-    S.queued: frozenset({S.running}),
+    S.proposed: frozenset({S.invalid, S.queued, S.cancelled}),
+    S.queued: frozenset({S.running, S.cancelled}),
     S.running: frozenset({S.succeeded, S.crashed, S.timed_out, S.refused, S.queued, S.lost}),
     S.succeeded: frozenset(),
     S.crashed: frozenset(),
@@ -44,6 +48,7 @@ ALLOWED: dict[ExperimentStatus, frozenset[ExperimentStatus]] = {
     S.refused: frozenset(),
     S.lost: frozenset(),
     S.invalid: frozenset(),
+    S.cancelled: frozenset(),
 }
 
 OUTCOMES = frozenset({S.succeeded, S.crashed, S.timed_out, S.refused})
@@ -99,16 +104,42 @@ def mark_queued(session: Session, experiment_id: int) -> bool:
     return transition(session, experiment_id, S.queued, expect={S.proposed}, queued_at=utcnow())
 
 
+def cancel_unstarted(session: Session, program_id: int, reason: str, *,
+                     statuses: Iterable[ExperimentStatus] = (S.proposed, S.queued)) -> list[int]:
+    """The program's experiments in `statuses` (proposed, queued) -> cancelled with `reason`: its program was
+    stopped, or finished with them still proposed. A run a worker claimed meanwhile is left to finish."""
+    expect = _legal(S.cancelled, statuses)
+    ids = session.execute(select(Experiment.id).where(Experiment.program_id == program_id,
+                                                      Experiment.status.in_(list(expect)))).scalars().all()
+    done = [exp.id for exp in locked_many(session, ids)
+            if move(exp, S.cancelled, expect=expect, status_reason=reason, finished_at=utcnow())]
+    session.flush()
+    return done
+
+
 def mark_invalid(session: Session, experiment_id: int, reason: str) -> bool:
     return transition(session, experiment_id, S.invalid, expect={S.proposed}, status_reason=reason,
                       finished_at=utcnow())
 
 
+# a queued run of a program in one of these is not started: a paused one's waits (the broker reconciler publishes it
+# again once the program is resumed), a stopped one's is cancelled with the stop
+HELD_PROGRAMS = (ProgramStatus.paused, ProgramStatus.stopped)
+
+
 def claim(session: Session, experiment_id: int, worker_id: str) -> bool:
-    """queued -> running for this worker. A duplicate delivery or a lost race returns False."""
-    ok = transition(session, experiment_id, S.running, expect={S.queued}, worker_id=worker_id,
-                    started_at=utcnow(), heartbeat_at=utcnow(), progress=0.0, current_loss=None)
+    """queued -> running for this worker. A duplicate delivery, a lost race or a program paused or stopped (its
+    queued runs used to train all the same: found by review) returns False."""
+    exp = _locked(session, experiment_id)
+    if exp is None:
+        return False
+    held = session.execute(select(Program.status).where(Program.id == exp.program_id)).scalar_one_or_none()
+    if held in HELD_PROGRAMS:
+        return False
+    ok = move(exp, S.running, expect={S.queued}, worker_id=worker_id, started_at=utcnow(), heartbeat_at=utcnow(),
+              progress=0.0, current_loss=None)
     if ok:
+        session.flush()
         # a worker with two slots claims the next job while one runs: the one it runs stays its current one
         session.execute(update(Worker).where(Worker.id == worker_id)
                         .values(current_experiment_id=func.coalesce(Worker.current_experiment_id, experiment_id),

@@ -6,6 +6,8 @@ tests do); otherwise FARM_DATABASE_URL (or the embedded SQLite default) is used.
 
 from __future__ import annotations
 
+from typing import Any
+
 from alembic import context
 
 from farm.models import Base
@@ -45,11 +47,29 @@ def run_online() -> None:
         engine.dispose()
 
 
-def _run(connection: object) -> None:
-    context.configure(connection=connection, target_metadata=target_metadata,  # type: ignore[arg-type]
-                      render_as_batch=True, compare_type=True)
-    with context.begin_transaction():
-        context.run_migrations()
+def _run(connection: Any) -> None:
+    # SQLite: a batch migration that changes a constraint recreates the table (copy, drop the old one, rename), and
+    # with foreign keys on, dropping the old `experiments` deleted every result and decision through ON DELETE
+    # CASCADE (0006 did, found by its test). Off for the migration, as Alembic's batch docs advise, on again after,
+    # with the database checked. The pragma is a no-op inside a transaction: it goes to the driver's connection
+    # (autocommit, farm/db.py) before the migration's transaction begins.
+    raw = connection.connection.driver_connection if connection.dialect.name == "sqlite" else None
+    if raw is not None and connection.in_transaction():
+        raise RuntimeError("a SQLite migration needs a connection outside a transaction (foreign keys go off)")
+    if raw is not None:
+        raw.execute("PRAGMA foreign_keys=OFF")
+    try:
+        context.configure(connection=connection, target_metadata=target_metadata,
+                          render_as_batch=True, compare_type=True)
+        with context.begin_transaction():
+            context.run_migrations()
+        if raw is not None:
+            broken = raw.execute("PRAGMA foreign_key_check").fetchall()
+            if broken:
+                raise RuntimeError(f"the migration left rows that break foreign keys: {broken[:5]}")
+    finally:
+        if raw is not None:
+            raw.execute("PRAGMA foreign_keys=ON")
 
 
 if context.is_offline_mode():

@@ -77,6 +77,7 @@ log = logging.getLogger("farm.scheduler")
 S = ExperimentStatus
 OUTSTANDING = (S.proposed, S.queued, S.running)
 ACTIVE_RUN = (S.queued, S.running)
+NOT_RUN = (S.proposed, S.invalid, S.cancelled)  # what max_experiments does not count
 Publish = Callable[..., None]
 RECONCILE_EVERY = 30.0
 DECISION_LIST_MAX = 1000  # runs to judge named in the load's IN lists; a longer backlog is selected by subqueries
@@ -860,7 +861,7 @@ class Scheduler:
         rules = p.stop_rules or {}
         if rules.get("max_experiments") is not None:
             ran = s.execute(select(func.count()).select_from(Experiment).where(
-                Experiment.program_id == p.id, Experiment.status.not_in([S.proposed, S.invalid]))).scalar_one()
+                Experiment.program_id == p.id, Experiment.status.not_in(NOT_RUN))).scalar_one()
             if ran >= int(rules["max_experiments"]):
                 return f"reached max_experiments={int(rules['max_experiments'])}"
         deadline = rules.get("deadline")
@@ -909,6 +910,9 @@ class Scheduler:
                     continue
                 p.status = ProgramStatus.finished
                 p.status_reason = reason
+                # a candidate still proposed (a person's, past max_experiments) would have shown as queued forever
+                stats["cancelled"] += len(states.cancel_unstarted(
+                    s, p.id, f"its program finished before it ran ({reason})", statuses=(S.proposed,)))
                 stats["finished"] += 1
                 log.info("program %s finished: %s", p.slug, reason)
 
@@ -938,7 +942,12 @@ class Scheduler:
             programs = list(s.execute(select(Program).where(Program.status == ProgramStatus.active,
                                                             Program.root_commit.is_not(None))
                                       .order_by(Program.id)).scalars())
-            busy_rows = s.execute(select(Experiment.hw_class, func.count()).where(Experiment.status.in_(ACTIVE_RUN))
+            # a paused program's queued runs wait without a worker: they take none of the class's capacity
+            busy_rows = s.execute(select(Experiment.hw_class, func.count())
+                                  .join(Program, Program.id == Experiment.program_id)
+                                  .where(or_(Experiment.status == S.running,
+                                             and_(Experiment.status == S.queued,
+                                                  Program.status.not_in(states.HELD_PROGRAMS))))
                                   .group_by(Experiment.hw_class)).all()
         busy: dict[str, int] = {hw: int(n) for hw, n in busy_rows}
         by_class: dict[str, list[Program]] = defaultdict(list)
@@ -984,7 +993,7 @@ class Scheduler:
         if cap is None:
             return None
         ran = s.execute(select(func.count()).select_from(Experiment).where(
-            Experiment.program_id == p.id, Experiment.status.not_in([S.proposed, S.invalid]))).scalar_one()
+            Experiment.program_id == p.id, Experiment.status.not_in(NOT_RUN))).scalar_one()
         return int(cap) - int(ran) - sum(1 for j in self.inflight.values() if j.program_id == p.id)
 
     def _take_room(self, pid: int, role: ExperimentRole | None) -> bool:

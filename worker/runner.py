@@ -645,7 +645,8 @@ def run_experiment(experiment_id: int, ctx: WorkerContext) -> RunReport:
     with session_scope() as s:
         claimed = states.claim(s, experiment_id, ctx.worker_id)
     if not claimed:
-        log.info("experiment %s is not queued (duplicate delivery or already claimed): ignored", experiment_id)
+        log.info("experiment %s is not queued (duplicate delivery or already claimed) or its program is paused or "
+                 "stopped: ignored", experiment_id)
         return RunReport(experiment_id, "ignored")
     t_claimed = time.perf_counter()
     job = load_job(experiment_id)

@@ -96,6 +96,26 @@ def test_pause_resume_stop(live_api):
     assert c.post("/programs/nope/stop").status_code == 404
 
 
+def test_stop_cancels_the_runs_that_have_not_started(live_api):
+    """Found by review: a stopped program's queued runs were claimed and trained after the stop."""
+    c = live_api.client()
+    pid = c.post("/programs", json=BODY).json()["id"]
+    with live_api.session() as s:
+        from farm.models import Program
+
+        p = s.get(Program, pid)
+        ids = [make_experiment(s, p, status=st).id
+               for st in (ExperimentStatus.queued, ExperimentStatus.proposed, ExperimentStatus.running)]
+    assert c.post(f"/programs/{pid}/stop").json()["status"] == "stopped"
+    got = {e["id"]: (e["status"], e["status_reason"]) for e in c.get(f"/programs/{pid}/experiments").json()["items"]}
+    assert got[ids[0]] == got[ids[1]] == ("cancelled", "its program was stopped before it ran")
+    assert got[ids[2]][0] == "running"  # a run in flight finishes and is recorded
+    counts = c.get(f"/programs/{pid}").json()["counts"]
+    assert counts == {"cancelled": 2, "running": 1}
+    r = c.get(f"/programs/{pid}/experiments", params={"status": "cancelled"})
+    assert r.status_code == 200 and len(r.json()["items"]) == 2
+
+
 def test_errors(live_api):
     c = live_api.client()
     r = c.post("/programs", json={"instructions": "x"})

@@ -17,7 +17,7 @@ TABLES = {"programs", "experiments", "results", "workers", "decisions", "llm_cal
 
 def _roundtrip(url: str) -> None:
     migrate.upgrade(url)
-    assert migrate.current(url) == "0005"
+    assert migrate.current(url) == "0006"
     migrate.downgrade(url, "base")
     assert migrate.current(url) is None
     engine = make_engine(url)
@@ -54,3 +54,66 @@ def test_postgres_check_constraints_reject_bad_enum(pg_url):
                 " VALUES ('p','p','x','default','[]','cpu','cpu',10,'{}','{}','{}',1,'exploded','b')"))
     finally:
         engine.dispose()
+
+
+def _rows_survive_0006(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """0006 replaces a CHECK constraint of experiments and results: SQLite's batch mode recreates both tables, and
+    with foreign keys on, dropping the old experiments table deleted every result (ON DELETE CASCADE). A cancelled
+    run becomes invalid on the way down."""
+    import sqlalchemy as sa
+
+    from farm.db import session_scope
+    from farm.models import ExperimentStatus, Result
+    from farm.settings import reset_settings_cache
+    from tests.factories import make_experiment, make_program, make_worker
+
+    migrate.upgrade(url, "0005")
+    monkeypatch.setenv("FARM_DATABASE_URL", url)
+    reset_settings_cache()
+    engine = make_engine(url)
+    with session_scope(engine) as s:
+        p = make_program(s)
+        make_worker(s, "w1")
+        done = make_experiment(s, p, status=ExperimentStatus.succeeded)
+        make_experiment(s, p, status=ExperimentStatus.running, worker_id="w1")
+        s.add(Result(experiment_id=done.id, outcome=ExperimentStatus.succeeded, val_bpb=1.25))
+    engine.dispose()
+
+    def counts() -> tuple[int, int, list[str | None], int]:
+        eng = make_engine(url)
+        try:
+            with eng.connect() as conn:
+                return (conn.execute(sa.text("SELECT count(*) FROM results")).scalar_one(),
+                        conn.execute(sa.text("SELECT count(*) FROM experiments")).scalar_one(),
+                        list(conn.execute(sa.text("SELECT worker_id FROM experiments ORDER BY id")).scalars()),
+                        conn.execute(sa.text("SELECT count(*) FROM experiments WHERE status = 'cancelled'"))
+                        .scalar_one())
+        finally:
+            eng.dispose()
+
+    migrate.upgrade(url)
+    assert counts() == (1, 2, [None, "w1"], 0)
+    eng = make_engine(url)
+    with eng.begin() as conn:  # the new status is accepted by the database's constraint
+        conn.execute(sa.text("UPDATE experiments SET status = 'cancelled' WHERE status = 'succeeded'"))
+    eng.dispose()
+    assert counts() == (1, 2, [None, "w1"], 1)
+    migrate.downgrade(url, "0005")
+    assert counts() == (1, 2, [None, "w1"], 0)
+    eng = make_engine(url)
+    try:
+        with eng.connect() as conn:
+            assert conn.execute(sa.text("SELECT status FROM experiments ORDER BY id")).scalars().all() == [
+                "invalid", "running"]
+        with pytest.raises(sa.exc.IntegrityError), eng.begin() as conn:
+            conn.execute(sa.text("UPDATE experiments SET status = 'cancelled'"))
+    finally:
+        eng.dispose()
+
+
+def test_sqlite_0006_keeps_every_row(tmp_path, monkeypatch):
+    _rows_survive_0006(f"sqlite:///{tmp_path / 'm.db'}", monkeypatch)
+
+
+def test_postgres_0006_keeps_every_row(pg_empty_url, monkeypatch):
+    _rows_survive_0006(pg_empty_url, monkeypatch)

@@ -99,17 +99,22 @@ def test_feeding_by_capacity_weight_pause_and_restart(pg_env, tmp_path, monkeypa
     again = _sched(published)
     again.tick()
     assert len(published) == 8 and count(status=S.queued) == 8
-    # pause the heavy program: its finished slots are not refilled; the light one takes them
-    with session_scope() as s:
-        s.get(Program, ids[0]).status = ProgramStatus.paused
+    # pause the heavy program: its finished slots are not refilled, and its queued runs wait (no worker starts
+    # them) without taking the class's capacity: the light one takes all of it
     done = queued()[:4]
     for e in done:
         finish(e.id, 1.0, worker=f"w{e.id % 7}")
-    again.tick()
     with session_scope() as s:
-        heavy_q = s.execute(select(func.count()).select_from(Experiment).where(
-            Experiment.program_id == ids[0], Experiment.status.in_([S.queued, S.running]))).scalar_one()
-    assert heavy_q == 6 - sum(e.program_id == ids[0] for e in done) and count(status=S.queued) + count(status=S.running) == 8
+        s.get(Program, ids[0]).status = ProgramStatus.paused
+    again.tick()
+
+    def load(pid: int) -> int:
+        with session_scope() as s:
+            return s.execute(select(func.count()).select_from(Experiment).where(
+                Experiment.program_id == pid, Experiment.status.in_([S.queued, S.running]))).scalar_one()
+
+    assert load(ids[0]) == 6 - sum(e.program_id == ids[0] for e in done)
+    assert load(ids[1]) == 8
     again.close()
 
 

@@ -35,7 +35,7 @@ def test_db_upgrade_on_embedded_default(tmp_path):
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "farm.db").exists()
     r = _farm("db", "current", FARM_HOME=str(tmp_path))
-    assert r.stdout.strip() == "0005"
+    assert r.stdout.strip() == "0006"
 
 
 def test_submit_of_a_file_that_is_not_utf8_is_one_line(tmp_path):
