@@ -19,11 +19,12 @@ def fail(message: str, code: int = 1) -> NoReturn:
 def run_guarded(fn: Callable[[], Any]) -> Any:
     # SchedulerLockHeld: the repository lock of farm.lineage is one too
     from farm.db import DatabaseUnavailable, SchedulerLockHeld
+    from farm.migrate import MigrationError
     from farm.settings import SettingsError
 
     try:
         return fn()
-    except (CLIError, SettingsError, DatabaseUnavailable, SchedulerLockHeld) as exc:
+    except (CLIError, SettingsError, DatabaseUnavailable, SchedulerLockHeld, MigrationError) as exc:
         fail(str(exc))
     except KeyboardInterrupt:
         fail("interrupted", 130)

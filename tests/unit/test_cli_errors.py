@@ -38,6 +38,27 @@ def test_db_upgrade_on_embedded_default(tmp_path):
     assert r.stdout.strip() == "0006"
 
 
+def test_an_unknown_revision_or_a_newer_database_is_one_line(tmp_path):
+    """Found by review: `farm db upgrade nonsense`, and `farm db upgrade` (or `farm up`) on a database a newer farm
+    migrated, printed Alembic's 100-line traceback."""
+    import sqlite3
+
+    for cmd in (("upgrade", "nonsense"), ("downgrade", "0003x")):
+        r = _farm("db", *cmd, FARM_HOME=str(tmp_path))
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and cmd[1] in lines[0], r.stderr
+        assert "revisions: base, 0001" in lines[0]
+    assert _farm("db", "upgrade", FARM_HOME=str(tmp_path)).returncode == 0
+    with sqlite3.connect(tmp_path / "farm.db") as conn:
+        conn.execute("UPDATE alembic_version SET version_num = '0099'")
+    r = _farm("db", "upgrade", FARM_HOME=str(tmp_path))
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines() == [
+        "farm: error: the database is at revision 0099, which this farm does not know (its latest is 0006): it was "
+        "migrated by a newer researchfarm; run that version's code, or `farm db downgrade` with it first"]
+
+
 def test_submit_of_a_file_that_is_not_utf8_is_one_line(tmp_path):
     md = tmp_path / "latin1.md"
     md.write_bytes("# Café study\nlower val_bpb\n".encode("latin-1"))
