@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import fcntl
 import io
+import logging
 import os
 import subprocess
 import tempfile
@@ -39,11 +40,18 @@ from gitdb import IStream, LooseObjectDB
 
 from farm.db import SchedulerLockHeld
 
+log = logging.getLogger(__name__)
+
 AUTHOR = ("researchfarm", "farm@researchfarm.invalid")
 
 
 class LineageError(RuntimeError):
     """A git operation the lineage refuses (not a fast-forward, unknown commit, ...)."""
+
+
+class LineageUnavailable(LineageError):
+    """The repository cannot be written or read right now (moved away, disk full, a ref locked): worth a retry,
+    unlike a refusal. A candidate that meets it stays proposed instead of being stored invalid for good."""
 
 
 class LockHeld(LineageError, SchedulerLockHeld):
@@ -141,11 +149,28 @@ class Lineage:
     def message(self, sha: str) -> str:
         return self._git("log", "-1", "--format=%B", sha).stdout
 
+    def _git_bytes(self, *args: str) -> bytes:
+        """`git args` as raw bytes: text mode's universal newlines turned a stored CRLF into LF (found by review)."""
+        r = subprocess.run(["git", "--git-dir", str(self.path), *args], capture_output=True, timeout=60)
+        if r.returncode != 0:
+            raise LineageError(f"git {args[0]} failed: {r.stderr.decode(errors='replace').strip()}")
+        return r.stdout
+
     def files_at(self, sha: str, names: list[str] | None = None) -> dict[str, str]:
-        """File contents at a commit (all files, or just `names`)."""
-        listing = self._git("ls-tree", "-r", "--name-only", sha).stdout.splitlines()
-        wanted = [n for n in listing if names is None or n in names]
-        return {n: self._git("show", f"{sha}:{n}").stdout for n in wanted}
+        """File contents at a commit (all files, or just `names`), byte for byte. `-z`: without it ls-tree quotes a
+        name outside ASCII ("caf\\303\\251.py"), which then named no file."""
+        listing = [n.decode("utf-8", errors="surrogateescape")
+                   for n in self._git_bytes("ls-tree", "-r", "-z", "--name-only", sha).split(b"\0") if n]
+        out: dict[str, str] = {}
+        for name in listing:
+            if names is not None and name not in names:
+                continue
+            data = self._git_bytes("cat-file", "blob", f"{sha}:{name}")
+            try:
+                out[name] = data.decode("utf-8")
+            except UnicodeDecodeError:
+                raise LineageError(f"{name} at {sha[:12]} is not UTF-8 text") from None
+        return out
 
     # ---- objects, written in-process ----
     def _store(self, kind: bytes, data: bytes) -> bytes:
@@ -188,13 +213,26 @@ class Lineage:
         order = sorted(entries, key=lambda n: n + b"/" if entries[n][0] == b"40000" else n)
         return self._store(b"tree", b"".join(entries[n][0] + b" " + n + b"\0" + entries[n][1] for n in order))
 
+    def _commit_parts(self, sha: str) -> tuple[str, list[str]]:
+        """(tree, parents) of a commit, from its object."""
+        header = self._read(bytes.fromhex(sha), b"commit").partition(b"\n\n")[0]
+        tree, parents = "", []
+        for line in header.split(b"\n"):
+            key, _, value = line.partition(b" ")
+            if key == b"tree":
+                tree = value.decode()
+            elif key == b"parent":
+                parents.append(value.decode())
+        return tree, parents
+
+    def _tree_for(self, files: dict[str, str], parent: str | None) -> bytes:
+        """The tree of `parent` (or an empty one) with `files` written over it."""
+        base = bytes.fromhex(self._commit_parts(parent)[0]) if parent else None
+        return self._write_tree(base, {n: t.encode("utf-8") for n, t in files.items()})
+
     def commit(self, files: dict[str, str], *, parent: str | None, message: str) -> str:
         """A commit of `parent`'s tree (or an empty one) with `files` written over it."""
-        base = None
-        if parent:
-            head = self._read(bytes.fromhex(parent), b"commit").split(b"\n", 1)[0]
-            base = bytes.fromhex(head.split(b" ", 1)[1].decode())
-        tree = self._write_tree(base, {n: t.encode("utf-8") for n, t in files.items()})
+        tree = self._tree_for(files, parent)
         who = f"{AUTHOR[0]} <{AUTHOR[1]}> {int(time.time())} +0000".encode()
         body = b"tree " + tree.hex().encode() + b"\n"
         if parent:
@@ -212,13 +250,30 @@ class Lineage:
             return existing
         return sha
 
+    def _set_aside(self, ref: str, sha: str, why: str) -> None:
+        """Move a ref this database did not make (another database's, with the same farm home: a fresh database
+        restarts experiment ids and slugs) out of the way, keeping its commits reachable."""
+        aside = f"refs/superseded/{ref.removeprefix('refs/')}/{sha[:12]}"
+        self._git("update-ref", aside, sha)
+        self._git("update-ref", "-d", ref, sha)
+        log.warning("%s was at %s, %s: kept as %s", ref, sha[:12], why, aside)
+
     # ---- programs and candidates ----
     def create_root(self, slug: str, files: dict[str, str], *, message: str) -> str:
-        """The program's branch with the template as its first commit (reused if it already exists)."""
+        """The program's branch with the template as its first commit. An existing branch is reused only if it is
+        that commit alone (this database made it and crashed before recording it); one with history, or another
+        tree, is another database's program of the same slug (found by review: the new program's keeps then failed
+        to fast-forward it, every pass): set aside, and a new root made."""
         ref = branch_ref(slug)
         existing = self.resolve(ref)
         if existing is not None:
-            return self._root_of(existing)
+            try:
+                root: str | None = self._root_of(existing)
+            except LineageError:
+                root = None
+            if existing == root and self._commit_parts(root)[0] == self._tree_for(files, None).hex():
+                return root
+            self._set_aside(ref, existing, "a branch this database did not make")
         return self._create_ref(ref, self.commit(files, parent=None, message=message))
 
     def _root_of(self, sha: str) -> str:
@@ -227,29 +282,52 @@ class Lineage:
             raise LineageError(f"{sha} does not have exactly one root commit")
         return roots[0]
 
+    def _readable(self) -> bool:
+        return (self.path / "objects").is_dir() and (self.path / "HEAD").is_file()
+
     def commit_candidate(self, slug: str, experiment_id: int, files: dict[str, str], *, parent: str,
                          message: str) -> str:
-        """The candidate's commit on its own ref; a second call returns the first commit."""
+        """The candidate's commit on its own ref; a second call returns the first commit. An existing ref is that
+        commit only if it holds these files on this parent: otherwise it is another database's experiment of the
+        same id (found by review: a fresh database next to an old repository trained one change and recorded
+        another's commit), set aside. LineageUnavailable: the repository could not be used now, try again."""
         ref = candidate_ref(slug, experiment_id)
         existing = self._ref_in_process(ref)
         if existing is not None:
-            return existing
+            tree, parents = self._commit_parts(existing)
+            if parents == [parent] and tree == self._tree_for(files, parent).hex():
+                return existing
+            self._set_aside(ref, existing, "another change than this experiment's")
         try:
             with self._read_lock:
                 if self.repo.odb.info(bytes.fromhex(parent)).type != b"commit":
                     raise ValueError(parent)
         except ValueError:
+            if not self._readable():
+                raise LineageUnavailable(f"the farm repository {self.path} cannot be read") from None
             raise LineageError(f"parent commit {parent[:12]} is not in the farm repository") from None
-        sha = self.commit(files, parent=parent, message=message)
-        try:  # a new ref, created with a lock file and a rename (GitPython), never over an existing one
-            with self._read_lock:  # GitPython may look the object up through the shared cat-file pipe
-                git.Reference.create(self.repo, ref, sha, force=False)
-        except OSError:
-            existing = self._ref_in_process(ref)
-            if existing is None:
-                raise LineageError(f"cannot create {ref}") from None
-            return existing
-        return sha
+        try:
+            sha = self.commit(files, parent=parent, message=message)
+        except OSError as exc:  # disk full, the repository moved away meanwhile
+            raise LineageUnavailable(f"cannot write to the farm repository: {exc}") from None
+        for attempt in (1, 2):
+            try:  # a new ref, created with a lock file and a rename (GitPython), never over an existing one
+                with self._read_lock:  # GitPython may look the object up through the shared cat-file pipe
+                    git.Reference.create(self.repo, ref, sha, force=False)
+                return sha
+            except OSError:
+                existing = self._ref_in_process(ref)
+                if existing is not None:
+                    return existing
+                lock = self.path / f"{ref}.lock"
+                # under the repository lock nothing else writes refs: a lock file left by a scheduler killed
+                # inside Reference.create would refuse this ref for ever (found by review)
+                if attempt == 1 and self._lock_fd is not None and lock.is_file():
+                    log.warning("removing %s, left by a process that stopped while creating the ref", lock)
+                    lock.unlink(missing_ok=True)
+                    continue
+                raise LineageUnavailable(f"cannot create {ref}") from None
+        raise AssertionError("unreachable")
 
     def commit_candidates(self, items: list[tuple[str, int, dict[str, str], str, str]]
                           ) -> list[str | LineageError]:
@@ -262,6 +340,8 @@ class Lineage:
                 return self.commit_candidate(slug, exp_id, files, parent=parent, message=message)
             except LineageError as exc:
                 return exc
+            except OSError as exc:  # the repository's files, read by GitPython: gone or unreadable now
+                return LineageUnavailable(f"the farm repository cannot be used now: {exc}")
 
         if len(items) <= 1:
             return [one(i) for i in items]
@@ -315,20 +395,24 @@ class Lineage:
                 paths = []
                 for tag, text in (("ours", o), ("base", b), ("theirs", c)):
                     p = Path(tmp) / f"{tag}"
-                    p.write_text(text, encoding="utf-8")
+                    p.write_bytes(text.encode("utf-8"))  # bytes both ways: line endings as they are
                     paths.append(str(p))
                 r = subprocess.run(["git", "merge-file", "-p", "-L", "head", "-L", "parent", "-L", "candidate",
-                                    *paths], capture_output=True, text=True, timeout=60)
+                                    *paths], capture_output=True, timeout=60)
                 if r.returncode < 0 or r.returncode > 127:
-                    raise LineageError(f"git merge-file failed on {name}: {r.stderr.strip()}")
+                    raise LineageError(f"git merge-file failed on {name}: {r.stderr.decode(errors='replace').strip()}")
                 if r.returncode > 0:
                     conflicts.append(name)
-                out[name] = r.stdout
+                out[name] = r.stdout.decode("utf-8")
         return ReplayResult(files={} if conflicts else out, conflicts=conflicts)
 
     def add_note(self, sha: str, text: str) -> None:
         """Attach (or replace) the metrics note of a commit; notes never change the commit itself."""
         self._git("notes", "add", "-f", "-m", text.strip(), sha)
+
+    def noted_commits(self) -> set[str]:
+        """Every commit that has a note (`git notes list`: one line per note, the note's blob then the commit)."""
+        return {line.split()[1] for line in self._git("notes", "list").stdout.splitlines() if len(line.split()) == 2}
 
     def note(self, sha: str) -> str:
         r = self._git("notes", "show", sha, check=False)

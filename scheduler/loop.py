@@ -49,7 +49,7 @@ from farm.candidates import (
     record_proposal,
 )
 from farm.db import SchedulerLock, as_utc, db_now, get_engine, session_scope
-from farm.lineage import Lineage, LineageError, format_message
+from farm.lineage import Lineage, LineageError, LineageUnavailable, format_message
 from farm.models import (
     Decision,
     DecisionRecord,
@@ -190,6 +190,7 @@ class Scheduler:
         self._crashes = {}  # another scheduler may have added repairs while the lock was not ours
         self._init_programs()
         self._sync_branches()
+        self._repair_notes()
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -688,16 +689,51 @@ class Scheduler:
         return after_commit
 
     def _move_branch(self, slug: str, new: str) -> None:
-        """The git half of a keep, after the database commit (a crash here is repaired by _sync_branches)."""
-        self.lineage.sync_branch(slug, new)
+        """The git half of a keep, after the database commit (a crash here is repaired by _sync_branches). A branch
+        that cannot be moved (someone committed on it) is said and left: the database holds the head; raised, it
+        ended the pass there, the keep's note and the later programs' decisions with it (found by review)."""
+        try:
+            self.lineage.sync_branch(slug, new)
+        except LineageError as exc:
+            log.error("program %s: the branch stays where it is: %s", slug, exc)
+
+    @staticmethod
+    def _note_text(experiment_id: int, decision: str, st: dict[str, Any]) -> str:
+        """A decision's git note, from the numbers the policy used (the decisions table keeps them too)."""
+        return "\n".join([f"Val-Bpb: {st.get('mean', 0):.6f}", f"Runs: {' '.join(f'{x:.6f}' for x in st.get('runs', []))}",
+                          f"Parent-Val-Bpb: {st.get('parent_mean', 0):.6f}", f"Sigma: {st.get('sigma', 0):.6f}",
+                          f"Margin: {st.get('margin', 0):.6f}", f"Decision: {decision}",
+                          f"Experiment: {experiment_id}"])
+
+    def _repair_notes(self) -> None:
+        """Notes are written after the database commit, off the pass: a scheduler stopped with notes still to write
+        lost them for good (found by review). At start, every decided commit without a note gets it, from the
+        decisions table."""
+        try:
+            noted = self.lineage.noted_commits()
+        except LineageError as exc:
+            log.warning("could not list the git notes: %s", exc)
+            return
+        D, E = DecisionRecord, Experiment
+        with session_scope(self.engine) as s:
+            decided = s.execute(select(D.id, E.commit_sha).join(E, E.id == D.experiment_id)
+                                .where(E.commit_sha.is_not(None))).all()
+            missing = [rid for rid, sha in decided if sha not in noted]
+            # the statistics (the heavy column) of those only
+            todo = [(eid, str(sha), d.value, dict(st or {})) for eid, sha, d, st in s.execute(
+                select(D.experiment_id, E.commit_sha, D.decision, D.statistics).join(E, E.id == D.experiment_id)
+                .where(D.id.in_(missing)))] if missing else []
+        for exp_id, sha, decision, st in todo:
+            try:
+                self.lineage.add_note(sha, self._note_text(exp_id, decision, st))
+            except LineageError as exc:
+                log.warning("could not note %s: %s", sha[:12], exc)
+        if todo:
+            log.warning("wrote %d git note(s) a stopped scheduler had not written", len(todo))
 
     def _note_step(self, e: Experiment, decision: str, verdict: Verdict) -> Callable[[], None]:
         sha = e.commit_sha
-        st = verdict.stats
-        text = "\n".join([f"Val-Bpb: {st.get('mean', 0):.6f}", f"Runs: {' '.join(f'{x:.6f}' for x in st.get('runs', []))}",
-                          f"Parent-Val-Bpb: {st.get('parent_mean', 0):.6f}", f"Sigma: {st.get('sigma', 0):.6f}",
-                          f"Margin: {st.get('margin', 0):.6f}", f"Decision: {decision}",
-                          f"Experiment: {e.id}"])
+        text = self._note_text(e.id, decision, verdict.stats)
 
         def write(sha: str) -> None:
             try:
@@ -1134,12 +1170,18 @@ class Scheduler:
                      "Farm-Proposer": e.proposer_kind, "Farm-Role": e.role.value}))
                 for e in uncommitted])
             for e, sha in zip(uncommitted, made, strict=True):
-                if isinstance(sha, LineageError):
+                if isinstance(sha, LineageUnavailable):  # a moment's trouble (found by review: stored invalid for
+                    # good when the repository was away for one pass): proposed still, committed on a later pass
+                    log.warning("experiment %d: not committed this pass: %s", e.id, sha)
+                    stats["commit_retries"] += 1
+                elif isinstance(sha, LineageError):
                     states.move(e, S.invalid, expect={S.proposed}, status_reason=str(sha), finished_at=utcnow())
                     stats["invalid"] += 1
                 else:
                     e.commit_sha = sha
             for e in rows:
+                if e.commit_sha is None:
+                    continue
                 if states.move(e, S.queued, expect={S.proposed}, queued_at=utcnow()):
                     to_publish.append((e.id, e.hw_class,
                                        job_time_limit(programs[e.program_id].time_budget, self.settings)))

@@ -21,7 +21,8 @@ def test_root_candidate_and_fast_forward_only(tmp_path):
     assert lin.branch_head("p") == root and lin.parents(root) == []
     c1 = lin.commit_candidate("p", 1, {"train.py": "A = 10\nB = 2\nC = 3\n"}, parent=root,
                               message=format_message("A up", rationale="why", trailers={"Farm-Experiment": "1"}))
-    assert lin.commit_candidate("p", 1, {"train.py": "other"}, parent=root, message="x") == c1  # ref reused
+    # the same change again (a crash between git and the database): the ref is reused
+    assert lin.commit_candidate("p", 1, {"train.py": "A = 10\nB = 2\nC = 3\n"}, parent=root, message="x") == c1
     assert lin.resolve(candidate_ref("p", 1)) == c1 and lin.parents(c1) == [root]
     assert lin.files_at(c1) == {"train.py": "A = 10\nB = 2\nC = 3\n", "prepare.py": "fixed\n"}
     msg = lin.message(c1)
@@ -154,3 +155,157 @@ def test_commit_candidates_in_parallel_match_one_by_one(tmp_path):
         assert lin.files_at(sha)["train.py"] == files["train.py"] and lin.message(sha).strip() == msg.strip()
     assert lin.commit_candidates(items[:3]) == made[:3]  # idempotent by ref
     assert lin.resolve(candidate_ref("p", 99)) is None
+
+
+def test_a_repository_another_database_left_is_set_aside_not_reused(tmp_path):
+    """Found by review: with a fresh database next to an old farm repository, experiment ids and slugs start again
+    and the refs were reused by name: experiment 2 trained its own change and recorded the old database's commit,
+    and the new program's branch had the old one's history (every keep then failed to fast-forward it)."""
+    old, new = Lineage(tmp_path / "repo"), Lineage(tmp_path / "repo")
+    old_root = _root(old)
+    old_c = old.commit_candidate("p", 2, {"train.py": "A = 5\n"}, parent=old_root, message="old database\n")
+    old.advance("p", old_c, expected=old_root)
+    files = {**FILES, "train.py": "A = 1\nB = 2\nC = 3\n# template v2\n"}
+    root = new.create_root("p", files, message="template\n")
+    assert root != old_root and new.branch_head("p") == root and new.files_at(root) == files
+    c = new.commit_candidate("p", 2, {"train.py": "A = 9\n"}, parent=root, message="new database\n")
+    assert c != old_c and new.files_at(c, ["train.py"]) == {"train.py": "A = 9\n"} and new.parents(c) == [root]
+    assert new.resolve(candidate_ref("p", 2)) == c
+    # the old commits stay reachable, under refs/superseded
+    assert new.resolve(f"refs/superseded/heads/research/p/{old_c[:12]}") == old_c
+    assert new.resolve(f"refs/superseded/candidates/p/2/{old_c[:12]}") == old_c
+    # a branch that is the same template commit alone (this database made it, then crashed) is reused
+    assert new.create_root("p", files, message="template\n") == root
+
+
+def test_a_repository_that_cannot_be_used_for_a_moment_is_not_a_refusal(tmp_path):
+    """Found by review: the repository moved away for one pass, or a ref lock left by a killed scheduler, stored
+    the candidate invalid for good."""
+    from farm.lineage import LineageUnavailable
+
+    lin = Lineage(tmp_path / "repo")
+    root = _root(lin)
+    with lin.lock():
+        stale = tmp_path / "repo" / candidate_ref("p", 7)
+        stale = stale.with_name(stale.name + ".lock")
+        stale.parent.mkdir(parents=True, exist_ok=True)
+        stale.write_text("")
+        c7 = lin.commit_candidate("p", 7, {"train.py": "A = 7\n"}, parent=root, message="x\n")
+        assert lin.resolve(candidate_ref("p", 7)) == c7 and not stale.exists()
+    (tmp_path / "repo").rename(tmp_path / "away")
+    with pytest.raises(LineageUnavailable):
+        lin.commit_candidate("p", 8, {"train.py": "A = 8\n"}, parent=root, message="x\n")
+    (tmp_path / "away").rename(tmp_path / "repo")
+    assert lin.parents(lin.commit_candidate("p", 8, {"train.py": "A = 8\n"}, parent=root, message="x\n")) == [root]
+    with pytest.raises(LineageError) as refused:  # a parent the healthy repository does not have: refused
+        lin.commit_candidate("p", 9, {"train.py": "x"}, parent="f" * 40, message="x")
+    assert not isinstance(refused.value, LineageUnavailable)
+
+
+def test_files_are_read_back_byte_for_byte(tmp_path):
+    """Found by review: text-mode git output turned CRLF into LF, and ls-tree's quoting of a non-ASCII name made
+    files_at() raise (all files) or find nothing (that name)."""
+    lin = Lineage(tmp_path / "repo")
+    files = {"train.py": "A = 1\r\nB = 2\r\nC = 3\r\nD = 4\r\n", "café.py": "x = 'é'\n", "sub/d é.py": "y = 1\n"}
+    root = lin.create_root("p", files, message="t\n")
+    assert lin.files_at(root) == files
+    assert lin.files_at(root, ["café.py"]) == {"café.py": "x = 'é'\n"}
+    change = lin.commit_candidate("p", 1, {"train.py": "A = 1\r\nB = 2\r\nC = 3\r\nD = 5\r\n"}, parent=root,
+                                  message="c\n")
+    onto = lin.commit_candidate("p", 2, {"train.py": "A = 0\r\nB = 2\r\nC = 3\r\nD = 4\r\n"}, parent=root,
+                                message="o\n")
+    res = lin.replay(base=root, change=change, onto=onto, names=["train.py"])
+    assert res.conflicts == [] and res.files == {"train.py": "A = 0\r\nB = 2\r\nC = 3\r\nD = 5\r\n"}
+
+
+def test_a_keep_whose_branch_cannot_move_still_notes_and_the_pass_goes_on(pg_env, tmp_path, monkeypatch):
+    """Found by review: a branch someone committed on made sync_branch raise inside the keep's after-commit step:
+    the pass ended there, the note was never written and later programs were not judged. And notes still to
+    write when a scheduler stopped were lost for good: the next start writes them."""
+    from sqlalchemy import select
+
+    from farm.db import session_scope
+    from farm.models import DecisionRecord, Experiment, ExperimentStatus, Program
+    from farm.programs import create_program
+    from farm.states import claim, record_result
+    from scheduler.loop import Scheduler
+    from tests.factories import make_worker
+    from tests.toy_template import install
+
+    install(monkeypatch, tmp_path)
+    with session_scope() as s:
+        create_program(s, name="diverged", instructions="# go", policy={"kind": "greedy", "baseline_runs": 1})
+        make_worker(s, "w1")
+
+    def run_all(val: float) -> None:
+        with session_scope() as s:
+            for e in s.execute(select(Experiment).where(Experiment.status == ExperimentStatus.queued)).scalars():
+                assert claim(s, e.id, "w1")
+                v = val if e.role.value != "baseline" else 1.0
+                assert record_result(s, e.id, "w1", ExperimentStatus.succeeded, val_bpb=v, hw_class="cpu")
+
+    sched = Scheduler(publish=lambda i, hw, **kw: None)
+    sched.tick()
+    run_all(1.0)
+    sched.tick()
+    run_all(0.9)
+    with session_scope() as s:
+        p = s.execute(select(Program)).scalar_one()
+        slug, root = p.slug, p.root_commit
+    lin = Lineage(sched.settings.repo_dir)
+    someone = lin.commit({"train.py": "by hand\n"}, parent=root, message="a person's commit\n")
+    lin.advance(slug, someone, expected=root)
+    stats = sched.tick()  # the keep: the branch cannot be fast-forwarded to it
+    assert stats["keeps"] == 1 and "ms_fill" in stats  # the pass went on to its last phase
+    sched.flush_notes()
+    with session_scope() as s:
+        kept = s.execute(select(Experiment).join(DecisionRecord, DecisionRecord.experiment_id == Experiment.id)
+                         .where(DecisionRecord.decision == "keep")).scalar_one()
+        sha = str(kept.commit_sha)
+    assert lin.branch_head(slug) == someone and "Decision: keep" in lin.note(sha)
+    sched.close()
+    # a note lost with a stopped scheduler is written at the next start
+    lin._git("notes", "remove", sha)
+    assert lin.note(sha) == ""
+    again = Scheduler(publish=lambda i, hw, **kw: None)
+    again.start()
+    assert "Decision: keep" in lin.note(sha) and f"Experiment: {kept.id}" in lin.note(sha)
+    again.close()
+
+
+def test_a_candidate_the_repository_could_not_take_stays_proposed_and_is_queued_later(pg_env, tmp_path, monkeypatch):
+    from sqlalchemy import select
+
+    from farm.db import session_scope
+    from farm.lineage import LineageUnavailable
+    from farm.models import Experiment, ExperimentRole, ExperimentStatus
+    from farm.programs import create_program
+    from scheduler.loop import Scheduler
+    from tests.factories import make_worker
+    from tests.toy_template import install
+
+    install(monkeypatch, tmp_path)
+    with session_scope() as s:
+        create_program(s, name="away", instructions="# go", policy={"baseline_runs": 1})
+        make_worker(s, "w1")
+    published: list[int] = []
+    sched = Scheduler(publish=lambda i, hw, **kw: published.append(i))
+    real = sched.lineage.commit_candidates
+    monkeypatch.setattr(sched.lineage, "commit_candidates",
+                        lambda items: [LineageUnavailable("the farm repository cannot be read") for _ in items])
+    sched.tick()  # the baseline runs the root commit; a candidate needs a commit of its own
+
+    def candidates() -> list[tuple[int, ExperimentStatus, str | None]]:
+        with session_scope() as s:
+            return [tuple(r) for r in s.execute(select(Experiment.id, Experiment.status, Experiment.commit_sha)
+                                                .where(Experiment.role == ExperimentRole.candidate))]
+
+    waiting = candidates()
+    assert waiting and all(st == ExperimentStatus.proposed and sha is None for _, st, sha in waiting), waiting
+    assert not {i for i, _, _ in waiting} & set(published)
+    monkeypatch.setattr(sched.lineage, "commit_candidates", real)
+    sched.tick()
+    done = {i: (st, sha) for i, st, sha in candidates()}
+    for i, _, _ in waiting:
+        assert done[i][0] == ExperimentStatus.queued and done[i][1] and i in published
+    sched.close()
