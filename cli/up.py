@@ -7,7 +7,8 @@ Each child runs in its own process group with its log in FARM_HOME/logs/<name>.l
 in the terminal reaches `farm up` only, and `farm up` decides how the children stop: SIGTERM to
 every group, a grace period, then SIGKILL to whatever is left (a second Ctrl-C skips the wait).
 `farm up` makes itself the "child subreaper" (Linux), so a training run whose worker died is
-re-parented here rather than to init, and is killed instead of burning a core for nobody.
+re-parented here rather than to init, and is killed instead of burning a core for nobody; every
+poll also reaps whatever re-parented process has exited (no zombies pile up on a long-running farm).
 
 A child that exits while the farm is running is restarted with a visible message; one that dies
 more than MAX_RESTARTS times within RESTART_WINDOW seconds stops the farm with exit code 1.
@@ -281,9 +282,10 @@ def _become_subreaper() -> bool:
         return False
 
 
-def _children_of(pid: int) -> list[int]:
-    """Direct children of `pid`, from /proc (Linux); empty where /proc is unavailable."""
-    out: list[int] = []
+def _child_states(pid: int) -> dict[int, str]:
+    """Direct children of `pid` and their state letter ("R", "S", "Z": a zombie...), from /proc (Linux);
+    empty where /proc is unavailable."""
+    out: dict[int, str] = {}
     try:
         entries = os.listdir("/proc")
     except OSError:
@@ -294,12 +296,18 @@ def _children_of(pid: int) -> list[int]:
         try:
             with open(f"/proc/{entry}/stat", "rb") as fh:
                 stat = fh.read().decode(errors="replace")
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            fields = stat.rsplit(")", 1)[1].split()
+            state, ppid = fields[0], int(fields[1])
         except (OSError, ValueError, IndexError):
             continue
         if ppid == pid:
-            out.append(int(entry))
+            out[int(entry)] = state
     return out
+
+
+def _children_of(pid: int) -> list[int]:
+    """Direct children of `pid`, from /proc (Linux); empty where /proc is unavailable."""
+    return list(_child_states(pid))
 
 
 def descendants(pid: int) -> list[int]:
@@ -369,6 +377,7 @@ class Farm:
         """Check every child once; restart the dead ones. False once the farm must stop."""
         if self.stopping:
             return False
+        self._reap_zombies()
         for child in self.children:
             proc = child.proc
             if proc is None or proc.poll() is None:
@@ -405,11 +414,27 @@ class Farm:
             return ""
         return "\n".join("    " + ln for ln in text.rstrip().splitlines()[-lines:])
 
+    def _managed_pids(self) -> set[int]:
+        return {c.proc.pid for c in self.children if c.proc is not None}
+
+    def _reap_zombies(self) -> None:
+        """Collect the exit status of processes re-parented to us that have exited (a sandboxed run's
+        bwrap whose intermediate parent exited first): as the subreaper we are their parent, and nobody
+        else waits for them, so without this each one stays a zombie for as long as `farm up` runs.
+        Our own children are left alone (by pid, never waitpid(-1)): their Popen must see their status."""
+        if not self.subreaper:
+            return
+        ours = self._managed_pids()
+        for pid, state in _child_states(os.getpid()).items():
+            if state == "Z" and pid not in ours:
+                with contextlib.suppress(ChildProcessError, OSError):
+                    os.waitpid(pid, os.WNOHANG)
+
     def _kill_orphans(self) -> None:
         """Grandchildren re-parented to us (their worker died) are killed: nobody will report them."""
         if not self.subreaper:
             return
-        ours = {c.proc.pid for c in self.children if c.proc is not None}
+        ours = self._managed_pids()
         for pid in _children_of(os.getpid()):
             if pid in ours:
                 continue

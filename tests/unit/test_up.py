@@ -178,6 +178,71 @@ def test_orphans_of_a_dead_child_are_killed(settings: Settings, tmp_path: Path,
     farm.stop()
 
 
+# a child that double-forks (as bwrap does for a sandboxed run): the grandchild's parent exits at once,
+# so the grandchild is re-parented to the subreaper and, once it exits, is that process's zombie; then the
+# child sleeps until RELEASE_FILE appears and exits with code 7 (a restarted one only exits with 7)
+DOUBLE_FORKER = [sys.executable, "-c",
+                 "import os, sys, time\n"
+                 "if not os.path.exists(os.environ['RELEASE_FILE']):\n"
+                 "    if os.fork() == 0:\n"
+                 "        if os.fork() == 0:\n"
+                 "            time.sleep(0.2); os._exit(0)\n"
+                 "        os._exit(0)\n"
+                 "    os.wait()\n"
+                 "while not os.path.exists(os.environ['RELEASE_FILE']): time.sleep(0.05)\n"
+                 "sys.exit(7)\n"]
+
+
+def _zombie_children() -> set[int]:
+    """This process's children that have exited and nobody has waited for (/proc/<pid>/stat: state Z)."""
+    out = set()
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                state, ppid = fh.read().rsplit(")", 1)[1].split()[:2]
+        except (OSError, ValueError):
+            continue
+        if state == "Z" and int(ppid) == os.getpid():
+            out.add(int(entry))
+    return out
+
+
+def test_poll_reaps_orphans_that_exited_but_not_its_own_children(settings: Settings, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # every sandboxed run's bwrap was re-parented to `farm up` and, once exited, stayed its zombie: only the
+    # death of a managed child or the stop reaped them, so they piled up on a long-running farm
+    monkeypatch.setenv("RELEASE_FILE", str(tmp_path / "release"))
+    messages: list[str] = []
+    farm = up.Farm(settings, [up.ChildSpec("w", [], DOUBLE_FORKER), up.ChildSpec("a", [], SLEEPER)],
+                   echo=messages.append, grace=2.0)
+    if not farm.subreaper or not os.path.isdir("/proc"):
+        pytest.skip("no PR_SET_CHILD_SUBREAPER or /proc on this platform")
+    before = _zombie_children()  # left by something else in this process: not ours to judge
+    try:
+        farm.start()
+        managed = set(farm.pids().values())
+        assert _wait(lambda: bool(_zombie_children() - managed - before)), "the orphan never became our zombie"
+        for _ in range(3):
+            assert farm.poll()
+            time.sleep(0.05)
+        assert not _zombie_children() - before, "an exited orphan is still a zombie child of the farm"
+        assert farm.pids().keys() == {"w", "a"}
+
+        # a managed child that has exited is a zombie too, but its status belongs to its Popen
+        w = farm.child("w").proc
+        assert w is not None
+        (tmp_path / "release").touch()
+        assert _wait(lambda: w.pid in _zombie_children())
+        assert farm.poll()
+        assert w.returncode == 7
+        assert any("w exited with code 7; restarting it" in m for m in messages), messages
+    finally:
+        (tmp_path / "release").touch()
+        codes = farm.stop()
+    assert codes["a"] == -signal.SIGTERM
+    assert not _zombie_children() - before
+
+
 def test_gpu_ids_follow_cuda_visible_devices(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
     assert up.gpu_ids(2) == [2, 3]
