@@ -318,7 +318,8 @@ def list_workers(session: Session, *, heartbeat_interval: float,
             "stopped" if w.stopped_at is not None else "alive" if age <= 2 * heartbeat_interval else "stale")
         out.append(schemas.WorkerPublic(
             id=w.id, host=w.host, hw_class=w.hw_class, gpu_index=w.gpu_index, gpu_name=w.gpu_name,
-            gpu_memory_mb=w.gpu_memory_mb, state=state, last_heartbeat=w.last_heartbeat,
+            gpu_memory_mb=w.gpu_memory_mb, driver_version=w.driver_version, torch_version=w.torch_version,
+            cuda_version=w.cuda_version, sandbox=w.sandbox, sandbox_ok=w.sandbox_ok, state=state, last_heartbeat=w.last_heartbeat,
             seconds_since_heartbeat=round(age, 3), current_experiment_id=w.current_experiment_id,
             current_program_id=program_id, current_description=description, progress=progress,
             current_loss=loss))

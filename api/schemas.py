@@ -296,6 +296,13 @@ class WorkerPublic(BaseModel):
     gpu_index: int | None
     gpu_name: str | None
     gpu_memory_mb: float | None
+    driver_version: str | None = Field(description="NVIDIA driver, as nvidia-smi reported it at registration")
+    torch_version: str | None = Field(description="The worker's torch, as it reported at registration")
+    cuda_version: str | None = Field(description="The CUDA version torch was built with")
+    sandbox: str = Field(description="What the worker's start-up probe got (bwrap, unshare, none) and, "
+                         "for anything but bubblewrap, why")
+    sandbox_ok: bool = Field(description="false: candidates on this worker run without the full "
+                             "bubblewrap sandbox (see sandbox for why)")
     state: Literal["alive", "stale", "stopped"] = Field(
         description="alive: heartbeat within 2 x the interval (database clock)")
     last_heartbeat: UTCDateTime

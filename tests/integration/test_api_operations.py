@@ -34,6 +34,45 @@ def test_workers_alive_stale_by_db_clock(live_api):
     assert workers["old:cpu0"]["state"] == "stale" and workers["old:cpu0"]["seconds_since_heartbeat"] > 2 * interval
 
 
+def test_workers_show_sandbox_and_versions(live_api):
+    # docs/deploy.md sends operators to the dashboard to see whether a worker got its sandbox:
+    # the API and the workers page must both say so, and name the torch/CUDA/driver it registered with
+    with live_api.session() as s:
+        ok = make_worker(s, "gpu-box:gpu0", hw_class="gpu.h100")
+        ok.sandbox, ok.sandbox_ok = "bwrap: bubblewrap 0.9.0", True
+        ok.torch_version, ok.cuda_version, ok.driver_version = "2.11.0+cu130", "13.0", "580.65"
+        bare = make_worker(s, "gpu-box:gpu1", hw_class="gpu.h100")
+        bare.sandbox, bare.sandbox_ok = "none: bwrap failed (<Mount too revealing>) & unshare failed", False
+        bare.torch_version = "2.9.1"
+        half = make_worker(s, "gpu-box:gpu2", hw_class="gpu.h100")
+        half.sandbox, half.sandbox_ok = "unshare: bwrap failed (setting up uid map)", False
+    workers = {w["id"]: w for w in live_api.client().get("/workers").json()}
+    fields = ("sandbox", "sandbox_ok", "torch_version", "cuda_version", "driver_version")
+    assert {k: workers["gpu-box:gpu0"].get(k) for k in fields} == {
+        "sandbox": "bwrap: bubblewrap 0.9.0", "sandbox_ok": True, "torch_version": "2.11.0+cu130",
+        "cuda_version": "13.0", "driver_version": "580.65"}
+    assert workers["gpu-box:gpu1"]["sandbox_ok"] is False
+    assert workers["gpu-box:gpu1"]["sandbox"].startswith("none: bwrap failed")
+    assert workers["gpu-box:gpu1"]["torch_version"] == "2.9.1" and workers["gpu-box:gpu1"]["cuda_version"] is None
+
+    browser = live_api.client(token=None, cookies={"farm_token": live_api.token})
+    for path in ("/ui/workers", "/ui/workers/live"):
+        r = browser.get(path)
+        assert r.status_code == 200, path
+        cards = r.text.split('<div class="worker ')[1:]
+        assert len(cards) == 3, path
+        card_ok, card_bare, card_half = cards  # ordered by host, then GPU index
+        assert "gpu-box:gpu0" in card_ok and "gpu-box:gpu1" in card_bare and "gpu-box:gpu2" in card_half
+        assert 'class="pill nosandbox"' in card_half and "PARTIAL SANDBOX" in card_half  # unshare: no network only
+        assert "NO SANDBOX" not in card_ok and "nosandbox" not in card_ok
+        assert "torch 2.11.0+cu130" in card_ok and "CUDA 13.0" in card_ok and "driver 580.65" in card_ok
+        assert 'class="pill nosandbox"' in card_bare and "NO SANDBOX" in card_bare
+        assert "torch 2.9.1" in card_bare
+        # the reason is shown, escaped: a bwrap error line is not markup
+        assert "(&lt;Mount too revealing&gt;) &amp; unshare failed" in card_bare
+        assert "<Mount too revealing>" not in r.text
+
+
 def test_healthz(live_api, start_api, redis_url):
     assert live_api.client(token=None).get("/healthz").json() == {"status": "ok", "database": "ok", "broker": "ok"}
     bad = start_api(broker_url="redis://127.0.0.1:1/0")
