@@ -8,6 +8,7 @@ import logging
 from typing import Any
 
 from celery import Celery, Task
+from celery.exceptions import Reject
 from sqlalchemy.exc import OperationalError
 
 from farm.broker import RUN_TASK
@@ -34,11 +35,14 @@ def run_experiment(self: Task[Any, Any], experiment_id: Any) -> str:
         log.error("dropping a message with an invalid experiment id: %r", experiment_id)
         return "invalid"
     try:
-        return runner.run_experiment(exp_id, lifecycle.context()).status
+        status = runner.run_experiment(exp_id, lifecycle.context()).status
     except (OperationalError, DatabaseUnavailable) as exc:
         # the database is away: a job that ran has reported already or will be reaped;
         # a job not yet claimed is simply tried again later
         raise self.retry(exc=exc, countdown=min(60, 2 ** (self.request.retries + 1))) from exc
+    if status == "declined":  # the worker is shutting down: the message goes back to the queue for another one
+        raise Reject("the worker is shutting down", requeue=True)
+    return status
 
 
 def register(app: Celery) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from farm import migrate
 from farm.db import session_scope
 from farm.models import Worker
@@ -196,6 +198,24 @@ def test_a_worker_told_to_shut_down_hands_its_run_back_without_a_retry(farm_env,
         assert exp.worker_id is None and exp.attempts[-1]["reason"].startswith("its worker was shut down")
     assert exp_id in (live_experiment_ids(get_settings(), {"cpu"}) or set())
     assert not list(ctx.settings.workdirs.glob(f"{ctx.slug}-e{exp_id}-*"))
+    # the message it handed back, taken again during the warm shutdown: not claimed (it was, and stopped 26 ms
+    # later: a second attempt entry, found by review), and the task puts the message back
+    attempts = len(exp.attempts)
+    assert runner.run_experiment(exp_id, ctx).status == "declined"
+    from celery.exceptions import Reject
+
+    from worker import tasks
+
+    class _Task:
+        request = type("R", (), {"retries": 0})()
+
+    monkeypatch.setattr(lifecycle, "context", lambda: ctx)
+    with pytest.raises(Reject) as rejected:
+        tasks.run_experiment(_Task(), exp_id)  # type: ignore[arg-type]
+    assert rejected.value.requeue
+    with session_scope() as s:
+        exp = s.get(Experiment, exp_id)
+        assert exp is not None and exp.status == ExperimentStatus.queued and len(exp.attempts) == attempts
 
 
 def test_an_isolated_evaluation_under_way_gets_the_stop_grace_unless_told_twice(monkeypatch):
