@@ -142,14 +142,19 @@ def apply_unified_diff(base: dict[str, str], diff: str) -> dict[str, str]:
             p.parent.mkdir(parents=True, exist_ok=True)
             p.write_text(text, encoding="utf-8")
         patch = diff if diff.endswith("\n") else diff + "\n"
+        reasons: list[str] = []
         for strip in ("1", "0"):
             r = subprocess.run(["git", "apply", f"-p{strip}", "--recount", "--whitespace=nowarn", "-"],
                                input=patch, cwd=root, capture_output=True, text=True, timeout=30)
             if r.returncode == 0:
                 break
+            reasons.append((r.stderr.strip().splitlines() or ["patch does not apply"])[-1].removeprefix("error: "))
         else:
-            reason = (r.stderr.strip().splitlines() or ["patch does not apply"])[-1]
-            raise EditError(f"patch does not apply: {reason.removeprefix('error: ')}")
+            # the reason of the strip level whose paths exist: the -p0 try of an a/ b/ patch whose context does not
+            # match said "b/train.py: No such file or directory", which named the wrong cause (found by review)
+            found = [why for why in reasons
+                     if not any(m in why for m in ("No such file", "does not exist", "unable to find filename"))]
+            raise EditError(f"patch does not apply: {(found or reasons)[0]}")
         out: dict[str, str] = {}
         for folder, dirs, files in os.walk(root):  # never follows a link
             for entry in sorted(dirs + files):

@@ -95,6 +95,18 @@ def test_a_line_naming_nothing_before_a_block_means_the_default_file(line):
     assert checked.reason is None and "DEPTH = 5" in checked.files["train.py"]
 
 
+def test_a_patch_whose_context_does_not_match_says_so_not_that_its_file_is_missing():
+    """Found by review: the -p0 try of an a/ b/ patch answered "b/train.py: No such file or directory"."""
+    base = {"train.py": "A = 1\nB = 2\n"}
+    for head in ("--- a/train.py\n+++ b/train.py\n", "--- train.py\n+++ train.py\n"):
+        with pytest.raises(EditError) as exc:
+            apply_unified_diff(base, head + "@@ -1,1 +1,1 @@\n-not in the file\n+other\n")
+        assert str(exc.value) == "patch does not apply: train.py: patch does not apply"
+    with pytest.raises(EditError) as exc:  # a file that is really missing is said so
+        apply_unified_diff(base, "--- a/nope.py\n+++ b/nope.py\n@@ -1,1 +1,1 @@\n-x\n+y\n")
+    assert str(exc.value) == "patch does not apply: nope.py: No such file or directory"
+
+
 def test_check_edit_turns_an_unexpected_error_into_an_invalid_reason(monkeypatch):
     # a bug in parsing or applying must leave the answer storable as `invalid`, not raise past the scheduler and API
     def broken(*args, **kwargs):
