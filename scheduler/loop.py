@@ -172,6 +172,7 @@ class Scheduler:
         # crashed experiment -> (repair depth, worth a repair): what a crash offers a repair never changes (crashed
         # is final, its result is written with it, only this scheduler adds repairs), so it is read once
         self._crashes: dict[int, tuple[int, bool]] = {}
+        self._to_pause: dict[int, str] = {}  # programs whose proposer cannot be made: paused at the end of the pass
         self.stop_event = threading.Event()
         self._started = False
         self._next_reconcile = 0.0
@@ -230,10 +231,13 @@ class Scheduler:
             ("sync", self._sync_branches), ("collect", lambda: self._collect(stats)),
             ("decide", lambda: self._decide(stats)), ("stop", lambda: self._stop_rules(stats)),
             ("fill", lambda: self._fill(stats))]
-        for name, phase in phases:
-            t0 = time.perf_counter()
-            phase()
-            stats[f"ms_{name}"] = int((time.perf_counter() - t0) * 1000)  # where a slow pass goes
+        try:
+            for name, phase in phases:
+                t0 = time.perf_counter()
+                phase()
+                stats[f"ms_{name}"] = int((time.perf_counter() - t0) * 1000)  # where a slow pass goes
+        finally:
+            self._pause_unproposable()
         return dict(stats)
 
     def drain(self, timeout: float | None = None) -> dict[str, int]:
@@ -301,6 +305,9 @@ class Scheduler:
         conf = dict(program.proposer or {})
         kind = conf.get("kind") or ("llm" if (conf.get("model") or self.settings.llm_model) else "mutation")
         if kind == "llm":
+            if not (conf.get("model") or self.settings.llm_model):
+                raise ProposerError("its proposer is an LLM but no model is set: give proposer.model in the program, "
+                                    "or set FARM_LLM_MODEL for the scheduler, then resume it")
             pid = program.id
             return LLMProposer(LLMConfig.resolve(conf, self.settings),
                                record_call=lambda rec: self._record_call(pid, rec))
@@ -874,8 +881,30 @@ class Scheduler:
         return chain
 
     def _submit(self, program: Program, job: Job) -> None:
-        proposer = self.proposer_factory(program)
-        self.inflight[self.pool.submit(self._propose, proposer, job.ctx)] = job
+        proposer = self._proposer_for(program)
+        if proposer is not None:
+            self.inflight[self.pool.submit(self._propose, proposer, job.ctx)] = job
+
+    def _proposer_for(self, program: Program) -> Proposer | None:
+        """The program's proposer, or None: one that cannot be made (an LLM without a model) pauses the program with
+        the reason, shown on its page. It stayed active, its calls failing every pass with nothing on the dashboard
+        but a call count (found by review)."""
+        try:
+            return self.proposer_factory(program)
+        except ProposerError as exc:
+            self._to_pause[program.id] = str(exc)  # paused at the end of the pass (callers may hold a transaction)
+            return None
+
+    def _pause_unproposable(self) -> None:
+        to_pause, self._to_pause = self._to_pause, {}
+        for pid, reason in to_pause.items():
+            with session_scope(self.engine) as s:
+                p = s.execute(select(Program).where(Program.id == pid).with_for_update()
+                              .execution_options(populate_existing=True)).scalar_one_or_none()
+                if p is not None and p.status == ProgramStatus.active:
+                    p.status = ProgramStatus.paused
+                    p.status_reason = f"paused by the scheduler: {reason}"
+                    log.error("program %s paused: %s", p.slug, reason)
 
     @staticmethod
     def _propose(proposer: Proposer, ctx: ProposalContext) -> Proposal:
@@ -1067,8 +1096,10 @@ class Scheduler:
             # program and reading git again (64 free workers cost 64 full reloads before)
             ctx2 = replace(cached, seed=cached.seed + 1)
             self._pass_ctx[program.id] = ctx2
-            self.inflight[self.pool.submit(self._propose, self.proposer_factory(program), ctx2)] = Job(program.id,
-                                                                                                     ctx2)
+            proposer = self._proposer_for(program)
+            if proposer is None:
+                return False
+            self.inflight[self.pool.submit(self._propose, proposer, ctx2)] = Job(program.id, ctx2)
             stats["llm_calls_started"] += 1
             return True
         with session_scope(self.engine) as s:
@@ -1104,10 +1135,8 @@ class Scheduler:
             return True
         if ctx is None:
             return False
-        try:
-            proposer = self.proposer_factory(program)
-        except ProposerError as exc:
-            log.error("program %s: %s", program.slug, exc)
+        proposer = self._proposer_for(program)
+        if proposer is None:
             return False
         if proposer.inline:
             try:

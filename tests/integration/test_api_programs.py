@@ -116,6 +116,20 @@ def test_stop_cancels_the_runs_that_have_not_started(live_api):
     assert r.status_code == 200 and len(r.json()["items"]) == 2
 
 
+def test_the_program_page_says_why_it_is_not_active(live_api):
+    c = live_api.client()
+    pid = c.post("/programs", json=BODY).json()["id"]
+    browser = live_api.client(token=None, cookies={"farm_token": live_api.token})
+    assert 'id="program-reason"' not in browser.get(f"/ui/programs/{pid}").text
+    with live_api.session() as s:
+        from farm.models import Program, ProgramStatus
+
+        p = s.get(Program, pid)
+        p.status, p.status_reason = ProgramStatus.paused, "paused by the scheduler: no model <set>"
+    page = browser.get(f"/ui/programs/{pid}").text
+    assert 'id="program-reason">paused by the scheduler: no model &lt;set&gt;</div>' in page
+
+
 def test_errors(live_api):
     c = live_api.client()
     r = c.post("/programs", json={"instructions": "x"})

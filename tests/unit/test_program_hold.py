@@ -150,3 +150,31 @@ def test_finishing_cancels_a_candidate_still_proposed(toy_farm: list[int]) -> No
             assert exp.status_reason == "its program finished before it ran (reached max_experiments=1)"
     finally:
         sched.close()
+
+
+def test_an_llm_program_without_a_model_is_paused_with_the_reason(toy_farm: list[int],
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by review: {"kind": "llm"} with no FARM_LLM_MODEL stayed active, its calls failing every pass
+    ("LLM Provider NOT provided") with nothing on the dashboard but a call count."""
+    from farm.models import LLMCall
+
+    monkeypatch.delenv("FARM_LLM_MODEL", raising=False)
+    monkeypatch.setenv("FARM_LOOKAHEAD", "3")  # room for more than the baseline: the pass asks for a proposal
+    reset_settings_cache()
+    with session_scope() as s:
+        pid = create_program(s, name="no model", instructions="# x", proposer={"kind": "llm"},
+                             policy={"baseline_runs": 1}).id
+    sched = Scheduler()
+    try:
+        sched.tick()
+        sched.tick()
+    finally:
+        sched.close()
+    with session_scope() as s:
+        prog = s.get(Program, pid)
+        assert prog is not None and prog.status == ProgramStatus.paused
+        assert prog.status_reason == (
+            "paused by the scheduler: its proposer is an LLM but no model is set: give proposer.model in the "
+            "program, or set FARM_LLM_MODEL for the scheduler, then resume it")
+        assert s.execute(select(LLMCall)).first() is None
+    assert _statuses(pid) == ["queued"]  # the baseline still runs: it needs no proposer
