@@ -23,8 +23,13 @@ class Api:
     def __init__(self, url: str | None = None, token: str | None = None, timeout: float = 30.0) -> None:
         s = get_settings()
         self.url = (url or s.resolved_api_url).rstrip("/")
+        self.token_source = "the token you gave"
         if token is None:
-            token = s.api_token.get_secret_value() or _saved_token(s.home)
+            token = s.api_token.get_secret_value()
+            self.token_source = "FARM_API_TOKEN"
+            if not token:
+                token = _saved_token(s.home)
+                self.token_source = f"the token in {s.home / 'api-token'} (kept by `farm up`)"
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         try:
             self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
@@ -47,8 +52,8 @@ class Api:
         except httpx.HTTPError as exc:
             raise CLIError(f"talking to the API at {self.url} failed: {exc}") from None
         if r.status_code == 401:
-            raise CLIError(f"401 unauthorized by {self.url}: set FARM_API_TOKEN to a token from "
-                           "`farm token create NAME`" + (f" ({_detail(r)})" if _detail(r) else ""))
+            raise CLIError(f"401 unauthorized by {self.url}: it refused {self.token_source}; set FARM_API_TOKEN "
+                           "to a token from `farm token create NAME`" + (f" ({_detail(r)})" if _detail(r) else ""))
         if r.status_code >= 400:
             raise CLIError(f"{r.status_code} {r.reason_phrase}: {_detail(r) or r.text[:200]}")
         if r.headers.get("content-type", "").startswith("application/json"):

@@ -43,11 +43,25 @@ def list_() -> None:
 @app.command()
 def revoke(name: Annotated[str, typer.Argument(help="The token's name")]) -> None:
     """Revoke the token called NAME."""
+    from sqlalchemy import select
+
     from farm.db import check_migrated, session_scope
-    from farm.tokens import revoke_token
+    from farm.models import ApiToken
+    from farm.settings import get_settings
+    from farm.tokens import hash_token, revoke_token
 
     check_migrated()
+    saved_file = get_settings().home / "api-token"  # where `farm up` keeps its token for the CLI
+    try:
+        saved = saved_file.read_text().strip()
+    except OSError:
+        saved = ""
     with session_scope() as session:
         if not revoke_token(session, name=name):
             raise CLIError(f"no active token named {name!r}")
+        gone = bool(saved) and session.execute(select(ApiToken.revoked).where(
+            ApiToken.token_hash == hash_token(saved))).scalar_one_or_none() is True
     typer.echo(f"token {name!r} revoked")
+    if gone:  # the CLI read it and got 401 with no hint why (found by review); `farm up` makes a new one
+        saved_file.unlink(missing_ok=True)
+        typer.echo(f"removed {saved_file}, which held it (the next `farm up` creates a new token)")

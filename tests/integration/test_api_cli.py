@@ -88,3 +88,23 @@ def test_leaderboard_and_status_print_brackets_as_text(live_api):
     r = farm("status", **env)
     assert r.returncode == 0, r.stderr[-400:]
     assert "host[1]" in r.stdout and "try [red]x[/red]" in r.stdout, r.stdout
+
+
+def test_revoking_farm_ups_token_removes_the_file_the_cli_reads(live_api):
+    """Found by review: after `farm token revoke farm-up` the CLI still read FARM_HOME/api-token and answered only
+    "401 unauthorized", with no word of where the token came from."""
+    from farm.settings import get_settings
+
+    saved = get_settings().home / "api-token"
+    plain = farm("token", "create", "farm-up").stdout.strip()
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    saved.write_text(plain + "\n")
+    env = {"FARM_API_URL": live_api.url, "FARM_API_TOKEN": ""}
+    assert farm("status", **env).returncode == 0  # the CLI finds farm up's token in the farm home
+    r = farm("token", "revoke", "farm-up")
+    assert r.returncode == 0 and "revoked" in r.stdout and str(saved) in r.stdout, r.stdout
+    assert not saved.exists()
+    saved.write_text(plain + "\n")  # a copy restored by hand, say
+    r = farm("status", **env)
+    assert r.returncode == 1 and f"it refused the token in {saved}" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
