@@ -96,7 +96,14 @@ def page(request: Request, session: Session, settings: Settings, name: str, ctx:
     except LoginRequired:
         target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         return RedirectResponse(f"/login?next={quote(target)}", status_code=status.HTTP_303_SEE_OTHER)
-    return render(request, name, {**ctx(), "viewer": token, "public": settings.public_dashboard})
+    try:
+        built = ctx()
+    except HTTPException as exc:  # a page in a browser: an HTML page, not the API's JSON body (found by review)
+        if exc.status_code != status.HTTP_404_NOT_FOUND:
+            raise
+        return render(request, "not_found.html", {"message": str(exc.detail), "viewer": token,
+                                                  "public": settings.public_dashboard}, code=exc.status_code)
+    return render(request, name, {**built, "viewer": token, "public": settings.public_dashboard})
 
 
 def fragment(request: Request, session: Session, settings: Settings, name: str, ctx: Context) -> Response:

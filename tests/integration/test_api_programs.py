@@ -130,6 +130,13 @@ def test_the_program_page_says_why_it_is_not_active(live_api):
     assert 'id="program-reason">paused by the scheduler: no model &lt;set&gt;</div>' in page
 
 
+def test_a_missing_program_page_is_an_html_page(live_api):
+    browser = live_api.client(token=None, cookies={"farm_token": live_api.token})
+    r = browser.get("/ui/programs/999")
+    assert r.status_code == 404 and r.headers["content-type"].startswith("text/html")
+    assert 'id="not-found"' in r.text and "no program &#39;999&#39;" in r.text and "signed in as" in r.text
+
+
 def test_errors(live_api):
     c = live_api.client()
     r = c.post("/programs", json={"instructions": "x"})
