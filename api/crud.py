@@ -151,7 +151,7 @@ def program_detail(session: Session, *, program: Program) -> schemas.ProgramDeta
     per_hour = session.execute(
         select(func.count()).select_from(Experiment)
         .where(Experiment.program_id == pid, Experiment.finished_at >= hour_ago,
-               Experiment.status != ExperimentStatus.invalid)).scalar_one()
+               Experiment.status.not_in([ExperimentStatus.invalid, ExperimentStatus.cancelled]))).scalar_one()
     return schemas.ProgramDetail(
         **_public(program), counts=_counts(session, Experiment.status, [pid]).get(pid, {}),
         decisions=_counts(session, Experiment.decision, [pid]).get(pid, {}),

@@ -29,7 +29,8 @@ class Api:
             self.token_source = "FARM_API_TOKEN"
             if not token:
                 token = _saved_token(s.home)
-                self.token_source = f"the token in {s.home / 'api-token'} (kept by `farm up`)"
+                self.token_source = (f"the token in {s.home / 'api-token'} (kept by `farm up`)" if token
+                                     else "a request without a token (no FARM_API_TOKEN, no token file)")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         try:
             self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)

@@ -54,6 +54,18 @@ def _publish_all(jobs: Iterable[tuple[int, str, float]], app: Celery | None, set
         publish_experiment(exp_id, hw_class, time_limit=job_time_limit(budget, settings), app=app)
 
 
+def publish_again(experiment_id: int, *, settings: Settings | None = None, app: Celery | None = None) -> None:
+    """A new message for a queued experiment whose message a worker took and did not run (it was shutting down)."""
+    s = settings or get_settings()
+    with session_scope() as session:
+        row = session.execute(select(Experiment.hw_class, Program.time_budget)
+                              .join(Program, Program.id == Experiment.program_id)
+                              .where(Experiment.id == experiment_id, Experiment.status == ExperimentStatus.queued)
+                              ).first()
+    if row is not None:
+        _publish_all([(experiment_id, str(row[0]), float(row[1]))], app or get_celery(), s)
+
+
 _last_db_failure: float | None = None  # monotonic time this process's reaper last failed to reach the database
 
 

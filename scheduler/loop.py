@@ -620,7 +620,8 @@ class Scheduler:
     def _judge(self, s: Session, view: ProgramView, e: Experiment, cfg: PolicyConfig,
                stats: dict[str, int]) -> Callable[[], None] | None:
         p = view.program
-        reps = [r for r in view.exps if r.replicate_of == e.id]
+        # a confirmation its program's stop cancelled never ran: no evidence, and no count against the limit
+        reps = [r for r in view.exps if r.replicate_of == e.id and r.status != S.cancelled]
         if any(r.status in OUTSTANDING for r in reps):
             return None  # confirmation still running
         own = view.value(e)
@@ -644,6 +645,10 @@ class Scheduler:
                 return self._replay(s, view, e, verdict, stats)
             if len(reps) >= 1 + cfg.confirm_runs + 1:  # never more than the policy can ask for
                 verdict = replace(verdict, action="discard", reason=verdict.reason + " (confirmation limit)")
+            elif p.status == ProgramStatus.stopped:
+                # nothing of a stopped program runs again: a confirmation would wait (cancelled) for ever and hold
+                # the verdict; the run stays undecided, as unconfirmed as it is (found by review)
+                return None
             else:
                 self._confirm(s, view, e, reps)
                 stats["confirmations"] += 1
@@ -723,14 +728,17 @@ class Scheduler:
             return
         D, E = DecisionRecord, Experiment
         with session_scope(self.engine) as s:
+            # one note per commit, the judged run's (a confirmation shares its commit and has a record of its own)
             decided = s.execute(select(D.id, E.commit_sha).join(E, E.id == D.experiment_id)
-                                .where(E.commit_sha.is_not(None))).all()
+                                .where(E.commit_sha.is_not(None), E.replicate_of.is_(None))).all()
             missing = [rid for rid, sha in decided if sha not in noted]
             # the statistics (the heavy column) of those only
             todo = [(eid, str(sha), d.value, dict(st or {})) for eid, sha, d, st in s.execute(
                 select(D.experiment_id, E.commit_sha, D.decision, D.statistics).join(E, E.id == D.experiment_id)
                 .where(D.id.in_(missing)))] if missing else []
         for exp_id, sha, decision, st in todo:
+            if decision == "discard" and "replay" in st:
+                decision = "discard (replayed)"
             try:
                 self.lineage.add_note(sha, self._note_text(exp_id, decision, st))
             except LineageError as exc:
@@ -789,7 +797,7 @@ class Scheduler:
                     reason = (f"improved on its parent ({verdict.reason}); head moved to {p.head_commit[:12]}: "
                               f"replayed as #{new.id}")
                     stats["replays"] += 1
-        reps = [r for r in view.exps if r.replicate_of == e.id]
+        reps = [r for r in view.exps if r.replicate_of == e.id and r.status != S.cancelled]
         self._write_decision(s, view, e, Decision.discard, verdict.stats["policy"], reason, st, reps)
         stats["discards"] += 1
         return self._note_step(e, "discard (replayed)" if "replay" in st else "discard", verdict)
@@ -967,6 +975,13 @@ class Scheduler:
 
     def _stop_rules(self, stats: dict[str, int]) -> None:
         with session_scope(self.engine) as s:
+            # a stopped program's run that comes back to the queue (its worker handed it back or died) or an answer
+            # that arrives after the stop: cancelled like what the stop found (found by review: queued for ever,
+            # since no worker claims it and the reconciler does not publish it)
+            for pid in s.execute(select(Experiment.program_id).join(Program, Program.id == Experiment.program_id)
+                                 .where(Program.status == ProgramStatus.stopped,
+                                        Experiment.status.in_([S.proposed, S.queued])).distinct()).scalars():
+                stats["cancelled"] += len(states.cancel_unstarted(s, pid, "its program was stopped before it ran"))
             now = db_now(s)
             for p in s.execute(select(Program).where(Program.status == ProgramStatus.active,
                                                      Program.root_commit.is_not(None))).scalars():

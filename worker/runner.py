@@ -646,6 +646,7 @@ def run_experiment(experiment_id: int, ctx: WorkerContext) -> RunReport:
         # a message taken during the warm shutdown (the one it had just handed back, say): not claimed, so no
         # attempt is recorded and nothing is stopped a moment later; the task puts the message back (found by review)
         log.info("experiment %s: not started, the worker is shutting down", experiment_id)
+        time.sleep(1.0)  # the message goes back to the queue: a worker still consuming does not spin on it
         return RunReport(experiment_id, "declined", "the worker is shutting down")
     with session_scope() as s:
         claimed = states.claim(s, experiment_id, ctx.worker_id)

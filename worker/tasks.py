@@ -8,7 +8,6 @@ import logging
 from typing import Any
 
 from celery import Celery, Task
-from celery.exceptions import Reject
 from sqlalchemy.exc import OperationalError
 
 from farm.broker import RUN_TASK
@@ -40,8 +39,14 @@ def run_experiment(self: Task[Any, Any], experiment_id: Any) -> str:
         # the database is away: a job that ran has reported already or will be reaped;
         # a job not yet claimed is simply tried again later
         raise self.retry(exc=exc, countdown=min(60, 2 ** (self.request.retries + 1))) from exc
-    if status == "declined":  # the worker is shutting down: the message goes back to the queue for another one
-        raise Reject("the worker is shutting down", requeue=True)
+    if status == "declined":  # the worker is shutting down: a new message for another worker (a Celery Reject
+        # did it too, with a traceback in the log that read like a crash); if this fails the reconciler publishes it
+        from farm.recovery import publish_again
+
+        try:
+            publish_again(exp_id)
+        except Exception as exc:  # noqa: BLE001 - the broker or the database away: the reconciler's job then
+            log.warning("experiment %s: not published again (%s); the scheduler's reconciler will", exp_id, exc)
     return status
 
 

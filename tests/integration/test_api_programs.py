@@ -110,8 +110,9 @@ def test_stop_cancels_the_runs_that_have_not_started(live_api):
     got = {e["id"]: (e["status"], e["status_reason"]) for e in c.get(f"/programs/{pid}/experiments").json()["items"]}
     assert got[ids[0]] == got[ids[1]] == ("cancelled", "its program was stopped before it ran")
     assert got[ids[2]][0] == "running"  # a run in flight finishes and is recorded
-    counts = c.get(f"/programs/{pid}").json()["counts"]
-    assert counts == {"cancelled": 2, "running": 1}
+    detail = c.get(f"/programs/{pid}").json()
+    assert detail["counts"] == {"cancelled": 2, "running": 1}
+    assert detail["experiments_per_hour"] == 0  # a cancelled run was not work done (it has a finished_at)
     r = c.get(f"/programs/{pid}/experiments", params={"status": "cancelled"})
     assert r.status_code == 200 and len(r.json()["items"]) == 2
 

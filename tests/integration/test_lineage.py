@@ -264,7 +264,19 @@ def test_a_keep_whose_branch_cannot_move_still_notes_and_the_pass_goes_on(pg_env
         sha = str(kept.commit_sha)
     assert lin.branch_head(slug) == someone and "Decision: keep" in lin.note(sha)
     sched.close()
-    # a note lost with a stopped scheduler is written at the next start
+    # a note lost with a stopped scheduler is written at the next start, the judged run's (a confirmation shares
+    # the commit and has a decision record of its own, written after it)
+    from farm.models import Decision
+
+    with session_scope() as s:
+        conf = Experiment(program_id=kept.program_id, role="confirmation", parent_commit=kept.parent_commit,
+                          commit_sha=sha, files={}, proposer_kind=kept.proposer_kind, description="confirmation",
+                          replicate_of=kept.id, hw_class="cpu", status=ExperimentStatus.succeeded,
+                          decision=Decision.keep)
+        s.add(conf)
+        s.flush()
+        s.add(DecisionRecord(program_id=kept.program_id, experiment_id=conf.id, decision=Decision.keep,
+                             policy="greedy", reason="confirmation", statistics={"mean": 0.5}))
     lin._git("notes", "remove", sha)
     assert lin.note(sha) == ""
     again = Scheduler(publish=lambda i, hw, **kw: None)

@@ -178,3 +178,49 @@ def test_an_llm_program_without_a_model_is_paused_with_the_reason(toy_farm: list
             "program, or set FARM_LLM_MODEL for the scheduler, then resume it")
         assert s.execute(select(LLMCall)).first() is None
     assert _statuses(pid) == ["queued"]  # the baseline still runs: it needs no proposer
+
+
+def test_a_stopped_programs_run_that_comes_back_is_cancelled_and_no_confirmation_is_made(
+        toy_farm: list[int], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by review of the above: a stopped program's run handed back by its worker (or reaped) went back to
+    queued for ever (no worker claims it, the reconciler skips it), and a candidate whose confirmation the stop
+    cancelled got a new confirmation every pass that never ran, holding its verdict."""
+    from farm.recovery import release_runs
+
+    monkeypatch.setenv("FARM_LOOKAHEAD", "0")
+    reset_settings_cache()
+    with session_scope() as s:
+        pid = create_program(s, name="stopped", instructions="# s", policy={"baseline_runs": 1},
+                             proposer={"kind": "manual"}).id
+        make_worker(s, "w1")
+    sched = Scheduler()
+    try:
+        sched.tick()
+        with session_scope() as s:
+            prog = s.get(Program, pid)
+            assert prog is not None and prog.head_commit
+            base = s.execute(select(Experiment).where(Experiment.program_id == pid)).scalar_one()
+            assert states.claim(s, base.id, "w1")
+            assert states.record_result(s, base.id, "w1", S.succeeded, val_bpb=1.0, hw_class="cpu")
+            cand = make_experiment(s, prog, status=S.queued, role=ExperimentRole.candidate,
+                                   parent_commit=prog.head_commit, commit_sha="ab" * 20, seed=7)
+            other = make_experiment(s, prog, status=S.queued, role=ExperimentRole.candidate,
+                                    parent_commit=prog.head_commit, commit_sha="cd" * 20, seed=8)
+            assert states.claim(s, cand.id, "w1") and states.claim(s, other.id, "w1")
+            assert states.record_result(s, cand.id, "w1", S.succeeded, val_bpb=0.95, hw_class="cpu")
+            cand_id, other_id = cand.id, other.id
+        sched.tick()  # 0.95 against 1.0: a confirmation is asked for
+        with session_scope() as s:
+            (conf,) = s.execute(select(Experiment).where(Experiment.replicate_of == cand_id)).scalars()
+            assert conf.status in (S.proposed, S.queued)
+            assert move_program(s, program_id=pid, action="stop")[0]
+        assert release_runs({"w1"}, reason="its worker was shut down") == [other_id]  # handed back: queued
+        for _ in range(3):
+            sched.tick()
+        with session_scope() as s:
+            rows = {e.id: e for e in s.execute(select(Experiment).where(Experiment.program_id == pid)).scalars()}
+            assert rows[other_id].status == S.cancelled
+            assert [e.status for e in rows.values() if e.replicate_of == cand_id] == [S.cancelled]  # no new one
+            assert rows[cand_id].decision is None  # unconfirmed, and left so
+    finally:
+        sched.close()

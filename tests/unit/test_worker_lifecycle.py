@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
-
 from farm import migrate
 from farm.db import session_scope
 from farm.models import Worker
@@ -202,17 +200,16 @@ def test_a_worker_told_to_shut_down_hands_its_run_back_without_a_retry(farm_env,
     # later: a second attempt entry, found by review), and the task puts the message back
     attempts = len(exp.attempts)
     assert runner.run_experiment(exp_id, ctx).status == "declined"
-    from celery.exceptions import Reject
-
     from worker import tasks
 
     class _Task:
         request = type("R", (), {"retries": 0})()
 
     monkeypatch.setattr(lifecycle, "context", lambda: ctx)
-    with pytest.raises(Reject) as rejected:
-        tasks.run_experiment(_Task(), exp_id)  # type: ignore[arg-type]
-    assert rejected.value.requeue
+    published: list[int] = []
+    monkeypatch.setattr("farm.recovery._publish_all", lambda jobs, app, s: published.extend(j[0] for j in jobs))
+    assert tasks.run_experiment(_Task(), exp_id) == "declined"  # type: ignore[arg-type]
+    assert published == [exp_id]  # a new message for the next worker
     with session_scope() as s:
         exp = s.get(Experiment, exp_id)
         assert exp is not None and exp.status == ExperimentStatus.queued and len(exp.attempts) == attempts
