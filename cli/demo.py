@@ -217,21 +217,34 @@ def _plain_changes(snap: Snapshot, seen: dict[int, str], console: Console) -> No
                           markup=False, highlight=False)
 
 
-def leaderboard(program_id: int, top: int = 10) -> list[dict[str, Any]]:
+def leaderboard(program_id: int, top: int | None = None) -> tuple[list[dict[str, Any]], int]:
+    """The program's measured changes (one row per commit: its runs, confirmations included, and their mean),
+    lowest mean first; and how many there are. Ranked run by run, a discarded candidate whose one fast run was
+    luck headed the board (found by review)."""
+    from statistics import fmean
+
     from sqlalchemy import select
 
     from farm.db import session_scope
     from farm.models import Experiment, ExperimentStatus, Result
 
     with session_scope() as s:
-        stmt = (select(Experiment, Result).join(Result, Result.experiment_id == Experiment.id)
-                .where(Experiment.program_id == program_id, Experiment.status == ExperimentStatus.succeeded,
-                       Result.val_bpb.is_not(None))
-                .order_by(Result.val_bpb, Experiment.id).limit(top))
-        return [{"id": e.id, "role": e.role.value, "val_bpb": r.val_bpb, "decision": e.decision.value if e.decision else "",
-                 "commit": (e.commit_sha or e.parent_commit or "")[:7], "steps": r.num_steps,
-                 "description": " ".join((e.description or "").split())}
-                for e, r in s.execute(stmt).all()]
+        rows = s.execute(select(Experiment, Result.val_bpb).join(Result, Result.experiment_id == Experiment.id)
+                         .where(Experiment.program_id == program_id, Experiment.status == ExperimentStatus.succeeded,
+                                Result.val_bpb.is_not(None)).order_by(Experiment.id)).all()
+        changes: dict[str, dict[str, Any]] = {}
+        for e, val in rows:
+            key = e.commit_sha or f"experiment {e.id}"
+            c = changes.setdefault(key, {"id": e.id, "role": e.role.value, "runs": [], "decision": "",
+                                         "commit": (e.commit_sha or e.parent_commit or "")[:7],
+                                         "description": " ".join((e.description or "").split())})
+            c["runs"].append(float(val))
+            if e.replicate_of is None and e.decision is not None:
+                c["decision"] = e.decision.value  # the judged run's verdict is the change's
+    board = sorted(changes.values(), key=lambda c: (fmean(c["runs"]), c["id"]))
+    for c in board:
+        c["val_bpb"] = fmean(c["runs"])
+    return board[:top] if top is not None else board, len(board)
 
 
 def write_outputs(program_id: int, out: Path) -> tuple[list[Path], list[dict[str, Any]]]:
@@ -244,22 +257,25 @@ def write_outputs(program_id: int, out: Path) -> tuple[list[Path], list[dict[str
         program = s.get(Program, program_id)
         assert program is not None
         paths = list(reports.export(s, program, out))
-    board = leaderboard(program_id)
-    lines = ["rank\tval_bpb\tdecision\trole\texperiment\tcommit\tdescription"]
-    lines += [f"{i}\t{r['val_bpb']:.6f}\t{r['decision'] or '-'}\t{r['role']}\t{r['id']}\t{r['commit']}\t{r['description']}"
-              for i, r in enumerate(board, 1)]
+    board, _ = leaderboard(program_id)
+    lines = ["rank\tval_bpb_mean\truns\tdecision\trole\texperiment\tcommit\tdescription"]
+    lines += [f"{i}\t{r['val_bpb']:.6f}\t{len(r['runs'])}\t{r['decision'] or '-'}\t{r['role']}\t{r['id']}\t"
+              f"{r['commit']}\t{r['description']}" for i, r in enumerate(board, 1)]
     board_path = out / "leaderboard.tsv"
     board_path.write_text("\n".join(lines) + "\n")
     return [*paths, board_path], board
 
 
-def leaderboard_table(board: list[dict[str, Any]]) -> Table:
-    table = Table(title="leaderboard (lowest val_bpb first)")
-    for col in ("rank", "val_bpb", "decision", "role", "#", "description"):
+def leaderboard_table(board: list[dict[str, Any]], top: int = 10) -> Table:
+    shown = board[:top]
+    table = Table(title=f"leaderboard: {len(shown)} of {len(board)} measured changes, lowest mean val_bpb first "
+                        "(all in leaderboard.tsv)" if len(board) > top else
+                        "leaderboard: measured changes, lowest mean val_bpb first")
+    for col in ("rank", "val_bpb", "runs", "decision", "role", "#", "description"):
         table.add_column(col)
-    for i, r in enumerate(board, 1):
-        table.add_row(str(i), f"{r['val_bpb']:.4f}", r["decision"] or "-", r["role"], str(r["id"]),
-                      Text(r["description"][:70]))
+    for i, r in enumerate(shown, 1):
+        table.add_row(str(i), f"{r['val_bpb']:.4f}", str(len(r["runs"])), r["decision"] or "-", r["role"],
+                      str(r["id"]), Text(r["description"][:70]))
     return table
 
 
@@ -324,6 +340,9 @@ def run_demo(*, minutes: float, budget: float, out: Path, workers: int) -> int:
                   + ", ".join(f"{k} {v}" for k, v in sorted(snap.counts.items())))
     if snap.first_val_bpb is not None and snap.best_val_bpb is not None:
         console.print(f"val_bpb {snap.first_val_bpb:.4f} (first baseline) -> {snap.best_val_bpb:.4f} (best kept)")
+    elif snap.first_val_bpb is not None:  # said plainly: the board's first line may still be a discarded change
+        console.print("no change was kept: none beat the baseline by more than the measured noise "
+                      "(docs/policy.md); the head is still the template")
     console.print(f"outputs in [bold]{escape(str(out))}[/]: " + escape(", ".join(p.name for p in paths)))
     console.print(escape(f"the farm repository is {settings.repo_dir} (branch {snap.program['branch']})"))
     if farm.failed:

@@ -179,7 +179,7 @@ def progress_figure(rows: list[Row], title: str) -> Figure:
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("experiment")
+    ax.set_xlabel("run, in results.tsv order (not the experiment id)")
     ax.set_ylabel("val_bpb (lower is better)")
     # the title carries the program's name, which a person typed: `$...$` in it is text, not mathtext
     # (an unbalanced or unknown one made the render raise)
@@ -200,7 +200,7 @@ def progress_image(session: Session, program: Program, fmt: str = "png") -> byte
     if fmt not in ("png", "svg"):
         raise ValueError("fmt must be 'png' or 'svg'")
     rows = result_rows(session, program)
-    fig = progress_figure(rows, f"{program.name}: {len(rows)} runs")
+    fig = progress_figure(rows, f"{program.name}: {len(rows)} runs in results.tsv")
     buf = io.BytesIO()
     with matplotlib.rc_context({"svg.hashsalt": "researchfarm", "svg.fonttype": "none"}):
         fig.savefig(buf, format=fmt, metadata={"Date": None} if fmt == "svg" else {"Software": None})

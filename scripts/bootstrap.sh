@@ -25,7 +25,10 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
-stamp=".venv/.installed-$want-$(cat pyproject.toml | sha256sum | cut -c1-16)"
+hash="$(cat pyproject.toml | sha256sum | cut -c1-16)"
+stamp=".venv/.installed-$want-$hash"
+# a dev install holds everything a demo needs: `make demo` after `make test` installs nothing (and needs no network)
+if [ "$want" = demo ] && [ -f ".venv/.installed-dev-$hash" ]; then stamp=".venv/.installed-dev-$hash"; fi
 if [ ! -f "$stamp" ]; then
   .venv/bin/pip install -q --upgrade pip
   # the local CPU wheel: a plain `torch` requirement would pull a multi-GB CUDA build
