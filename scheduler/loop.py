@@ -77,7 +77,8 @@ log = logging.getLogger("farm.scheduler")
 S = ExperimentStatus
 OUTSTANDING = (S.proposed, S.queued, S.running)
 ACTIVE_RUN = (S.queued, S.running)
-NOT_RUN = (S.proposed, S.invalid, S.cancelled)  # what max_experiments does not count
+NOT_RUN = (S.proposed, S.invalid, S.cancelled)
+GC_EVERY = 1000  # candidate commits between two `git gc --auto` (cheap when there is nothing to pack)  # what max_experiments does not count
 Publish = Callable[..., None]
 RECONCILE_EVERY = 30.0
 DECISION_LIST_MAX = 1000  # runs to judge named in the load's IN lists; a longer backlog is selected by subqueries
@@ -172,7 +173,8 @@ class Scheduler:
         # crashed experiment -> (repair depth, worth a repair): what a crash offers a repair never changes (crashed
         # is final, its result is written with it, only this scheduler adds repairs), so it is read once
         self._crashes: dict[int, tuple[int, bool]] = {}
-        self._to_pause: dict[int, str] = {}  # programs whose proposer cannot be made: paused at the end of the pass
+        self._to_pause: dict[int, str] = {}
+        self._since_gc = 0  # candidate commits since the repository was last offered `git gc --auto`  # programs whose proposer cannot be made: paused at the end of the pass
         self.stop_event = threading.Event()
         self._started = False
         self._next_reconcile = 0.0
@@ -1213,6 +1215,10 @@ class Scheduler:
                      "Farm-Program": programs[e.program_id].slug, "Farm-Experiment": str(e.id),
                      "Farm-Proposer": e.proposer_kind, "Farm-Role": e.role.value}))
                 for e in uncommitted])
+            self._since_gc += sum(1 for sha in made if isinstance(sha, str))
+            if self._since_gc >= GC_EVERY:  # in the notes' thread: off the pass, never beside a note write
+                self._since_gc = 0
+                self._notes.append(self._note_writer.submit(self.lineage.maintain))
             for e, sha in zip(uncommitted, made, strict=True):
                 if isinstance(sha, LineageUnavailable):  # a moment's trouble (found by review: stored invalid for
                     # good when the repository was away for one pass): proposed still, committed on a later pass

@@ -316,8 +316,34 @@ def test_a_candidate_the_repository_could_not_take_stays_proposed_and_is_queued_
     assert waiting and all(st == ExperimentStatus.proposed and sha is None for _, st, sha in waiting), waiting
     assert not {i for i, _, _ in waiting} & set(published)
     monkeypatch.setattr(sched.lineage, "commit_candidates", real)
+    maintained: list[int] = []
+    monkeypatch.setattr("scheduler.loop.GC_EVERY", 1)
+    monkeypatch.setattr(sched.lineage, "maintain", lambda: maintained.append(1))
     sched.tick()
+    sched.flush_notes()
+    assert maintained  # the repository is offered `git gc --auto` once GC_EVERY commits are made
     done = {i: (st, sha) for i, st, sha in candidates()}
     for i, _, _ in waiting:
         assert done[i][0] == ExperimentStatus.queued and done[i][1] and i in published
     sched.close()
+
+
+def test_maintain_packs_the_loose_objects(tmp_path):
+    """Three or more loose objects per candidate and nothing packed them; the scheduler offers `git gc --auto`
+    every GC_EVERY commits (here git's threshold is lowered so a few hundred commits reach it: git estimates the
+    loose objects from one of its 256 folders)."""
+    lin = Lineage(tmp_path / "repo")
+    lin._git("config", "gc.auto", "1")
+    root = _root(lin)
+    shas = [lin.commit_candidate("p", i, {"train.py": f"A = {i}\n"}, parent=root, message=f"c{i}\n")
+            for i in range(1, 400)]
+
+    def loose() -> int:
+        return sum(1 for d in (tmp_path / "repo" / "objects").iterdir() if len(d.name) == 2 for _ in d.iterdir())
+
+    before = loose()
+    assert before > 20
+    lin.maintain()
+    assert loose() < before // 2
+    assert [lin.files_at(s, ["train.py"]) for s in shas[:3]] == [{"train.py": f"A = {i}\n"} for i in (1, 2, 3)]
+    assert lin.commit_candidate("p", 400, {"train.py": "A = 400\n"}, parent=shas[-1], message="after\n")
