@@ -65,14 +65,28 @@ def test_single_writer_lock(tmp_path):
     b.release()
 
 
+def _run_all(val: float) -> None:
+    """Every queued run claimed by w1 and succeeded: baselines at 1.0, the rest at `val`."""
+    from sqlalchemy import select
+
+    from farm.db import session_scope
+    from farm.models import Experiment, ExperimentStatus
+    from farm.states import claim, record_result
+
+    with session_scope() as s:
+        for e in s.execute(select(Experiment).where(Experiment.status == ExperimentStatus.queued)).scalars():
+            assert claim(s, e.id, "w1")
+            v = val if e.role.value != "baseline" else 1.0
+            assert record_result(s, e.id, "w1", ExperimentStatus.succeeded, val_bpb=v, hw_class="cpu")
+
+
 def test_crash_between_database_and_git_is_repaired_on_restart(pg_env, tmp_path, monkeypatch):
     """A keep commits the new head to the database, then the process dies before moving the ref."""
     from sqlalchemy import select
 
     from farm.db import session_scope
-    from farm.models import Experiment, ExperimentStatus, Program
+    from farm.models import Program
     from farm.programs import create_program
-    from farm.states import claim, record_result
     from scheduler.loop import Scheduler
     from tests.factories import make_worker
     from tests.toy_template import install
@@ -83,18 +97,11 @@ def test_crash_between_database_and_git_is_repaired_on_restart(pg_env, tmp_path,
         create_program(s, name="crash", instructions="# go", policy={"kind": "greedy", "baseline_runs": 1})
         make_worker(s, "w1")
 
-    def run_all(val: float) -> None:
-        with session_scope() as s:
-            for e in s.execute(select(Experiment).where(Experiment.status == ExperimentStatus.queued)).scalars():
-                assert claim(s, e.id, "w1")
-                v = val if e.role.value != "baseline" else 1.0
-                assert record_result(s, e.id, "w1", ExperimentStatus.succeeded, val_bpb=v, hw_class="cpu")
-
     sched = Scheduler(publish=lambda i, hw, **kw: published.append(i))
     sched.tick()  # branch + baseline queued
-    run_all(1.0)
+    _run_all(1.0)
     sched.tick()  # baseline decided, a mutation candidate queued
-    run_all(0.9)
+    _run_all(0.9)
 
     def die(slug: str, new: str) -> None:
         raise SystemExit("killed between the database and git writes")
@@ -227,7 +234,6 @@ def test_a_keep_whose_branch_cannot_move_still_notes_and_the_pass_goes_on(pg_env
     from farm.db import session_scope
     from farm.models import DecisionRecord, Experiment, ExperimentStatus, Program
     from farm.programs import create_program
-    from farm.states import claim, record_result
     from scheduler.loop import Scheduler
     from tests.factories import make_worker
     from tests.toy_template import install
@@ -237,18 +243,11 @@ def test_a_keep_whose_branch_cannot_move_still_notes_and_the_pass_goes_on(pg_env
         create_program(s, name="diverged", instructions="# go", policy={"kind": "greedy", "baseline_runs": 1})
         make_worker(s, "w1")
 
-    def run_all(val: float) -> None:
-        with session_scope() as s:
-            for e in s.execute(select(Experiment).where(Experiment.status == ExperimentStatus.queued)).scalars():
-                assert claim(s, e.id, "w1")
-                v = val if e.role.value != "baseline" else 1.0
-                assert record_result(s, e.id, "w1", ExperimentStatus.succeeded, val_bpb=v, hw_class="cpu")
-
     sched = Scheduler(publish=lambda i, hw, **kw: None)
     sched.tick()
-    run_all(1.0)
+    _run_all(1.0)
     sched.tick()
-    run_all(0.9)
+    _run_all(0.9)
     with session_scope() as s:
         p = s.execute(select(Program)).scalar_one()
         slug, root = p.slug, p.root_commit
