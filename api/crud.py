@@ -30,7 +30,7 @@ from farm.models import (
     Worker,
 )
 from farm.programs import create_program, head_files
-from farm.states import cancel_unstarted
+from farm.states import HELD_PROGRAMS, cancel_unstarted
 from farm.stats import baseline_val_bpb, baseline_val_bpbs, program_noise, run_commit
 
 SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{0,99}$")
@@ -346,8 +346,11 @@ def metrics_text(session: Session, *, heartbeat_interval: float) -> str:
                                 .group_by(Experiment.program_id, Experiment.status)).all()
     family("farm_experiments", "gauge", "Experiments by program and status.",
            [({"program": slugs.get(p, str(p)), "status": s.value}, float(n)) for p, s, n in by_status])
+    # a paused program's queued runs wait for its resume, not for a worker (farm/states.py HELD_PROGRAMS)
     queued = session.execute(select(Experiment.hw_class, func.count())
-                             .where(Experiment.status == ExperimentStatus.queued)
+                             .join(Program, Program.id == Experiment.program_id)
+                             .where(Experiment.status == ExperimentStatus.queued,
+                                    Program.status.not_in(HELD_PROGRAMS))
                              .group_by(Experiment.hw_class)).all()
     family("farm_queue_depth", "gauge", "Queued experiments waiting for a worker, by hardware class.",
            [({"hw_class": h}, float(n)) for h, n in queued])

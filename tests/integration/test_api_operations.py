@@ -104,6 +104,9 @@ def test_metrics(live_api):
     assert 'farm_llm_spend_usd_total{program="m"} 1.5' in text
     assert "# TYPE farm_queue_depth gauge" in text
     assert live_api.client(token=None).get("/metrics").status_code == 401
+    assert c.post(f"/programs/{pid}/pause").status_code == 200  # its queued runs wait for the resume, not a worker
+    text = c.get("/metrics").text
+    assert 'farm_queue_depth{hw_class="cpu"}' not in text and 'farm_experiments{program="m",status="queued"} 3' in text
 
 
 def test_the_api_pages_the_docs_name_are_served(live_api):
