@@ -498,10 +498,21 @@ def _remove_run_files(ctx: WorkerContext, workdir: Path) -> None:
     disk.end_run(ctx.compile_cache, ctx.limits.compile_cache_mb)
 
 
+def run_log_path(logs_dir: Path, experiment_id: int, retry: int) -> Path:
+    """experiment-<id>-r<retry>.log, or -2, -3, ... after it when that exists: a run handed back at a shutdown
+    starts again with the same retry count, and its second start wrote over the first one's log."""
+    path = logs_dir / f"experiment-{experiment_id}-r{retry}.log"
+    n = 1
+    while path.exists():
+        n += 1
+        path = logs_dir / f"experiment-{experiment_id}-r{retry}-{n}.log"
+    return path
+
+
 def _execute(ctx: WorkerContext, job: Job, workdir: Path) -> Execution:
     t0 = time.perf_counter()
     s = ctx.settings
-    log_path = s.logs_dir / f"experiment-{job.id}-r{job.retry}.log"
+    log_path = run_log_path(s.logs_dir, job.id, job.retry)
     try:
         wd = materialise(template_dir(job.template), workdir, job.files, job.editable,
                          expected_digest=job.template_digest)

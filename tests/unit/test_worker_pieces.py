@@ -424,3 +424,18 @@ def test_a_stop_waits_for_the_tree_to_release_its_compile_cache_lock_but_not_for
     assert 0.6 <= held(1.5, 60.0) <= 1.8
     # a lock kept past the deferral's end: stopped anyway, 0.5 s after the stop was first wanted
     assert 1.8 <= held(5.0, 0.5) <= 2.4
+
+
+def test_a_run_started_again_after_a_hand_back_keeps_the_first_starts_log(tmp_path):
+    """A run handed back at a shutdown keeps its retry count: its second start wrote over the first one's log."""
+    from worker.runner import run_log_path
+
+    first = run_log_path(tmp_path, 20, 0)
+    assert first.name == "experiment-20-r0.log"
+    first.write_text("first start\n")
+    second = run_log_path(tmp_path, 20, 0)
+    assert second.name == "experiment-20-r0-2.log"
+    second.write_text("second start\n")
+    assert run_log_path(tmp_path, 20, 0).name == "experiment-20-r0-3.log"
+    assert run_log_path(tmp_path, 20, 1).name == "experiment-20-r1.log"
+    assert first.read_text() == "first start\n"
