@@ -642,15 +642,18 @@ class Scheduler:
         prior = self._prior_deltas(s, p.id, e.id) if e.proposer_kind == "replay" else []  # only replays have
         verdict = judge(cfg, runs, parent_runs, view.sigma(cfg), prior)
         head_moved = p.head_commit != e.parent_commit
+        replay = head_moved and (verdict.action == "keep" or (
+            verdict.action == "confirm" and not verdict.stats["sanity"] and e.role == ExperimentRole.candidate))
+        confirm = verdict.action == "confirm" and not replay and len(reps) < 1 + cfg.confirm_runs + 1
+        if (replay or confirm) and p.status == ProgramStatus.stopped:
+            # nothing of a stopped program runs again: a confirmation or a replay would wait (cancelled) for ever and
+            # hold the verdict; the run stays undecided, as unconfirmed as it is (found by review)
+            return None
         if verdict.action == "confirm":
             if head_moved and not verdict.stats["sanity"] and e.role == ExperimentRole.candidate:
                 return self._replay(s, view, e, verdict, stats)
             if len(reps) >= 1 + cfg.confirm_runs + 1:  # never more than the policy can ask for
                 verdict = replace(verdict, action="discard", reason=verdict.reason + " (confirmation limit)")
-            elif p.status == ProgramStatus.stopped:
-                # nothing of a stopped program runs again: a confirmation would wait (cancelled) for ever and hold
-                # the verdict; the run stays undecided, as unconfirmed as it is (found by review)
-                return None
             else:
                 self._confirm(s, view, e, reps)
                 stats["confirmations"] += 1

@@ -224,3 +224,39 @@ def test_a_stopped_programs_run_that_comes_back_is_cancelled_and_no_confirmation
             assert rows[cand_id].decision is None  # unconfirmed, and left so
     finally:
         sched.close()
+
+
+def test_a_stopped_program_makes_no_replay(toy_farm: list[int]) -> None:
+    """A kept-worthy candidate of a stopped program whose parent is no longer the head: a replay would be a run
+    that never runs (cancelled each pass); it stays undecided instead."""
+    with session_scope() as s:
+        pid = create_program(s, name="replayless", instructions="# r", policy={"kind": "greedy", "baseline_runs": 1},
+                             proposer={"kind": "manual"}).id
+        make_worker(s, "w1")
+    sched = Scheduler()
+    try:
+        sched.tick()
+        with session_scope() as s:
+            prog = s.get(Program, pid)
+            assert prog is not None and prog.head_commit
+            rows = [(ExperimentRole.baseline, prog.head_commit, prog.head_commit, 1.0),
+                    (ExperimentRole.candidate, prog.head_commit, "ef" * 20, 0.99),  # a sibling's parent, never head
+                    (ExperimentRole.candidate, "ef" * 20, "ab" * 20, 0.90)]
+            base = s.execute(select(Experiment).where(Experiment.program_id == pid)).scalar_one()
+            ids = [base.id]
+            for role, parent, sha, _ in rows[1:]:
+                ids.append(make_experiment(s, prog, status=S.queued, role=role, parent_commit=parent,
+                                           commit_sha=sha).id)
+            for i, (*_, val) in zip(ids, rows, strict=True):
+                assert states.claim(s, i, "w1")
+                assert states.record_result(s, i, "w1", S.succeeded, val_bpb=val, hw_class="cpu")
+            s.execute(update(Experiment).where(Experiment.id == ids[1]).values(decision="discard"))
+            assert move_program(s, program_id=pid, action="stop")[0]
+        sched.tick()
+        sched.tick()
+        with session_scope() as s:
+            assert s.get(Experiment, ids[2]).decision is None  # type: ignore[union-attr]
+            assert not s.execute(select(Experiment).where(Experiment.program_id == pid,
+                                                          Experiment.proposer_kind == "replay")).first()
+    finally:
+        sched.close()
