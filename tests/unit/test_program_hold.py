@@ -180,6 +180,16 @@ def test_an_llm_program_without_a_model_is_paused_with_the_reason(toy_farm: list
     assert _statuses(pid) == ["queued"]  # the baseline still runs: it needs no proposer
 
 
+def _manual_program_started(name: str, policy: dict[str, Any]) -> tuple[int, Scheduler]:
+    """A program only people propose to, a worker w1, and a scheduler that has run one pass (root, baseline)."""
+    with session_scope() as s:
+        pid = create_program(s, name=name, instructions="# x", policy=policy, proposer={"kind": "manual"}).id
+        make_worker(s, "w1")
+    sched = Scheduler()
+    sched.tick()
+    return pid, sched
+
+
 def test_a_stopped_programs_run_that_comes_back_is_cancelled_and_no_confirmation_is_made(
         toy_farm: list[int], monkeypatch: pytest.MonkeyPatch) -> None:
     """Found by review of the above: a stopped program's run handed back by its worker (or reaped) went back to
@@ -189,13 +199,8 @@ def test_a_stopped_programs_run_that_comes_back_is_cancelled_and_no_confirmation
 
     monkeypatch.setenv("FARM_LOOKAHEAD", "0")
     reset_settings_cache()
-    with session_scope() as s:
-        pid = create_program(s, name="stopped", instructions="# s", policy={"baseline_runs": 1},
-                             proposer={"kind": "manual"}).id
-        make_worker(s, "w1")
-    sched = Scheduler()
+    pid, sched = _manual_program_started("stopped", {"baseline_runs": 1})
     try:
-        sched.tick()
         with session_scope() as s:
             prog = s.get(Program, pid)
             assert prog is not None and prog.head_commit
@@ -229,13 +234,8 @@ def test_a_stopped_programs_run_that_comes_back_is_cancelled_and_no_confirmation
 def test_a_stopped_program_makes_no_replay(toy_farm: list[int]) -> None:
     """A kept-worthy candidate of a stopped program whose parent is no longer the head: a replay would be a run
     that never runs (cancelled each pass); it stays undecided instead."""
-    with session_scope() as s:
-        pid = create_program(s, name="replayless", instructions="# r", policy={"kind": "greedy", "baseline_runs": 1},
-                             proposer={"kind": "manual"}).id
-        make_worker(s, "w1")
-    sched = Scheduler()
+    pid, sched = _manual_program_started("replayless", {"kind": "greedy", "baseline_runs": 1})
     try:
-        sched.tick()
         with session_scope() as s:
             prog = s.get(Program, pid)
             assert prog is not None and prog.head_commit
