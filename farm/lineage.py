@@ -43,6 +43,17 @@ from farm.db import SchedulerLockHeld
 log = logging.getLogger(__name__)
 
 AUTHOR = ("researchfarm", "farm@researchfarm.invalid")
+FSYNC_CONFIG = ("-c", "core.fsync=committed", "-c", "core.fsyncMethod=fsync")  # git >= 2.36; older git ignores it
+
+
+def _fsync_file(path: Path) -> None:
+    """fsync a file and the directory that names it (a rename is durable only once its directory is)."""
+    for target, flags in ((path, os.O_RDONLY), (path.parent, os.O_RDONLY | os.O_DIRECTORY)):
+        fd = os.open(target, flags)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 class LineageError(RuntimeError):
@@ -125,9 +136,10 @@ class Lineage:
     # ---- low level ----
     def _git(self, *args: str, stdin: str | None = None, env: dict[str, str] | None = None,
              check: bool = True) -> subprocess.CompletedProcess[str]:
+        # core.fsync: objects and refs written by git itself (update-ref, notes) reach the disk before it exits
         full_env = {**os.environ, "GIT_AUTHOR_NAME": AUTHOR[0], "GIT_AUTHOR_EMAIL": AUTHOR[1],
                     "GIT_COMMITTER_NAME": AUTHOR[0], "GIT_COMMITTER_EMAIL": AUTHOR[1], **(env or {})}
-        r = subprocess.run(["git", "--git-dir", str(self.path), *args], input=stdin, capture_output=True,
+        r = subprocess.run(["git", "--git-dir", str(self.path), *FSYNC_CONFIG, *args], input=stdin, capture_output=True,
                            text=True, env=full_env, timeout=60)
         if check and r.returncode != 0:
             raise LineageError(f"git {args[0]} failed: {r.stderr.strip() or r.stdout.strip()}")
@@ -174,7 +186,13 @@ class Lineage:
 
     # ---- objects, written in-process ----
     def _store(self, kind: bytes, data: bytes) -> bytes:
-        return bytes(self._loose.store(IStream(kind, len(data), io.BytesIO(data))).binsha)
+        """Write one loose object and make it durable: the database records a candidate's commit right after
+        this returns, so an object still in the page cache at a power cut would leave a queued experiment whose
+        commit no longer exists (gitdb writes a temp file and renames it, with no fsync)."""
+        binsha = bytes(self._loose.store(IStream(kind, len(data), io.BytesIO(data))).binsha)
+        hexsha = binsha.hex()
+        _fsync_file(self.path / "objects" / hexsha[:2] / hexsha[2:])
+        return binsha
 
     def _read(self, binsha: bytes, kind: bytes) -> bytes:
         with self._read_lock:  # one `git cat-file --batch` pipe per repository object
@@ -314,6 +332,7 @@ class Lineage:
             try:  # a new ref, created with a lock file and a rename (GitPython), never over an existing one
                 with self._read_lock:  # GitPython may look the object up through the shared cat-file pipe
                     git.Reference.create(self.repo, ref, sha, force=False)
+                _fsync_file(self.path / ref)  # the ref keeps the commit reachable (gc prunes what none reaches)
                 return sha
             except OSError:
                 existing = self._ref_in_process(ref)

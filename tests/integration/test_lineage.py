@@ -346,3 +346,32 @@ def test_maintain_packs_the_loose_objects(tmp_path):
     assert loose() < before // 2
     assert [lin.files_at(s, ["train.py"]) for s in shas[:3]] == [{"train.py": f"A = {i}\n"} for i in (1, 2, 3)]
     assert lin.commit_candidate("p", 400, {"train.py": "A = 400\n"}, parent=shas[-1], message="after\n")
+
+
+def test_a_candidates_objects_and_ref_are_on_disk_before_it_is_returned(tmp_path, monkeypatch):
+    """The database records a candidate's commit as soon as commit_candidate returns: its objects (and the ref
+    that keeps them from gc) must be fsynced by then, or a power cut leaves a queued experiment whose commit is
+    gone. gitdb writes loose objects with a rename and no fsync."""
+    import os
+
+    lin = Lineage(tmp_path / "repo")
+    root = _root(lin)
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    sha = lin.commit_candidate("p", 7, {"train.py": "A = 7\nB = 2\nC = 3\n"}, parent=root, message="A = 7\n")
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    objects = lin._git("rev-list", "--objects", "--no-object-names", sha, f"^{root}").stdout.split()
+    assert len(objects) == 3  # the commit, its tree, the new train.py blob
+    for obj in objects:
+        path = str((tmp_path / "repo" / "objects" / obj[:2] / obj[2:]).resolve())
+        assert path in synced and os.path.dirname(path) in synced, obj
+    ref = str((tmp_path / "repo" / candidate_ref("p", 7)).resolve())
+    assert ref in synced and os.path.dirname(ref) in synced
+    assert synced.index(ref) > max(synced.index(str((tmp_path / "repo" / "objects" / o[:2] / o[2:]).resolve()))
+                                   for o in objects)  # the ref only after what it points at
