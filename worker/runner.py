@@ -400,7 +400,7 @@ def _spawn(ctx: WorkerContext, job: Job, workdir: Path, wd: Any, log_path: Path,
     try:
         if turn is not None:
             if exclusive:  # waiting for the other run to end (minutes): keep the claim's heartbeat fresh
-                beat, next_beat = _heartbeat(ctx, job.id), time.monotonic() + s.heartbeat_interval
+                beat, next_beat = _heartbeat(ctx, job.id), time.monotonic()  # at once: see supervise's first beat
                 while not turn.wait_open(timeout=min(1.0, s.heartbeat_interval)):  # (1 s: a shutdown is seen soon)
                     if ctx.stopping:
                         return _Spawned(ChildRun(killed="shutdown"), nonce, time.perf_counter())

@@ -248,7 +248,10 @@ def supervise(argv: Sequence[str], *, env: dict[str, str], cwd: Path, log_path: 
     reader = _Reader(os.dup(proc.stdout.fileno()), log_path, log_cap, run.progress, append=append_log)
     proc.stdout.close()
     reader.start()
-    next_tick = start + tick_every
+    # the first beat at once: the run's previous beat came from the process before this one (the training process
+    # before the isolated evaluation, the wait for the device before training), up to an interval ago; a first beat
+    # an interval later left a gap past the reaper's 2 x interval, and a live run was re-queued (found by review)
+    next_tick = start
     next_mem = start
     held_since: float | None = None
     next_stop = start

@@ -7,6 +7,7 @@ import ast
 import hashlib
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -158,6 +159,20 @@ def test_log_cap_reports_truncation_wherever_the_cap_falls(tmp_path, total):
     assert run.log_truncated and run.log_bytes == cap
     text = (tmp_path / "out.log").read_bytes()
     assert len(text) <= cap + 200 and text.rstrip().endswith(b"was discarded]")
+
+
+def test_a_supervised_process_beats_as_soon_as_it_starts(tmp_path):
+    """Found by review: the first beat of a supervised process came a whole interval after its start, so across the
+    hand-off from the training process to the isolated evaluation the claim went up to 2 x interval + the hand-off
+    without a beat, past the reaper's cut-off: a live run was re-queued and its evaluation killed. A claim lost
+    before the first interval is over must now be seen at once (with the old first beat this run timed out)."""
+    from worker.supervise import supervise
+
+    ticks: list[float] = []
+    run = supervise(["sleep", "60"], env={"PATH": "/usr/bin:/bin"}, cwd=tmp_path, log_path=tmp_path / "out.log",
+                    wall_limit=20, memory_mb=0, log_cap=1 << 20, tick_every=3600,
+                    on_tick=lambda progress: bool(ticks.append(time.monotonic())))
+    assert run.killed == "claim_lost" and len(ticks) == 1
 
 
 def test_a_log_that_cannot_be_written_does_not_stop_the_output_being_read(tmp_path):
