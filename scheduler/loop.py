@@ -35,7 +35,7 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, and_, exists, func, or_, select, union, update
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, defer
 
 from farm import states
@@ -63,7 +63,7 @@ from farm.models import (
     Worker,
     utcnow,
 )
-from farm.recovery import job_time_limit
+from farm.recovery import job_time_limit, note_database_failure
 from farm.settings import Settings, get_settings
 from farm.templates import template_files
 from scheduler.llm import CallRecord, LLMConfig, LLMProposer
@@ -225,8 +225,17 @@ class Scheduler:
     def tick(self) -> dict[str, int]:
         """One pass; returns counters for logs and tests."""
         self.start()
-        if self.db_lock.check():  # taken back after losing it: another scheduler may have repaired crashes
+        try:
+            retaken = self.db_lock.check()
+        except DBAPIError:
+            note_database_failure()  # an outage seen here, before the reaper: it reaps nothing for its grace after it
+            raise
+        if retaken:  # taken back after losing it: another scheduler may have repaired crashes
             self._crashes = {}
+            # the lock's session was lost (a network cut, a failover: not always a restart the reaper can see), and
+            # the workers' heartbeats may have failed all that time: the reaper's grace runs from now (found by review:
+            # the first pass after a long outage re-queued every run in flight)
+            note_database_failure()
         stats: dict[str, int] = defaultdict(int)
         phases: list[tuple[str, Callable[[], None]]] = [
             ("recover", lambda: self._recover(stats)), ("init", self._init_programs),

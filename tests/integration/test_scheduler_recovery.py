@@ -91,3 +91,42 @@ def test_one_scheduler_per_postgres_database_and_the_lock_survives_a_lost_sessio
     finally:
         second.close()
         first.close()
+
+
+def test_a_pass_after_the_lock_session_was_lost_does_not_reap_runs_whose_beats_the_outage_stopped(
+        pg_env, redis_url, tmp_path, monkeypatch):
+    """Found by review: a database outage that is not a Postgres restart (a network cut, a failover) made check()
+    raise on every pass, before the reaper, so nothing noted the outage; when the database came back the first
+    pass took the lock again and reaped every run in flight (their heartbeats had failed all along), each counting
+    a retry. Taking the lock back now starts the reaper's grace, as the reaper's own failures do."""
+    from farm import recovery
+    from farm.db import get_engine
+
+    install(monkeypatch, tmp_path)
+    monkeypatch.setenv("FARM_HEARTBEAT_INTERVAL", "1")
+    monkeypatch.setattr(recovery, "_last_db_failure", None)  # restored after the test: no grace leaks out
+    reset_settings_cache()
+    with session_scope() as s:
+        prog = make_program(s, time_budget=3.0)
+        live = make_experiment(s, prog, status=S.running, content_hash="a", worker_id=None)
+        s.flush()
+        s.execute(text("UPDATE experiments SET heartbeat_at = clock_timestamp() - interval '1 minute', "
+                       "started_at = clock_timestamp() - interval '2 minutes' WHERE id = :i"), {"i": live.id})
+        live_id = live.id
+    redis.Redis.from_url(redis_url).flushdb()
+    sched = Scheduler(publish=lambda *a, **kw: None)
+    sched.start()
+    try:
+        with get_engine().connect() as conn:  # the lock's session ends, the postmaster stays up
+            pid = conn.execute(text("SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted")).scalar()
+            conn.execute(text("SELECT pg_terminate_backend(:p)"), {"p": pid})
+        sched.db_lock._checked = 0.0  # the next pass checks the lock now, not 30 s on
+        stats = sched.tick()
+        assert not stats.get("reaped")
+        assert rows(type(live), id=live_id)[0].status == S.running
+        recovery._last_db_failure = None  # the grace is over and the worker never beat again: a dead worker
+        assert sched.tick().get("reaped") == 1
+    finally:
+        sched.close()
+    exp = rows(type(live), id=live_id)[0]
+    assert exp.status == S.queued and exp.retry_count == 1
