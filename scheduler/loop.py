@@ -29,7 +29,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any
 
@@ -174,6 +174,7 @@ class Scheduler:
         # is final, its result is written with it, only this scheduler adds repairs), so it is read once
         self._crashes: dict[int, tuple[int, bool]] = {}
         self._to_pause: dict[int, str] = {}
+        self._bad_rules: set[int] = set()  # programs whose stop rules could not be read (warned once)
         self._since_gc = 0  # candidate commits since the repository was last offered `git gc --auto`  # programs whose proposer cannot be made: paused at the end of the pass
         self.stop_event = threading.Event()
         self._started = False
@@ -945,6 +946,17 @@ class Scheduler:
     def _exhausted(self, s: Session, p: Program, now: datetime) -> str | None:
         """Why the program should take no new work, or None. A few small queries, never a load of the
         whole program: this runs for every active program on every pass."""
+        try:
+            return self._exhausted_by_rules(s, p, now)
+        except (ValueError, TypeError, OverflowError) as exc:  # a rule stored before the API checked it
+            # one program's unreadable rule must not fail the pass, which feeds every program's workers (found by
+            # review: a deadline that overflowed on conversion failed every pass); said once per program
+            if p.id not in self._bad_rules:
+                self._bad_rules.add(p.id)
+                log.warning("program %s: its stop rules cannot be read (%s); they are not applied", p.slug, exc)
+            return None
+
+    def _exhausted_by_rules(self, s: Session, p: Program, now: datetime) -> str | None:
         rules = p.stop_rules or {}
         if rules.get("max_experiments") is not None:
             ran = s.execute(select(func.count()).select_from(Experiment).where(
@@ -953,10 +965,18 @@ class Scheduler:
                 return f"reached max_experiments={int(rules['max_experiments'])}"
         deadline = rules.get("deadline")
         if deadline:
-            when = as_utc(datetime.fromisoformat(str(deadline)))
+            when = datetime.fromisoformat(str(deadline))
+            try:
+                when = as_utc(when)
+            except OverflowError:  # within hours of datetime's range: its year says which end (found by review)
+                if when.year > 1:
+                    when = datetime.max.replace(tzinfo=UTC)
+                else:
+                    return f"deadline {deadline} passed"
             if now >= when:
                 return f"deadline {when.isoformat()} passed"
-        if rules.get("max_hours") is not None and now >= as_utc(p.created_at) + timedelta(hours=float(rules["max_hours"])):
+        if rules.get("max_hours") is not None and (now - as_utc(p.created_at)).total_seconds() >= \
+                float(rules["max_hours"]) * 3600:  # (a timedelta of a huge max_hours overflows)
             return f"ran for max_hours={float(rules['max_hours']):g}"
         cap = rules.get("max_spend_usd", rules.get("max_cost_usd", (p.proposer or {}).get("spend_cap_usd")))
         if cap is not None:

@@ -382,6 +382,39 @@ def test_each_stop_rule_finishes_its_program(pg_env, tmp_path, monkeypatch):
     sched.close()
 
 
+def test_a_stop_rule_out_of_datetimes_range_or_unreadable_does_not_stop_the_pass(pg_env, tmp_path, monkeypatch):
+    """Found by review: a deadline the API took ("9999-12-31T23:00:00-12:00") overflowed when turned into UTC, in the
+    stop phase, before the fill: every pass failed and no program got work. Rules stored like that (before the API
+    refused them) now mean what they say at datetime's ends, and one that cannot be read at all is left unapplied
+    for its program alone; a huge max_hours is no timedelta overflow either."""
+    from sqlalchemy import update
+
+    install(monkeypatch, tmp_path)
+    monkeypatch.setenv("FARM_LOOKAHEAD", "0")
+    reset_settings_cache()
+    greedy = {"kind": "greedy", "baseline_runs": 1}
+    rules = {"never": {"deadline": "9999-12-31T23:00:00-12:00", "max_hours": 1e300},
+             "long_ago": {"deadline": "0001-01-01T00:00:00+01:00"}, "garbled": {"deadline": "next tuesday"},
+             "plain": {}}
+    with session_scope() as s:
+        ids = {name: create_program(s, name=name, instructions=f"# {name}", policy=greedy).id for name in rules}
+        for name, rule in rules.items():  # as an old row holds them: past any check create_program makes
+            s.execute(update(Program).where(Program.id == ids[name]).values(stop_rules=rule))
+        for w in ("w1", "w2", "w3"):
+            make_worker(s, w)
+    sched = _sched()
+    try:
+        sched.tick()
+        sched.tick()
+        with session_scope() as s:
+            status = {name: s.get(Program, pid).status for name, pid in ids.items()}
+        assert status == {"never": ProgramStatus.active, "long_ago": ProgramStatus.finished,
+                          "garbled": ProgramStatus.active, "plain": ProgramStatus.active}
+        assert {e.program_id for e in queued()} == {ids["never"], ids["garbled"], ids["plain"]}  # their baselines
+    finally:
+        sched.close()
+
+
 def _mutation_program(monkeypatch, tmp_path, name: str):  # type: ignore[no-untyped-def]
     """A started scheduler with one mutation program, and the proposal context of its head."""
     install(monkeypatch, tmp_path)
