@@ -496,6 +496,9 @@ class Scheduler:
                 fixed: dict[str, str] | None = apply_edit(ctx.head_files, edit, default_file=ctx.editable[0])
             except Exception:  # noqa: BLE001 - an EditError, or a parser bug that must not lose the answer:
                 fixed = None  # record_proposal against the crashed files gives the reason (check_edit catches both)
+            if fixed is not None and any(fixed.get(n) != ctx.head_files.get(n)
+                                         for n in set(fixed) | set(ctx.head_files) if n not in ctx.editable):
+                fixed = None  # it edits the harness too: refused as a proposal is, not stored without that part
             if fixed is not None:
                 base = self.lineage.files_at(parent, ctx.editable)
                 edit = Edit(files={n: fixed[n] for n in ctx.editable if n in fixed})

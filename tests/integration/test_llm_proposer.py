@@ -189,6 +189,33 @@ def test_repair_of_a_crash_sees_its_traceback(pg_env, tmp_path, monkeypatch):
         assert repair_prompts and "NameError" in repair_prompts[0]["messages"][1]["content"]
 
 
+def test_a_repair_that_also_edits_the_harness_is_refused_like_any_proposal(pg_env, tmp_path, monkeypatch):
+    """Found by review: a repair answer with FILE: prepare.py beside FILE: train.py was stored proposed with prepare.py
+    silently dropped (the repair path kept the editable files of what it applied), while the same answer as a normal
+    proposal is refused for touching a non-editable file. A repair is refused the same way now."""
+    from tests.toy_template import PREPARE
+
+    install(monkeypatch, tmp_path)
+    both = ("DESCRIPTION: fix it\nFILE: prepare.py\n```python\n" + PREPARE + "# mine now\n```\n"
+            "FILE: train.py\n```python\n" + TRAIN.replace("cpu=2)", "cpu=3)") + "```\n")
+    with ScriptedLLM([{"content": GOOD}]) as srv:
+        _, sched = _queue_a_candidate(srv)
+        try:
+            srv.set_script([{"content": both}])
+            _finish_queued(1.0, crash_log=TRACE)
+            for _ in range(4):
+                sched.tick()
+                sched.wait_for_proposals(120)
+            sched._collect(defaultdict(int))
+        finally:
+            sched.close()
+        with session_scope() as s:
+            crashed = s.execute(select(Experiment).where(Experiment.status == ExperimentStatus.crashed)).scalar_one()
+            repairs = s.execute(select(Experiment).where(Experiment.repair_of == crashed.id)).scalars().all()
+            assert repairs and all(r.status == ExperimentStatus.invalid for r in repairs)
+            assert all("non-editable file(s): prepare.py" in (r.status_reason or "") for r in repairs)
+
+
 def test_spend_cap_stops_proposals_and_finishes(pg_env, tmp_path, monkeypatch):
     install(monkeypatch, tmp_path)
     with ScriptedLLM([{"content": GOOD}]) as srv:
