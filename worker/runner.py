@@ -301,6 +301,7 @@ class Execution:
     log_path: Path | None = None
     workdir: Path | None = None  # still on disk until release(): removed after the result is recorded
     interrupted: bool = False  # stopped by the worker's shutdown: handed back, not judged
+    claim_lost: bool = False  # killed because its claim was lost: not this attempt's to record
 
 
 def _failed(child: ChildRun) -> bool:
@@ -577,7 +578,11 @@ def _execute(ctx: WorkerContext, job: Job, workdir: Path) -> Execution:
                     "eval_warmup_seconds", "training_started_at", "export_seconds"):
             if isinstance(outcome.result.get(key), (int, float)):
                 timings[key] = outcome.result[key]
-    return Execution(outcome, child, timings, log_path)
+    # a run killed because its claim was lost is not a result: the claim may be another attempt's by now, of this same
+    # worker id (its other job slot took the re-queued message), and a record would have landed on that attempt as
+    # "crashed" (found by review)
+    lost = child.killed == "claim_lost" or (run.evaluation is not None and run.evaluation.child.killed == "claim_lost")
+    return Execution(outcome, child, timings, log_path, claim_lost=lost)
 
 
 def _record(ctx: WorkerContext, job: Job, ex: Execution) -> bool:
@@ -684,7 +689,7 @@ def run_experiment(experiment_id: int, ctx: WorkerContext) -> RunReport:
         # judging, the harness re-check and reading the result
         ex.timings["report_seconds"] = max(0.0, ex.timings["overhead_seconds"] - ex.timings["claim_seconds"]
                                            - ex.timings["setup_seconds"])
-        recorded = _record(ctx, job, ex)
+        recorded = not ex.claim_lost and _record(ctx, job, ex)
     finally:
         release(ctx, ex)  # after the result: see execute()
     if not recorded:

@@ -19,7 +19,7 @@ from farm.db import session_scope
 from farm.models import Experiment, ExperimentStatus, Result
 from farm.recovery import reconcile_broker
 from farm.settings import get_settings, reset_settings_cache
-from tests.factories import make_experiment, make_program
+from tests.factories import make_experiment, make_program, make_worker
 from tests.procs import free_port, start_redis, stop_redis
 from tests.workerkit import (
     FAKE_TRAIN,
@@ -218,3 +218,51 @@ def test_a_shutdown_stops_an_isolated_evaluation_past_the_grace_and_hands_the_ru
     assert exp.status == S.queued and exp.retry_count == 0 and exp.worker_id is None, exp.status_reason
     assert exp.attempts[-1]["reason"].startswith("its worker was shut down") and not results
     assert stopped_in < 20
+
+
+
+def test_a_run_killed_for_a_lost_claim_records_nothing_over_the_next_attempt_of_the_same_worker(pg_env, tmp_path):
+    """Found by review: results were matched on (experiment, worker id) only. Slot A of a two-slot worker loses its
+    claim (reaped: re-queued), slot B of the same worker takes the new message and claims the experiment again, and
+    A's run, killed as claim_lost, was judged "crashed" and recorded on B's attempt (B was then killed at its next
+    beat, and the change went to repair). The real run path here; the reap and B's claim happen inside A's beat."""
+    from sqlalchemy import update
+
+    from farm import states
+    from worker import runner
+    from worker.identity import Identity
+    from worker.sandbox import Sandbox
+
+    with session_scope() as s:
+        prog = make_program(s, time_budget=30.0)
+        exp_id = make_experiment(s, prog, files={"train.py": FAKE_TRAIN}, seed=1).id
+        make_worker(s, "slots:cpu0")
+    worker_id = "slots:cpu0"
+    settings = get_settings()
+    ctx = runner.WorkerContext(settings=settings, identity=Identity(worker_id=worker_id, host="h", hw_class="cpu"),
+                               sandbox=Sandbox("none", False, "test"), limits=runner.Limits.from_settings(settings))
+    real_heartbeat = runner._heartbeat
+    beats: list[bool] = []
+
+    def heartbeat(ctx_, job_id, holds_device=None):  # type: ignore[no-untyped-def]
+        tick = real_heartbeat(ctx_, job_id, holds_device)
+
+        def reaped_then_reclaimed(progress):  # type: ignore[no-untyped-def]
+            with session_scope() as s:  # the reaper: A's beats were late, the run goes back to the queue
+                s.execute(update(Experiment).where(Experiment.id == job_id)
+                          .values(status=S.queued, worker_id=None, retry_count=Experiment.retry_count + 1))
+            beats.append(tick(progress))  # A finds its claim gone: its run is killed
+            with session_scope() as s:  # slot B, same worker id, takes the new message
+                assert states.claim(s, job_id, worker_id)
+            return beats[-1]
+        return reaped_then_reclaimed
+
+    runner._heartbeat = heartbeat  # type: ignore[assignment]
+    try:
+        report = runner.run_experiment(exp_id, ctx)
+    finally:
+        runner._heartbeat = real_heartbeat  # type: ignore[assignment]
+    assert beats == [False] and report.status == "discarded"
+    exp = rows(Experiment, id=exp_id)[0]
+    assert exp.status == S.running and exp.worker_id == worker_id  # B's attempt, untouched
+    assert rows(Result, experiment_id=exp_id) == []
