@@ -190,7 +190,10 @@ def message_experiment_id(raw: str | bytes) -> int | None:
         return None
 
 
-def _redis_live_ids(url: str, queues: set[str]) -> set[int]:
+UNACKED_FRESH = 60.0  # seconds a delivery not yet acknowledged counts as live (its worker claims within a second)
+
+
+def _redis_live_ids(url: str, queues: set[str], unacked_fresh: float = UNACKED_FRESH) -> set[int]:
     import redis
 
     client = redis.Redis.from_url(url)
@@ -203,12 +206,20 @@ def _redis_live_ids(url: str, queues: set[str]) -> set[int]:
         pipe = client.pipeline()
         for k in keys:
             pipe.lrange(k, 0, -1)
-        pipe.hvals("unacked")  # delivered to a worker, not yet acknowledged
-        for items in pipe.execute():
-            for raw in items:
-                exp_id = message_experiment_id(raw)
-                if exp_id is not None:
-                    live.add(exp_id)
+        # delivered to a worker, not yet acknowledged: live only if delivered lately (kombu's unacked_index holds each
+        # delivery's time). Asked about queued rows only, so an older one was taken by a consumer that died before
+        # its claim (SIGKILL, OOM, a retry's ETA message held through an outage): kombu gives it back only after
+        # its 6-hour visibility timeout, and counted live it kept the experiment queued that long (found by review)
+        pipe.zrangebyscore("unacked_index", time.time() - unacked_fresh, "+inf")
+        pipe.hgetall("unacked")
+        *lists, fresh, unacked = pipe.execute()
+        fresh_tags = set(fresh)
+        items = [raw for found in lists for raw in found]
+        items += [raw for tag, raw in unacked.items() if tag in fresh_tags]
+        for raw in items:
+            exp_id = message_experiment_id(raw)
+            if exp_id is not None:
+                live.add(exp_id)
         return live
     finally:
         client.close()

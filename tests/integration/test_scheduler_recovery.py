@@ -130,3 +130,39 @@ def test_a_pass_after_the_lock_session_was_lost_does_not_reap_runs_whose_beats_t
         sched.close()
     exp = rows(type(live), id=live_id)[0]
     assert exp.status == S.queued and exp.retry_count == 1
+
+
+def test_a_delivery_a_dead_consumer_never_acknowledged_does_not_keep_its_experiment_queued(pg_env, redis_url, tmp_path):
+    """Found by review: every entry of Redis's `unacked` hash counted as a live message, also the delivery of a worker
+    SIGKILLed before its claim; kombu gives such an entry back only after its 6-hour visibility timeout, so the
+    experiment stayed queued, with no message, for 6 hours. A fresh delivery still counts (its worker is claiming)."""
+    import subprocess
+    import sys
+    import time
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from farm.broker import publish_experiment
+    from farm.db import db_now
+    from farm.models import Experiment
+    from farm.recovery import reconcile_broker
+
+    redis.Redis.from_url(redis_url).flushdb()
+    with session_scope() as s:
+        exp_id = make_experiment(s, make_program(s), status=S.queued).id
+    publish_experiment(exp_id, "cpu")
+    taker = ("import os\nfrom farm.broker import get_celery\n"
+             "with get_celery().connection_for_read() as conn:\n"
+             "    assert conn.default_channel.basic_get('cpu', no_ack=False) is not None\n"
+             "    os._exit(137)\n")  # taken (acks_late), then killed before any claim
+    subprocess.run([sys.executable, "-c", taker], check=False, timeout=60)
+    client = redis.Redis.from_url(redis_url)
+    assert client.llen("cpu") == 0 and client.hlen("unacked") == 1
+    with session_scope() as s:
+        s.execute(update(Experiment).where(Experiment.id == exp_id).values(queued_at=db_now(s) - timedelta(minutes=5)))
+    assert reconcile_broker().republished == []  # delivered a moment ago: its worker may be claiming it now
+    tag = client.zrange("unacked_index", 0, -1)[0]
+    client.zadd("unacked_index", {tag: time.time() - 120})  # two minutes on, still not acknowledged
+    assert reconcile_broker().republished == [exp_id]
+    assert client.llen("cpu") == 1
