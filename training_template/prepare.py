@@ -1427,7 +1427,23 @@ def _resolve_target(name) -> Callable:
         raise ExportRefused(f"operator {name}")
     if op._schema.is_mutable:  # the file is not trusted to be the functional graph export_model writes
         raise ExportRefused(f"operator {name} writes to a tensor in place: the evaluation needs a pure function")
+    if "empty" in parts[1]:
+        return _zero_filled(op)
     return op
+
+
+def _zero_filled(op) -> Callable:
+    """`op` (empty, empty_like, new_empty_strided, ...) with its memory zeroed. Uninitialised memory is what the
+    allocator last freed: a graph could read there what an earlier call of itself left (a counter, a batch it saw)
+    and so not be the pure function the causal probe relies on (found by review). A functional graph that is
+    honest never reads it before writing, so zeros change nothing for it."""
+    def run(*args, **kwargs):
+        out = op(*args, **kwargs)
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                t.untyped_storage().fill_(0)
+        return out
+    return run
 
 
 class ExportedModel:

@@ -91,6 +91,33 @@ def test_a_forward_that_writes_to_its_own_state_is_not_exported(tmp_path):
     assert not (tmp_path / "m.json").exists()
 
 
+def test_memory_a_graph_allocates_uninitialised_reads_as_zeros(tmp_path):
+    """Found by review: aten.empty (and its kin) gives whatever memory the allocator last freed, so a graph could
+    read what an earlier call of itself left there, remember a batch and pass the causal probe's "same prefix, same
+    output" by luck of state. The reader zeroes that memory: the graph is a pure function again."""
+    class Peek(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = torch.nn.Embedding(16, 16)
+
+        def forward(self, x):
+            junk = torch.empty(512, dtype=torch.float32, device=x.device).nan_to_num(0.0).abs().sum()
+            return self.emb(x) * 0 + junk
+
+    path = tmp_path / "m.json"
+    prepare.export_model(Peek(), torch.zeros(4, 8, dtype=torch.long), path)
+    body = json.loads(path.read_text())
+    assert any("empty" in n.get("target", "") for n in body["graph"]["nodes"] if n["op"] == "call")
+    graph = prepare.ExportedModel(path, CPU)
+    x = torch.zeros(4, 8, dtype=torch.long)
+    outputs = []
+    for _ in range(20):
+        bait = torch.full((512,), 7.0)  # freed just before the call: what an allocation of that size finds next
+        del bait
+        outputs.append(float(graph(x).abs().max()))
+    assert outputs == [0.0] * 20
+
+
 def _tampered(exported, tmp_path: Path, edit) -> Path:
     src, _ = exported
     body = json.loads(src.read_text())
