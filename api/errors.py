@@ -1,17 +1,23 @@
 """Error bodies: every error is `{"detail": "<one line>"}`; a 422 also lists each error and its
-one line names the field (`body.name: Field required`)."""
+one line names the field (`body.name: Field required`); a database that cannot be reached is a 503,
+and anything unexpected a 500 that names only the exception's type."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException
 
 from api.schemas import ErrorPublic
+from farm.db import DatabaseUnavailable
+
+log = logging.getLogger(__name__)
 
 Responses = dict[int | str, dict[str, Any]]
 
@@ -61,6 +67,29 @@ async def _http(request: Request, exc: Exception) -> JSONResponse:
                         headers=getattr(exc, "headers", None))
 
 
+def _first_line(text: str) -> str:
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")
+
+
+async def _database(request: Request, exc: Exception) -> JSONResponse:
+    # a database down or restarting was a plain-text "Internal Server Error" 500 (found by review): it is a 503,
+    # worth a retry, and says why in the JSON body every client reads
+    orig = getattr(exc, "orig", None)  # OperationalError: the driver's own message, without SQLAlchemy's SQL
+    reason = _first_line(str(orig if orig is not None else exc)) or type(exc).__name__
+    log.warning("%s %s: the database is unavailable: %s", request.method, request.url.path, reason)
+    return JSONResponse(status_code=503, content={"detail": f"the database is unavailable: {reason}"})
+
+
+async def _internal(request: Request, exc: Exception) -> JSONResponse:
+    # The JSON body every other error has, naming the exception's type only: its message may hold internals.
+    # Starlette raises the exception again after this answer, so the server logs its traceback.
+    return JSONResponse(status_code=500, content={
+        "detail": f"internal server error ({type(exc).__name__}); the server's log has the details"})
+
+
 def install(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation)
     app.add_exception_handler(HTTPException, _http)
+    app.add_exception_handler(OperationalError, _database)
+    app.add_exception_handler(DatabaseUnavailable, _database)
+    app.add_exception_handler(Exception, _internal)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from farm.db import as_utc
 from farm.models import Decision, ExperimentRole, ExperimentStatus, ProgramStatus
@@ -22,7 +22,10 @@ def _clean_text(value: str) -> str:
     return value
 
 
-Text = Annotated[str, AfterValidator(_clean_text)]
+# Text fields are `Annotated[str, Field(...), CLEAN]`, the constraints before the validator: placed after it
+# (`Annotated[Annotated[str, CLEAN], Field(min_length=1)]`) they are checked on its result as a generic sized value,
+# and an empty name was answered "Value should have at least 1 item after validation" (found by review)
+CLEAN = AfterValidator(_clean_text)
 
 # Every datetime the API returns, in UTC with its offset. SQLite hands back naive values (stored as UTC)
 # and Postgres aware ones: without this the same field read "2026-11-27T17:08:40.642000" on one backend
@@ -56,7 +59,7 @@ class ErrorPublic(BaseModel):
 class PolicyConfig(BaseModel):
     """The keep/discard policy (the scheduler's); unset fields take the farm's defaults."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     kind: Literal["confirm", "greedy"] | None = Field(default=None, description="confirm: re-run promising "
                                                       "candidates on other seeds; greedy: keep if strictly lower")
     baseline_runs: int | None = Field(default=None, ge=0, le=50, description="head re-runs measuring the noise")
@@ -73,9 +76,9 @@ class PolicyConfig(BaseModel):
 class ProposerConfig(BaseModel):
     """Who proposes candidates; unset fields take the farm's settings (FARM_LLM_*)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     kind: Literal["llm", "mutation", "manual"] | None = Field(default=None, description="manual: only people")
-    model: Annotated[Text, Field(max_length=200)] | None = Field(default=None, examples=["openai/gpt-4o-mini"])
+    model: Annotated[str, Field(max_length=200), CLEAN] | None = Field(default=None, examples=["openai/gpt-4o-mini"])
     temperature: float | None = Field(default=None, ge=0, le=2)
     max_in_flight: int | None = Field(default=None, ge=1, le=1000, description="at most this many of the "
                                       "program's runs queued or running at once, proposer calls included")
@@ -84,34 +87,47 @@ class ProposerConfig(BaseModel):
 class StopRules(BaseModel):
     """When the program finishes on its own (any rule reached)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     max_experiments: int | None = Field(default=None, ge=1, le=10_000_000)
     max_hours: float | None = Field(default=None, gt=0, le=100_000)
     max_spend_usd: float | None = Field(default=None, ge=0, le=1_000_000)
     deadline: datetime | None = Field(default=None, description="no new candidates after this time (ISO 8601)")
     target_val_bpb: float | None = Field(default=None, ge=0, le=100)
 
+    @field_validator("deadline")
+    @classmethod
+    def _deadline_in_utc(cls, value: datetime | None) -> datetime | None:
+        # an offset within hours of datetime's range ("9999-12-31T23:00:00-12:00") has no UTC form: taken, it made
+        # the scheduler's conversion raise on every pass (found by review). A naive time is kept, read as UTC.
+        if value is None or value.tzinfo is None:
+            return value
+        try:
+            return as_utc(value)
+        except OverflowError:
+            raise ValueError("out of range: in UTC it would fall outside the years 1 to 9999") from None
+
 
 class ProgramCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
+    # NaN was answered "Input should be less than or equal to 1000" (found by review): say it must be finite
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, json_schema_extra={"examples": [{
         "name": "Tiny LR sweep", "instructions": "# Goal\nLower val_bpb by tuning the learning rates.\n",
         "profile": "cpu", "editable_files": ["train.py"], "policy": {"kind": "confirm", "k_sigma": 2.0},
         "stop_rules": {"max_experiments": 100}, "weight": 1.0}]})
 
-    name: Annotated[Text, Field(min_length=1, max_length=200, pattern=r"[A-Za-z0-9]",
-                                description="Shown everywhere; the slug and git branch derive from it")]
-    instructions: Annotated[Text, Field(min_length=1, max_length=200_000,
-                                        description="The research program (markdown) the proposer follows")]
+    name: Annotated[str, Field(min_length=1, max_length=200, pattern=r"[A-Za-z0-9]",
+                               description="Shown everywhere; the slug and git branch derive from it"), CLEAN]
+    instructions: Annotated[str, Field(min_length=1, max_length=200_000,
+                                       description="The research program (markdown) the proposer follows"), CLEAN]
     profile: Literal["cpu", "h100"] = Field(default="cpu", description="Hardware profile: sets the default "
                                             "time budget and hardware class")
     time_budget: float | None = Field(default=None, gt=0, le=86_400,
                                       description="Training seconds per run (default: the profile's)")
-    hw_class: Annotated[Text, Field(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9._-]*$")] | None = (
+    hw_class: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9._-]*$"), CLEAN] | None = (
         Field(default=None, description="Queue the runs go to (default: the profile's), e.g. cpu, gpu.h100"))
-    editable_files: list[Annotated[Text, Field(min_length=1, max_length=200)]] = Field(
+    editable_files: list[Annotated[str, Field(min_length=1, max_length=200), CLEAN]] = Field(
         default_factory=lambda: ["train.py"], min_length=1, max_length=20,
         description="Template files the proposer may change; every other file is the fixed harness")
-    template: Annotated[Text, Field(min_length=1, max_length=200)] = "default"
+    template: Annotated[str, Field(min_length=1, max_length=200), CLEAN] = "default"
     proposer: ProposerConfig = Field(default_factory=ProposerConfig)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     stop_rules: StopRules = Field(default_factory=StopRules)
@@ -271,12 +287,12 @@ class CandidateCreate(BaseModel):
         "search_replace": "train.py\n<<<<<<< SEARCH\nTOTAL_BATCH_SIZE = 2**19\n=======\n"
                           "TOTAL_BATCH_SIZE = 2**18\n>>>>>>> REPLACE\n"}]})
 
-    description: Annotated[Text, Field(min_length=1, max_length=2000)]
-    rationale: Annotated[Text, Field(max_length=8000)] = ""
-    unified_diff: Annotated[Text, Field(min_length=1, max_length=500_000)] | None = None
-    search_replace: Annotated[Text, Field(min_length=1, max_length=500_000)] | None = None
-    files: dict[Annotated[Text, Field(min_length=1, max_length=200)],
-                Annotated[Text, Field(max_length=500_000)]] | None = Field(
+    description: Annotated[str, Field(min_length=1, max_length=2000), CLEAN]
+    rationale: Annotated[str, Field(max_length=8000), CLEAN] = ""
+    unified_diff: Annotated[str, Field(min_length=1, max_length=500_000), CLEAN] | None = None
+    search_replace: Annotated[str, Field(min_length=1, max_length=500_000), CLEAN] | None = None
+    files: dict[Annotated[str, Field(min_length=1, max_length=200), CLEAN],
+                Annotated[str, Field(max_length=500_000), CLEAN]] | None = Field(
         default=None, max_length=20, description="Whole new contents of editable files")
 
     @model_validator(mode="after")

@@ -122,3 +122,29 @@ def test_the_api_pages_the_docs_name_are_served(live_api):
     for path in sorted(paths):
         r = anon.get(path)
         assert r.status_code != 404, path
+
+
+def test_a_database_error_is_a_json_503_and_any_other_a_json_500(live_api, start_api, monkeypatch):
+    """Found by review: a database error was a plain-text "Internal Server Error" 500, though every error is
+    documented as {"detail": "<one line>"}."""
+    nodb = start_api(database_url="postgresql+psycopg://farm@127.0.0.1:1/none")
+    r = nodb.client(token="rf_" + "x" * 40).get("/programs")
+    assert r.status_code == 503 and r.headers["content-type"] == "application/json", r.text
+    detail = r.json()["detail"]
+    assert detail.startswith("the database is unavailable: ") and "127.0.0.1" in detail and "\n" not in detail
+
+    from api import crud
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("password=s3cret in some internal state")
+
+    monkeypatch.setattr(crud, "list_programs", broken)
+    r = live_api.client().get("/programs")
+    assert r.status_code == 500 and r.headers["content-type"] == "application/json", r.text
+    assert r.json() == {"detail": "internal server error (RuntimeError); the server's log has the details"}
+    # the handlers FastAPI's own errors go through are untouched
+    r = live_api.client().get("/programs/nope")
+    assert r.status_code == 404 and r.json() == {"detail": "no program 'nope'"}
+    r = live_api.client().get("/programs/1/experiments", params={"limit": 0})
+    assert r.status_code == 422 and r.json()["detail"].startswith("query.limit: ")
+    assert live_api.client(token="rf_wrong").get("/workers").status_code == 401

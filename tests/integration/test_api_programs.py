@@ -190,3 +190,27 @@ def test_concurrent_creates_with_one_name_all_succeed(live_api):
             t.join()
     assert codes == [201] * 32, codes
     assert len(set(slugs)) == 32
+
+
+def test_a_deadline_with_no_utc_equivalent_is_a_422(live_api):
+    """Found by review: the API took "9999-12-31T23:00:00-12:00" (201), and the scheduler's conversion to UTC raised
+    OverflowError on every pass."""
+    c = live_api.client()
+    for deadline in ("9999-12-31T23:00:00-12:00", "0001-01-01T00:00:00+01:00"):
+        r = c.post("/programs", json={**BODY, "stop_rules": {"deadline": deadline}})
+        assert r.status_code == 422, r.text
+        assert r.json()["detail"] == ("body.stop_rules.deadline: Value error, out of range: in UTC it would fall "
+                                      "outside the years 1 to 9999")
+    r = c.post("/programs", json={**BODY, "stop_rules": {"deadline": "2030-01-01T05:00:00+05:00"}})
+    assert r.status_code == 201 and r.json()["stop_rules"] == {"deadline": "2030-01-01T00:00:00Z"}
+
+
+def test_length_and_number_errors_say_what_is_wrong(live_api):
+    """Found by review: an empty name was "Value should have at least 1 item after validation", and a NaN weight
+    "Input should be less than or equal to 1000"."""
+    c = live_api.client()
+    r = c.post("/programs", json={**BODY, "name": ""})
+    assert r.status_code == 422 and r.json()["detail"] == "body.name: String should have at least 1 character"
+    r = c.post("/programs", content=b'{"name": "x", "instructions": "y", "weight": NaN}',
+               headers={"content-type": "application/json"})
+    assert r.status_code == 422 and r.json()["detail"] == "body.weight: Input should be a finite number", r.text
