@@ -9,7 +9,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from cli.client import Api
+from cli.client import Api, ApiError, segment
+from cli.errors import CLIError
 
 
 def leaderboard(
@@ -22,8 +23,14 @@ def leaderboard(
     if kept:
         params["decision"] = "keep"
     with Api() as api:
-        info = api.get(f"/programs/{program}")
-        page = api.get(f"/programs/{program}/experiments", params=params)
+        try:
+            info = api.get(f"/programs/{segment(program)}")
+        except ApiError as exc:
+            if exc.status != 404:
+                raise
+            # `a/b` reaches no route at all, and its 404 said only "Not Found" (found by review)
+            raise CLIError(f"no program {program!r}: give its id or slug (`farm status` lists them)") from None
+        page = api.get(f"/programs/{segment(program)}/experiments", params=params)
     sigma = info.get("noise_sigma")
     # names and descriptions are people's and LLMs' text: Text cells, so `[...]` in them is not rich markup
     table = Table(title=Text(f"{info['name']} ({info['slug']}): {page['total']} measured runs"

@@ -85,7 +85,7 @@ def ensure_api_token(settings: Settings) -> TokenInfo:
 
     from farm.db import session_scope
     from farm.models import ApiToken
-    from farm.tokens import create_token, hash_token, verify_token
+    from farm.tokens import create_token, hash_token, plain_token_problem, verify_token
 
     token_file = settings.home / TOKEN_FILE
     plain = settings.api_token.get_secret_value().strip()
@@ -93,6 +93,12 @@ def ensure_api_token(settings: Settings) -> TokenInfo:
         if plain:
             if len(plain) < 16:
                 raise CLIError("FARM_API_TOKEN is shorter than 16 characters; use a random token "
+                               "(`python -c 'import secrets; print(secrets.token_urlsafe(32))'`)")
+            # a token verify_token refuses unread (over 200 characters, non-ASCII) was registered, then reported
+            # as "a revoked token" while `farm token list` showed it active (found by review)
+            problem = plain_token_problem(plain)
+            if problem is not None:
+                raise CLIError(f"FARM_API_TOKEN {problem}, so no request could use it; use a random token "
                                "(`python -c 'import secrets; print(secrets.token_urlsafe(32))'`)")
             if verify_token(session, plain=plain) is None:
                 known = session.execute(select(ApiToken.id).where(ApiToken.token_hash == hash_token(plain))).first()

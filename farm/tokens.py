@@ -20,6 +20,7 @@ from farm.models import ApiToken, utcnow
 TOKEN_PREFIX = "rf_"
 TOUCH_EVERY = timedelta(minutes=1)  # last_used_at is a hint; do not write on every request
 NAME_MAX = 100  # api_tokens.name is String(100)
+PLAIN_MAX = 200  # longer is refused unread: no token this farm makes comes near it
 
 
 class TokenError(ValueError):
@@ -30,6 +31,22 @@ class TokenError(ValueError):
 class NewToken:
     token: ApiToken
     plain: str  # shown once
+
+
+def plain_token_problem(plain: str) -> str | None:
+    """Why `plain` can never work as a bearer token, or None: what verify_token refuses unread. `farm up` checks a
+    FARM_API_TOKEN it is about to register, and the CLI the token it is about to send, against the same rule."""
+    if not plain:
+        return "is empty"
+    if len(plain) > PLAIN_MAX:
+        return f"is longer than {PLAIN_MAX} characters"
+    # an HTTP header carries ASCII only: a pasted ellipsis or a control character can never reach the API intact
+    for i, ch in enumerate(plain, 1):
+        if not ch.isascii():
+            return f"contains a non-ASCII character (U+{ord(ch):04X} at position {i})"
+        if not ch.isprintable():
+            return f"contains a control character (U+{ord(ch):04X} at position {i})"
+    return None
 
 
 def hash_token(plain: str) -> str:
@@ -68,7 +85,7 @@ def _retire_name(session: Session, row: ApiToken) -> None:
 
 def verify_token(session: Session, *, plain: str) -> ApiToken | None:
     """The live token matching `plain`, or None. Stamps last_used_at at most once a minute."""
-    if not plain or len(plain) > 200:
+    if plain_token_problem(plain) is not None:
         return None
     row = session.execute(
         select(ApiToken).where(ApiToken.token_hash == hash_token(plain), ApiToken.revoked.is_(False))

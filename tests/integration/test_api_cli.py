@@ -42,7 +42,8 @@ def test_errors_are_one_line(live_api, tmp_path):
         ({"FARM_API_URL": live_api.url, "FARM_API_TOKEN": "rf_wrong"}, ["status"], "401 unauthorized"),
         ({"FARM_API_URL": live_api.url, "FARM_API_TOKEN": live_api.token},
          ["submit", str(md), "--profile", "tpu"], "422"),
-        ({"FARM_API_URL": live_api.url, "FARM_API_TOKEN": live_api.token}, ["leaderboard", "nope"], "404"),
+        ({"FARM_API_URL": live_api.url, "FARM_API_TOKEN": live_api.token}, ["leaderboard", "nope"],
+         "no program 'nope'"),
         ({"FARM_API_URL": live_api.url, "FARM_API_TOKEN": live_api.token},
          ["submit", str(md), "--policy", "{bad"], "--policy is not valid JSON"),
     ]
@@ -108,3 +109,18 @@ def test_revoking_farm_ups_token_removes_the_file_the_cli_reads(live_api):
     r = farm("status", **env)
     assert r.returncode == 1 and f"it refused the token in {saved}" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_leaderboard_of_a_reference_that_is_not_a_path(live_api):
+    """Found by review: `farm leaderboard '1?x=1'` (or `'1#x'`) was pasted into the URL as typed and read program 1's
+    answer as the page (KeyError); `farm leaderboard a/b` printed a bare 404."""
+    c = live_api.client()
+    assert c.post("/programs", json={"name": "one", "instructions": "x"}).json()["id"] == 1
+    env = {"FARM_API_URL": live_api.url, "FARM_API_TOKEN": live_api.token}
+    for ref in ("1?x=1", "1#x", "a/b", "..", "1/../1"):
+        r = farm("leaderboard", ref, **env)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, (ref, r.stderr)
+        assert r.stderr.strip().splitlines() == [
+            f"farm: error: no program {ref!r}: give its id or slug (`farm status` lists them)"], r.stderr
+    r = farm("leaderboard", "1", **env)
+    assert r.returncode == 0 and "one (one): 0 measured runs" in r.stdout, r.stderr

@@ -56,3 +56,21 @@ def test_a_long_revoked_name_is_renamed_within_the_column(engine: Engine) -> Non
         assert revoke_token(s, name=name)
         create_token(s, name=name)
         assert all(len(r.name) <= 100 for r in list_tokens(s))
+
+
+def test_a_token_no_request_can_carry_is_refused_unread(engine: Engine) -> None:
+    # one rule for verify_token, `farm up`'s FARM_API_TOKEN and the CLI (found by review: `farm up` registered a
+    # token over 200 characters that verify_token then always refused)
+    from farm.models import ApiToken
+    from farm.tokens import hash_token, plain_token_problem
+
+    assert plain_token_problem("rf_" + "x" * 43) is None
+    assert plain_token_problem("") == "is empty"
+    assert plain_token_problem("x" * 201) == "is longer than 200 characters"
+    assert plain_token_problem("rf_abc…") == "contains a non-ASCII character (U+2026 at position 7)"
+    assert plain_token_problem("rf_a\tb") == "contains a control character (U+0009 at position 5)"
+    with Session(engine) as s, s.begin():
+        for plain in ("x" * 201, "rf_abcdefghijklmnop…"):
+            s.add(ApiToken(name=plain[-5:], token_hash=hash_token(plain), prefix=plain[:10]))
+    with Session(engine) as s, s.begin():
+        assert verify_token(s, plain="x" * 201) is None and verify_token(s, plain="rf_abcdefghijklmnop…") is None

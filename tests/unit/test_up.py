@@ -105,6 +105,21 @@ def test_short_farm_api_token_refused(migrated: Settings) -> None:
         up.ensure_api_token(s)
 
 
+def test_a_farm_api_token_no_request_can_carry_is_refused(migrated: Settings) -> None:
+    """Found by review: `farm up` registered a FARM_API_TOKEN over 200 characters, which verify_token refuses unread,
+    then said it "names a revoked token" while `farm token list` showed it active."""
+    from farm.db import session_scope
+    from farm.tokens import list_tokens
+
+    for plain, why in (("rf_" + "x" * 250, "is longer than 200 characters"),
+                       ("rf_abcdefghijklmnop…", r"contains a non-ASCII character \(U\+2026 at position 20\)")):
+        s = migrated.model_copy(update={"api_token": migrated.api_token.__class__(plain)})
+        with pytest.raises(up.CLIError, match=f"^FARM_API_TOKEN {why}, so no request could use it"):
+            up.ensure_api_token(s)
+    with session_scope() as session:
+        assert list_tokens(session) == []
+
+
 def test_children_one_worker_per_gpu_or_cpu_workers(settings: Settings) -> None:
     names = [c.name for c in up.child_specs(settings, cpu=False, workers=1, gpus=3)]
     assert names == ["api", "scheduler", "worker-gpu0", "worker-gpu1", "worker-gpu2"]
