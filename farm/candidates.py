@@ -11,6 +11,7 @@ Edit formats: SEARCH/REPLACE blocks, a unified diff, or whole files.
 
 from __future__ import annotations
 
+import bisect
 import difflib
 import logging
 import os
@@ -46,28 +47,106 @@ class Edit:
     files: dict[str, str] = field(default_factory=dict)
 
 
-_BLOCK = re.compile(
-    r"(?:^|\n)(?P<name>[^\n<>=]*?)\s*\n?(?:```[^\n]*\n)?<{5,9} SEARCH[^\n]*\n(?P<search>.*?)\n?={5,9}[^\n]*\n"
-    r"(?P<replace>.*?)\n?>{5,9} REPLACE[^\n]*", re.S)
+# The markers count only as whole lines (surrounding spaces aside): the template's banner comments
+# (`# =====...`) hold runs of `=` that an unanchored divider took for the end of SEARCH (found by review)
+_OPEN = re.compile(r"<{5,9} SEARCH\b.*")
+_DIVIDER = re.compile(r"={5,9}")
+_CLOSE = re.compile(r">{5,9} REPLACE\b.*")
 
 
-def parse_search_replace(text: str, default_file: str | None = None) -> list[tuple[str, str, str]]:
-    """(file, search, replace) triples from SEARCH/REPLACE blocks; the file name precedes each block."""
+def _marker(line: str) -> str | None:
+    """The marker a line is: "<" (SEARCH), "=" (the divider), ">" (REPLACE), or None."""
+    line = line.strip()
+    return ("<" if _OPEN.fullmatch(line) else "=" if _DIVIDER.fullmatch(line)
+            else ">" if _CLOSE.fullmatch(line) else None)
+
+
+_WORD = re.compile(r"[\w./-]+")
+# what a word needs to be taken for a file name that is not one of the known files: a path with a source or text
+# file's extension, so a block for prepare.py is still refused as "not an editable file"
+_PATH = re.compile(r"[\w./-]*[A-Za-z_]\.(?:py|pyi|pyx|cu|cuh|c|cc|cpp|h|hpp|sh|txt|md|json|toml|yaml|yml|cfg|ini)")
+
+
+def _named_file(line: str, files: Iterable[str]) -> str | None:
+    """The file the line before a block names, or None. Only a word that is a known file, or looks like a path,
+    counts: the last word of `### File: `train.py``, `train.py (hyperparameters):` or `Here is the change:` was
+    taken for a file name, and the block refused as editing a file that is not editable (found by review)."""
+    known = set(files)
+    words = [w.rstrip(".").removeprefix("./") for w in _WORD.findall(line)]
+    return (next((w for w in reversed(words) if w in known), None)
+            or next((w for w in reversed(words) if _PATH.fullmatch(w)), None))
+
+
+def parse_search_replace(text: str, default_file: str | None = None,
+                         files: Iterable[str] = ()) -> list[tuple[str, str, str]]:
+    """(file, search, replace) triples from SEARCH/REPLACE blocks. A block's file is named on the nearest line
+    before it (a fence line and blank lines aside) by one of `files` or a path; a block without one edits the
+    previous block's file, else `default_file`.
+
+    Read line by line, in time linear in the text: a regex over the whole text backtracked on a long line of
+    spaces (7 s at 16k, holding the GIL and so the scheduler's pass; the API takes 500k characters), and a block
+    cut off at the end (an answer stopped at max_tokens) was dropped silently, the rest of the change stored
+    under a description of all of it (both found by review)."""
+    lines = text.split("\n")
+    marks = [_marker(line) for line in lines]
     blocks: list[tuple[str, str, str]] = []
-    for m in _BLOCK.finditer(text):
-        # the last word of the line before the block; a line of only fences, stars and colons names nothing
-        words = m.group("name").strip().strip("`*: ").split()
-        name = (words[-1] if words else "") or (blocks[-1][0] if blocks else default_file or "")
+    after = 0  # the first line after the previous block
+    i = 0
+    while i < len(lines):
+        if marks[i] == ">":
+            raise EditError(f"malformed SEARCH/REPLACE block: the >>>>>>> REPLACE on line {i + 1} closes no "
+                            "<<<<<<< SEARCH / =======")
+        if marks[i] != "<":
+            i += 1
+            continue
+        n = len(blocks) + 1
+        j = i - 1
+        while j >= after and (not lines[j].strip() or lines[j].strip().startswith("```")):
+            j -= 1
+        name = (_named_file(lines[j], files) if j >= after else None) or (blocks[-1][0] if blocks else default_file)
         if not name:
             raise EditError("a SEARCH/REPLACE block does not name its file")
-        blocks.append((name, m.group("search"), m.group("replace")))
-    if not blocks and ("<<<<<<< SEARCH" in text or ">>>>>>> REPLACE" in text):
-        raise EditError("malformed SEARCH/REPLACE block (expected <<<<<<< SEARCH / ======= / >>>>>>> REPLACE)")
+        divider = next((k for k in range(i + 1, len(lines)) if marks[k]), len(lines))
+        if divider == len(lines) or marks[divider] != "=":
+            raise EditError(f"SEARCH/REPLACE block {n} is incomplete: no ======= after its <<<<<<< SEARCH "
+                            "(malformed, or the answer was cut off)")
+        end = next((k for k in range(divider + 1, len(lines)) if marks[k] in ("<", ">")), len(lines))
+        if end == len(lines) or marks[end] != ">":
+            raise EditError(f"SEARCH/REPLACE block {n} is incomplete: no >>>>>>> REPLACE after its ======= "
+                            "(malformed, or the answer was cut off)")
+        blocks.append((name, "\n".join(lines[i + 1:divider]), "\n".join(lines[divider + 1:end])))
+        i = after = end + 1
     return blocks
 
 
+def _span_ignoring_trailing_space(body: str, search: str) -> tuple[int, int] | None:
+    """Where `search` matches `body` once when each line's trailing whitespace is ignored (a common LLM slip), as a
+    span of `body` itself: the lines around it stay byte for byte. Replacing in a copy of the file stripped of
+    all trailing whitespace rewrote every line of it, inside triple-quoted strings too (found by review)."""
+    lines = body.split("\n")
+    stripped = [line.rstrip() for line in lines]
+    hay = "\n".join(stripped)
+    needle = "\n".join(line.rstrip() for line in search.split("\n"))
+    pos = hay.find(needle)
+    if pos < 0 or hay.find(needle, pos + 1) >= 0:
+        return None
+    starts, starts_stripped = [0], [0]  # where each line begins in body, and in hay
+    for line, short in zip(lines, stripped, strict=True):
+        starts.append(starts[-1] + len(line) + 1)
+        starts_stripped.append(starts_stripped[-1] + len(short) + 1)
+
+    def at(p: int) -> tuple[int, int]:  # (line, column) of a position in hay
+        n = bisect.bisect_right(starts_stripped, p) - 1
+        return n, p - starts_stripped[n]
+
+    (first, col), (last, end) = at(pos), at(pos + len(needle))
+    if end and end == len(stripped[last]):
+        end = len(lines[last])  # the match ends a line: its trailing whitespace goes with it
+    return starts[first] + col, starts[last] + end
+
+
 def apply_search_replace(base: dict[str, str], text: str, default_file: str | None = None) -> dict[str, str]:
-    blocks = parse_search_replace(text, default_file)
+    blocks = parse_search_replace(text, default_file, files=base)
     if not blocks:
         raise EditError("no SEARCH/REPLACE block found")
     out = dict(base)
@@ -78,18 +157,15 @@ def apply_search_replace(base: dict[str, str], text: str, default_file: str | No
         if search.strip() == "":
             raise EditError(f"block {i} has an empty SEARCH section")
         count = body.count(search)
-        if count == 0:
-            # tolerate trailing-whitespace differences, a common LLM slip
-            stripped = "\n".join(line.rstrip() for line in search.splitlines())
-            body_stripped = "\n".join(line.rstrip() for line in body.splitlines())
-            if body_stripped.count(stripped) == 1:
-                body, search = body_stripped + ("\n" if body.endswith("\n") else ""), stripped
-                count = 1
-            else:
-                raise EditError(f"block {i}: SEARCH text not found in {name}")
         if count > 1:
             raise EditError(f"block {i}: SEARCH text matches {count} places in {name}; include more context")
-        out[name] = body.replace(search, replace, 1)
+        if count == 1:
+            out[name] = body.replace(search, replace, 1)
+            continue
+        span = _span_ignoring_trailing_space(body, search)
+        if span is None:
+            raise EditError(f"block {i}: SEARCH text not found in {name}")
+        out[name] = body[:span[0]] + replace + body[span[1]:]
     return out
 
 

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 import pytest
 
 from farm.candidates import (
@@ -174,3 +177,81 @@ def test_unified_diff_content_lines_that_look_like_headers_are_content():
     diff = unified_diff(base, new)
     assert "\n--- /usr/share\n" in diff and "\n+++ ../up\n" in diff
     assert apply_unified_diff(base, diff) == new
+
+
+TEMPLATE = (Path(__file__).resolve().parents[2] / "training_template" / "train.py").read_text()
+
+
+def test_a_search_holding_the_templates_banner_comments_applies():
+    """Found by review: the divider was not anchored to a whole line, so the first `=====` inside a banner comment
+    (`# =====...`) ended SEARCH, and the block was refused as matching 21 places."""
+    lines = TEMPLATE.split("\n")
+    at = lines.index("# Hyperparameters (one per line: the search tool edits these lines)")
+    search = "\n".join(lines[at - 1:at + 4])  # banner, title, banner, blank, DEPTH
+    assert search.startswith("# =====") and "DEPTH = " in search
+    replace = search.replace("DEPTH = ", "DEPTH = 1 + ", 1)
+    out = apply_search_replace({"train.py": TEMPLATE},
+                               f"train.py\n<<<<<<< SEARCH\n{search}\n=======\n{replace}\n>>>>>>> REPLACE\n")
+    assert out["train.py"] == TEMPLATE.replace(search, replace, 1)
+
+
+@pytest.mark.parametrize("filler", [" " * 200_000, "`" * 200_000, "<" * 200_000, "=" * 200_000, "a." * 100_000])
+def test_parsing_blocks_takes_linear_time_on_a_long_line(filler):
+    """Found by review: the block regex backtracked on a long line of spaces: check_edit took 7 s at 16k (minutes at
+    200k, which the API accepts), holding the GIL, so the scheduler froze. Read line by line, it takes milliseconds;
+    the bound is loose so a busy machine cannot fail it."""
+    block = "train.py\n<<<<<<< SEARCH\nDEPTH = 4\n=======\nDEPTH = 5\n>>>>>>> REPLACE\n"
+    t0 = time.perf_counter()
+    for text in (block + filler + "\n", filler + "\n" + block, block + filler + "\n" + block):
+        checked = check_edit(BASE, Edit(search_replace=text), ["train.py"])
+        assert checked.reason is None or "matches" in checked.reason or "not found" in checked.reason
+    assert time.perf_counter() - t0 < 5.0
+
+
+@pytest.mark.parametrize("cut,missing", [
+    ("<<<<<<< SEARCH\nDEPTH = 4\n=======\nDEPTH = 5\n>>>>>>> REPL", "no >>>>>>> REPLACE"),
+    ("<<<<<<< SEARCH\nDEPTH = 4\n=======\nDEPTH = 5", "no >>>>>>> REPLACE"),
+    ("<<<<<<< SEARCH\nDEPTH = 4\n==", "no ======="),
+    ("<<<<<<< SEARCH\n", "no ======="),
+])
+def test_a_cut_off_last_block_is_refused_not_dropped(cut, missing):
+    """Found by review: a last block cut off (an answer stopped at max_tokens) was dropped silently and the first half
+    of the change stored valid under a description of all of it."""
+    first = "train.py\n<<<<<<< SEARCH\nLR = 0.1  # learning rate\n=======\nLR = 0.2  # learning rate\n>>>>>>> REPLACE\n"
+    with pytest.raises(EditError, match=f"block 2 is incomplete: {missing}"):
+        parse_search_replace(first + cut)
+    checked = check_edit(BASE, Edit(search_replace=first + cut), ["train.py"])
+    assert checked.reason is not None and "block 2 is incomplete" in checked.reason and checked.files == {}
+    # a block that opens before the previous one closed is incomplete too, not merged with the next one
+    with pytest.raises(EditError, match="block 1 is incomplete: no >>>>>>> REPLACE"):
+        parse_search_replace("<<<<<<< SEARCH\nDEPTH = 4\n=======\nDEPTH = 5\n" + first, default_file="train.py")
+
+
+@pytest.mark.parametrize("line", ["### File: `train.py`", "train.py (hyperparameters):", "In `train.py`:",
+                                  "**train.py**", "1. train.py", "Here is the change:", "Also raise the depth:",
+                                  "'train.py':", "./train.py", "Edit train.py."])
+def test_the_line_before_a_block_names_a_file_only_by_a_file_name(line):
+    """Found by review: the last word of the line before a block was its file, so markdown and prose named files
+    (`'`train.py'`, `'(hyperparameters)'`, `'change'`) and the block was refused as not editable."""
+    block = "<<<<<<< SEARCH\nDEPTH = 4\n=======\nDEPTH = 5\n>>>>>>> REPLACE\n"
+    first = "train.py\n<<<<<<< SEARCH\nLR = 0.1  # learning rate\n=======\nLR = 0.2  # learning rate\n>>>>>>> REPLACE\n"
+    for text in (f"{line}\n{block}", f"{first}\n{line}\n```python\n{block}```\n"):
+        checked = check_edit(BASE, Edit(search_replace=text), ["train.py"])
+        assert checked.reason is None and "DEPTH = 5" in checked.files["train.py"]
+
+
+@pytest.mark.parametrize("line", ["prepare.py", "### File: `prepare.py`", "In prepare.py:", "kernels/extra.py"])
+def test_a_block_naming_a_file_that_is_not_editable_is_still_refused(line):
+    block = "<<<<<<< SEARCH\nDEPTH = 4\n=======\nDEPTH = 5\n>>>>>>> REPLACE\n"
+    with pytest.raises(EditError, match="not an editable file"):
+        apply_search_replace(BASE, f"{line}\n{block}", default_file="train.py")
+
+
+def test_the_trailing_whitespace_fallback_changes_only_the_matched_lines():
+    """Found by review: a SEARCH that matched only without trailing whitespace replaced in a copy of the file with the
+    trailing whitespace of every line stripped, inside triple-quoted strings too."""
+    base = {"train.py": 'DOC = """keep   \ntrailing\t\n"""\nLR = 0.1   \nDEPTH = 4  \nEND = 1 \n'}
+    for search in ("LR = 0.1 \nDEPTH = 4", "LR = 0.1\nDEPTH = 4\t", "LR = 0.1\t\nDEPTH = 4"):
+        out = apply_search_replace(base, f"train.py\n<<<<<<< SEARCH\n{search}\n=======\nLR = 0.2\nDEPTH = 5\n"
+                                         ">>>>>>> REPLACE\n")["train.py"]
+        assert out == 'DOC = """keep   \ntrailing\t\n"""\nLR = 0.2\nDEPTH = 5\nEND = 1 \n', out
