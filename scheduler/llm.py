@@ -5,8 +5,8 @@ experiments of the program (so nothing that failed is forgotten) and the head's 
 budgeted against the model's context (litellm's model map, or FARM_LLM_CONTEXT_TOKENS): when the
 history does not fit, the oldest lines go first, keeps and recent outcomes stay. The answer format is
 a DESCRIPTION line, a RATIONALE and SEARCH/REPLACE blocks (or whole files after `FILE: name`, offered
-only when a file fits in max_tokens). Parsing never raises: an answer with no usable edit becomes a
-proposal with an empty edit, which record_proposal stores as `invalid` with its reason.
+only when a file fits in max_tokens); a unified diff is read too. Parsing never raises: an answer with no usable
+edit becomes a proposal with an empty edit, which record_proposal stores as `invalid` with its reason.
 
 Calls run on the scheduler's thread pool (several in flight), retry rate limits, timeouts and
 server errors with exponential backoff, and every attempt is recorded through `record_call`
@@ -248,32 +248,66 @@ _FILE = re.compile(r"^[^\w\n]*FILE\W*:\s*`?(?P<name>[\w./-]+)`?\s*\n```[\w+-]*\n
 _FENCE = re.compile(r"```[\w+-]*\n(?P<body>.*?)\n```", re.S)
 
 
+# A unified diff: in a ```diff fence, or bare from its first `--- a/x` / `+++ b/x` / `@@` header (or the `diff --git`
+# line before it) to a closing fence or the end. record_proposal applies one, but such an answer was read as no edit,
+# or its fence as the whole file (found by review).
+_DIFF_FENCE = re.compile(r"^```(?:diff|patch)[ \t]*\n(?P<body>.*?)(?:\n```|\Z)", re.M | re.S)
+_DIFF_HEAD = re.compile(r"^(?:diff --git [^\n]*\n(?:[^\n]*\n){0,4}?)?--- [^\n]*\n\+\+\+ [^\n]*\n@@", re.M)
+_SEARCH_LINE = re.compile(r"^[ \t]*<{5,9} SEARCH\b", re.M)
+
+
+def _without(text: str, spans: list[tuple[int, int]]) -> str:
+    """The text less the spans (which do not overlap)."""
+    for start, end in sorted(spans, reverse=True):
+        text = text[:start] + text[end:]
+    return text
+
+
+def _unified_diff(text: str) -> str | None:
+    """The unified diff the answer gives, or None."""
+    fence = _DIFF_FENCE.search(text)
+    if fence is not None and fence.group("body").strip():
+        return fence.group("body") + "\n"
+    head = _DIFF_HEAD.search(text)
+    if head is None:
+        return None
+    rest = text[head.start():]
+    close = re.search(r"^```[ \t]*$", rest, re.M)
+    return (rest[:close.start()] if close else rest).rstrip("\n") + "\n"
+
+
 def parse_answer(text: str, editable: list[str], current: dict[str, str]) -> Proposal:
     """Description, rationale and edit from a model's answer; an unusable answer gives an empty edit."""
-    raw = text or ""
-    text = raw[:MAX_ANSWER_CHARS]
-    m = _DESC.search(text)
+    # before anything else (found by review): a lone surrogate ("\ud83d", half an emoji) cannot be encoded, so the
+    # experiment's insert failed and the paid call was left linked to nothing; CRLF line ends left a file of mixed
+    # line ends, and a whole file answered in CRLF was not read at all
+    raw = (text or "").encode("utf-8", "replace").decode("utf-8")
+    text = raw[:MAX_ANSWER_CHARS].replace("\r\n", "\n")
+    # the labels are read only before the first block, and only the first of each: a line of code in a block that
+    # looks like a label (`description: ...`) was removed from the block (found by review)
+    first = _SEARCH_LINE.search(text)
+    head_end = first.start() if first else len(text)
+    m, r = (x if x is not None and x.end() <= head_end else None for x in (_DESC.search(text), _RAT.search(text)))
     if m:
         description = m.group("d").strip()
     else:
-        first = next((ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith(
+        description = next((ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith(
             ("```", "<<<<<<<", "=======", ">>>>>>>"))), "")
-        description = first
     description = " ".join(description.split())[:200] or "(no description)"
-    r = _RAT.search(text)
     rationale = " ".join(r.group("r").split())[:2000] if r else ""
     edit = Edit()
     if "<<<<<<< SEARCH" in text or ">>>>>>> REPLACE" in text:
-        em = _EDITS.search(text)
-        body = text[em.end():] if em else text
-        if not em:
+        em = _EDITS.search(text, 0, head_end)
+        if em:
+            body = text[em.end():]
+        else:
             # drop the DESCRIPTION / RATIONALE lines so they cannot be read as a file name
-            body = _DESC.sub("", body)
-            body = _RAT.sub("", body)
+            body = _without(text, [(x.start(), x.end()) for x in (m, r) if x is not None])
         edit = Edit(search_replace=body.strip("\n"))
     else:
         files = {fm.group("name"): fm.group("body") + "\n" for fm in _FILE.finditer(text)}
-        if not files and len(editable) == 1:
+        diff = None if files else _unified_diff(text)
+        if not files and diff is None and len(editable) == 1:
             # a single fenced block that looks like the whole file
             only = editable[0]
             blocks = [b.group("body") for b in _FENCE.finditer(text)]
@@ -283,6 +317,8 @@ def parse_answer(text: str, editable: list[str], current: dict[str, str]) -> Pro
                     files = {only: best + "\n"}
         if files:
             edit = Edit(files=files)
+        elif diff is not None:
+            edit = Edit(unified_diff=diff)
     return Proposal(description=description, rationale=rationale, edit=edit, raw=raw)
 
 
@@ -410,4 +446,7 @@ class LLMProposer:
         proposal.llm_call_ids = ids
         if finish == "length":
             proposal.defect = f"the answer was cut off at max_tokens={cfg.max_tokens}"
+        elif finish not in ("stop", ""):
+            # a content filter's empty answer was stored as "the proposal contains no edit" (found by review)
+            proposal.defect = f"the answer ended with finish_reason={finish!r}, not 'stop'"
         return proposal

@@ -168,3 +168,16 @@ def test_an_answer_cut_off_at_max_tokens_is_marked_as_such(monkeypatch: pytest.M
     # an answer that ends where it should has no defect
     _serve(monkeypatch, FakeServer(context=200_000, answer="DESCRIPTION: nothing\n"))
     assert LLMProposer(_cfg()).propose(ctx).defect is None
+
+
+@pytest.mark.parametrize("finish", ["content_filter", "tool_calls"])
+def test_an_answer_ended_for_another_reason_than_stop_is_marked_with_it(monkeypatch: pytest.MonkeyPatch,
+                                                                         finish: str) -> None:
+    """Found by review: a content filter's empty answer was stored as "the proposal contains no edit", with no word
+    of the filter (only "length" was handled)."""
+    _serve(monkeypatch, FakeServer(context=200_000, answer="", finish=finish))
+    proposal = LLMProposer(_cfg()).propose(_ctx([]))
+    assert proposal.defect is not None and f"finish_reason={finish!r}" in proposal.defect
+    # a server that names no reason is taken at its word
+    _serve(monkeypatch, FakeServer(context=200_000, answer="DESCRIPTION: nothing\n", finish=""))
+    assert LLMProposer(_cfg()).propose(_ctx([])).defect is None
