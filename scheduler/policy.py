@@ -125,10 +125,29 @@ def judge(cfg: PolicyConfig, runs: Sequence[float], parent_runs: Sequence[float]
     def borne_out(i: int) -> bool:
         return any(abs(runs[i] - r) <= cfg.max_jump / 2 for j, r in enumerate(runs) if j != i)
     dropped = [r for i, r in enumerate(runs) if not plausible(r) and not borne_out(i)]
-    if len(dropped) == len(runs):  # nothing left to judge on: held (one run) or judged whole, as before
+    # every run trips a guard and none bears another out: no evidence either way. One run is held below, as before;
+    # several were judged whole, averaged, and 0.6 then 0.75 against 1.0 was kept (found by review): another seed
+    conflicting = len(runs) > 1 and len(dropped) == len(runs)
+    if len(dropped) == len(runs):
         dropped = []
     runs = [r for i, r in enumerate(runs) if plausible(r) or borne_out(i)] if dropped else list(runs)
     flags = sanity(runs)
+    # runs that bear each other out but disagree with the rest (0.99, then 0.2 and 0.2 against 1.0) are two stories,
+    # not one measurement: averaged, two broken runs outvoted a clean one and were kept (found by review). A strict
+    # majority that bears itself out decides, the rest set aside; without one, another seed
+    tol = cfg.max_jump / 2
+    if flags and max(runs) - min(runs) > tol:
+        def agreeing(c: float) -> list[float]:
+            return [r for r in runs if abs(r - c) <= tol]
+        largest = max((agreeing(c) for c in runs), key=len)
+        if len(largest) >= 2 and 2 * len(largest) > len(runs):
+            rest = list(runs)
+            for r in largest:
+                rest.remove(r)
+            dropped, runs = [*dropped, *rest], largest
+            flags = sanity(runs)
+        else:
+            conflicting = True
     own = [parent_mean - r for r in runs]
     deltas = [*prior_deltas, *own]
     d = mean(deltas)
@@ -148,6 +167,8 @@ def judge(cfg: PolicyConfig, runs: Sequence[float], parent_runs: Sequence[float]
     # vouch for an implausible run on this one
     if len(runs) == 1 and flags:
         return v("confirm", "held for confirmation: " + "; ".join(flags))
+    if conflicting:  # the loop turns this into a discard once the confirmations allowed are spent
+        return v("confirm", "its runs disagree and some trip a sanity guard (" + "; ".join(flags) + "): another seed")
     if mean(runs) < cfg.min_val_bpb:
         return v("discard", f"implausible: mean val_bpb {mean(runs):.6f} below the floor {cfg.min_val_bpb:g}")
     if cfg.kind == "greedy":

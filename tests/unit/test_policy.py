@@ -150,8 +150,8 @@ def test_a_flagged_run_its_other_runs_do_not_bear_out_is_set_aside(kind):
     # runs that bear each other out are judged whole, a real jump included, whichever side of the guard they fall
     assert judge(cfg, [0.85, 0.86], [1.00], SIGMA).action == "keep"
     assert judge(cfg, [0.89, 0.905], [1.00], SIGMA).action == "keep"  # a confirmed jump is not discarded
-    v = judge(cfg, [0.85, 0.86, 0.999], [1.00], 0.022)  # two runs bear each other out against one
-    assert v.action == "keep" and v.stats["set_aside"] == [], v
+    v = judge(cfg, [0.85, 0.86, 0.999], [1.00], 0.022)  # two runs bear each other out against one: they decide
+    assert v.action == "keep" and v.stats["set_aside"] == [0.999] and v.stats["runs"] == [0.85, 0.86], v
     # a set-aside run leaves no sanity flag behind: a head that moved meanwhile lets the change be replayed
     assert judge(cfg, [0.2, 0.99], [1.00], SIGMA).stats["sanity"] == []
 
@@ -163,3 +163,20 @@ def test_noise_sigma_leaves_out_implausible_runs_and_groups():
     assert noise_sigma([*clean, [0.85, 0.999]]) == (sigma, dof)
     assert noise_sigma([*clean, [0.1, 1.0, 1.002]])[1] == dof + 1
     assert noise_sigma([*clean, [0.85, 0.999]], max_spread=1.0)[0] > 5 * sigma  # what it was before
+
+
+@pytest.mark.parametrize("kind", ["greedy", "confirm"])
+def test_runs_that_disagree_and_trip_a_guard_are_never_averaged_into_a_keep(kind):
+    """Found by review: runs that all tripped a guard and bore none of each other out were "judged whole", so 0.6
+    then 0.75 against 1.0 was kept on their mean; and two broken runs that bore each other out outvoted a clean one
+    (0.99, 0.2, 0.2 was kept on a mean of 0.463, a head no later candidate could beat)."""
+    cfg = PolicyConfig(kind=kind)
+    v = judge(cfg, [0.6, 0.75], [1.0, 1.0015], SIGMA)
+    assert v.action == "confirm" and "disagree" in v.reason, v  # the loop discards at the confirmation limit
+    assert judge(cfg, [0.5, 0.2], [1.0], SIGMA).action == "confirm"
+    v = judge(cfg, [0.99, 0.2, 0.2], [1.0, 1.0015], SIGMA)  # the majority decides: below the floor
+    assert v.action == "discard" and v.stats["set_aside"] == [0.99] and "floor" in v.reason, v
+    v = judge(cfg, [0.99, 0.99, 0.2, 0.2], [1.0], SIGMA)  # no majority: another seed
+    assert v.action == "confirm" and "disagree" in v.reason, v
+    # runs within noise of each other are untouched by any of this
+    assert judge(cfg, [0.99, 0.991], [1.0, 1.0015], SIGMA).stats["set_aside"] == []
