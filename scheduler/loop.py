@@ -645,10 +645,12 @@ class Scheduler:
                                  "result from another hardware class than the program's", {})
             return self._noop
         runs = [own] + [v for v in (view.value(r) for r in reps) if v is not None]
+        if view.pending_runs_of(e.parent_commit):
+            # the parent's runs are not all in yet (its second baseline, say): judged on the first alone, the verdict
+            # hung on which worker finished first, against a parent mean later candidates do not see (found by review)
+            return None
         parent_runs = view.runs_of(e.parent_commit)
         if not parent_runs:
-            if view.pending_runs_of(e.parent_commit):
-                return None  # the parent's runs are not in yet
             self._write_decision(s, view, e, Decision.discard, cfg.kind,
                                  "the parent has no successful run to compare with", {"runs": runs})
             return self._noop

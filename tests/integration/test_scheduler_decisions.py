@@ -1,0 +1,75 @@
+"""Decisions of the real scheduler loop on Postgres, found by review: a candidate is judged only once its parent's
+runs are all in, and a run set aside by a decision does not count as a measurement of the head afterwards."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+
+from farm.candidates import Edit, record_proposal
+from farm.db import session_scope
+from farm.models import Decision, DecisionRecord, Experiment, ExperimentRole, ExperimentStatus, Program
+from farm.programs import create_program
+from farm.settings import reset_settings_cache
+from tests.factories import make_worker
+from tests.integration.test_scheduler_loop import _sched, finish, queued
+from tests.toy_template import TRAIN, install
+
+S = ExperimentStatus
+
+
+def _program(tmp_path, monkeypatch, name: str, workers: int) -> int:  # type: ignore[no-untyped-def]
+    install(monkeypatch, tmp_path)
+    monkeypatch.setenv("FARM_LOOKAHEAD", "0")
+    reset_settings_cache()
+    with session_scope() as s:
+        pid = create_program(s, name=name, instructions="# go", policy={"baseline_runs": 2}).id
+        for i in range(workers):
+            make_worker(s, f"w{i + 1}")
+    return pid
+
+
+def _candidate(pid: int, old: str, new: str) -> int:
+    with session_scope() as s:
+        prog = s.get(Program, pid)
+        assert prog is not None and prog.head_commit is not None
+        head = s.get(Experiment, prog.head_experiment_id) if prog.head_experiment_id else None
+        base = {"train.py": head.files["train.py"] if head is not None else TRAIN}
+        assert old in base["train.py"]
+        c = record_proposal(s, prog, parent_commit=prog.head_commit, base_files=base, proposer_kind="manual",
+                            description=f"{old} -> {new}", edit=Edit(files={"train.py": base["train.py"].replace(old, new)}))
+        assert c.status == S.proposed, c.status_reason
+        return c.id
+
+
+def _decision(exp_id: int) -> tuple[Decision | None, dict]:
+    with session_scope() as s:
+        e = s.get(Experiment, exp_id)
+        record = s.execute(select(DecisionRecord).where(DecisionRecord.experiment_id == exp_id)).scalar_one_or_none()
+        return e.decision, dict(record.statistics) if record is not None else {}
+
+
+def test_a_candidate_waits_for_all_of_its_parents_runs(pg_env, tmp_path, monkeypatch):
+    """The second baseline was still queued when the candidate and its confirmation came in: the candidate was
+    kept against the first baseline alone, a verdict that hung on which worker finished first."""
+    pid = _program(tmp_path, monkeypatch, "early", workers=3)
+    sched = _sched(propose=False)
+    try:
+        sched.tick()
+        baselines = queued()
+        assert [b.role for b in baselines] == [ExperimentRole.baseline] * 2
+        c = _candidate(pid, "cpu=0.02", "cpu=0.03")
+        sched.tick()
+        finish(baselines[0].id, 1.0, worker="w1")
+        finish(c, 0.99, worker="w2")
+        sched.tick()
+        # not judged while the second baseline is out: no confirmation asked for yet, no verdict
+        assert [e for e in queued() if e.replicate_of == c] == [] and _decision(c)[0] is None
+        finish(baselines[1].id, 1.0015, worker="w3")
+        sched.tick()
+        (conf,) = [e for e in queued() if e.replicate_of == c]
+        finish(conf.id, 0.99, worker="w2")
+        sched.tick()
+        decision, stats = _decision(c)
+        assert decision == Decision.keep and stats["parent_runs"] == [1.0, 1.0015]
+    finally:
+        sched.close()
