@@ -167,7 +167,8 @@ LIST_COLUMNS = (
     Experiment.id, Experiment.program_id, Experiment.role, Experiment.status, Experiment.status_reason,
     Experiment.decision, Experiment.description, Experiment.proposer_kind, Experiment.parent_commit,
     Experiment.commit_sha, Experiment.seed, Experiment.worker_id, Experiment.progress, Experiment.created_at,
-    Experiment.started_at, Experiment.finished_at, Result.val_bpb, Result.test_bpb, Result.peak_vram_mb,
+    Experiment.started_at, Experiment.finished_at, Experiment.set_aside, Result.val_bpb, Result.test_bpb,
+    Result.peak_vram_mb,
 )
 
 
@@ -179,7 +180,7 @@ def _parent_means(session: Session, program_id: int, commits: set[str]) -> dict[
     rows = session.execute(
         select(key, func.avg(Result.val_bpb)).join(Result, Result.experiment_id == Experiment.id)
         .where(Experiment.program_id == program_id, Experiment.status == ExperimentStatus.succeeded,
-               Result.val_bpb.is_not(None),
+               Result.val_bpb.is_not(None), Experiment.set_aside.is_(False),  # as the scheduler counts a parent
                (Experiment.commit_sha.in_(commits))
                | (Experiment.commit_sha.is_(None) & Experiment.parent_commit.in_(commits)))
         .group_by(key))
@@ -199,7 +200,7 @@ def _rows_to_public(session: Session, program_id: int, rows: Sequence[Any]) -> l
             delta=(r.val_bpb - pv) if (r.val_bpb is not None and pv is not None) else None,
             memory_gb=(r.peak_vram_mb / 1024.0) if r.peak_vram_mb is not None else None,
             worker_id=r.worker_id, progress=r.progress, created_at=r.created_at, started_at=r.started_at,
-            finished_at=r.finished_at))
+            finished_at=r.finished_at, set_aside=r.set_aside))
     return out
 
 

@@ -202,6 +202,8 @@ class ExperimentPublic(BaseModel):
     test_bpb: float | None
     parent_val_bpb: float | None = Field(description="Mean val_bpb of the parent commit's runs")
     delta: float | None = Field(description="val_bpb minus the parent's (negative is better)")
+    set_aside: bool = Field(default=False, description="Set aside by its change's decision as a broken measurement: "
+                            "not counted as a run of its commit (docs/policy.md)")
     memory_gb: float | None
     worker_id: str | None
     progress: float | None

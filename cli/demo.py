@@ -231,7 +231,8 @@ def leaderboard(program_id: int, top: int | None = None) -> tuple[list[dict[str,
     with session_scope() as s:
         rows = s.execute(select(Experiment, Result.val_bpb).join(Result, Result.experiment_id == Experiment.id)
                          .where(Experiment.program_id == program_id, Experiment.status == ExperimentStatus.succeeded,
-                                Result.val_bpb.is_not(None)).order_by(Experiment.id)).all()
+                                Result.val_bpb.is_not(None), Experiment.set_aside.is_(False))  # as the policy counts
+                         .order_by(Experiment.id)).all()
         changes: dict[str, dict[str, Any]] = {}
         for e, val in rows:
             key = e.commit_sha or f"experiment {e.id}"

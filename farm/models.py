@@ -184,6 +184,9 @@ class Experiment(Base):
                                                      default=ExperimentStatus.proposed, index=True)
     status_reason: Mapped[str | None] = mapped_column(Text)  # invalid / crash / refusal reason
     decision: Mapped[Decision | None] = mapped_column(_enum(Decision, "decision"))
+    # a run its change's decision set aside as a broken measurement (scheduler/policy.py): no longer counted as a
+    # run of its commit, neither in a head's mean nor in the noise estimate
+    set_aside: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
     retry_count: Mapped[int] = mapped_column(Integer, default=0)
     attempts: Mapped[list[Any]] = mapped_column(default=list)  # history of lost/retried attempts
     worker_id: Mapped[str | None] = mapped_column(ForeignKey("workers.id", ondelete="SET NULL"))

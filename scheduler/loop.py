@@ -124,7 +124,7 @@ class ProgramView:
     # do, and nothing below reads them), so the per-commit index and sigma are computed once.
     def value(self, e: Experiment) -> float | None:
         r = self.results.get(e.id)
-        if r is None:
+        if r is None or e.set_aside:  # set aside by its change's decision: not a measurement of its commit
             return None
         return run_value(e.status, r.val_bpb, r.hw_class, e.hw_class, self.program.hw_class)
 
@@ -565,12 +565,12 @@ class Scheduler:
         shared = (select(E.commit_sha).where(E.program_id == p.id, E.commit_sha.is_not(None))
                   .group_by(E.commit_sha).having(func.count() >= 2).scalar_subquery())
         groups: dict[str, list[float]] = {}
-        for sha, status, hw, val, result_hw in s.execute(  # their rows through the commit index (230 -> 100 ms)
-                select(E.commit_sha, E.status, E.hw_class, R.val_bpb, R.hw_class)
+        for sha, status, hw, val, result_hw, aside in s.execute(  # their rows through the commit index (230 -> 100 ms)
+                select(E.commit_sha, E.status, E.hw_class, R.val_bpb, R.hw_class, E.set_aside)
                 .outerjoin(R, R.experiment_id == E.id)
                 .where(E.id.in_(select(E.id).where(E.commit_sha.in_(shared))), E.program_id == p.id)
                 .order_by(E.id)):
-            v = run_value(status, val, result_hw, hw, p.hw_class)
+            v = None if aside else run_value(status, val, result_hw, hw, p.hw_class)
             group = groups.setdefault(sha or "", [])  # never None here: selected by commit
             if v is not None:
                 group.append(v)
@@ -656,6 +656,15 @@ class Scheduler:
             return self._noop
         prior = self._prior_deltas(s, p.id, e.id) if e.proposer_kind == "replay" else []  # only replays have
         verdict = judge(cfg, runs, parent_runs, view.sigma(cfg), prior)
+        if verdict.stats.get("set_aside"):  # which rows those values are: the decision marks them
+            left = list(verdict.stats["set_aside"])
+            aside = []
+            for x in [e, *reps]:
+                v = view.value(x)
+                if v is not None and v in left:
+                    left.remove(v)
+                    aside.append(x.id)
+            verdict = replace(verdict, stats={**verdict.stats, "set_aside_ids": aside})
         head_moved = p.head_commit != e.parent_commit
         replay = head_moved and (verdict.action == "keep" or (
             verdict.action == "confirm" and not verdict.stats["sanity"] and e.role == ExperimentRole.candidate))
@@ -827,12 +836,14 @@ class Scheduler:
                         head_before: str | None = None, head_after: str | None = None) -> None:
         hb = head_before if head_before is not None else view.program.head_commit
         ha = head_after if head_after is not None else view.program.head_commit
+        aside = set(stats.get("set_aside_ids") or ())
         for x, why in [(e, reason), *((r, f"confirmation of #{e.id}: {reason}") for r in (reps or []))]:
             if x.status != S.succeeded or x.decision is not None:
                 continue
             decided = (states.decide_locked(x, decision) if x.id in view.locked
                        else states.set_decision(s, x.id, decision))
             if decided:
+                x.set_aside = x.id in aside
                 # not flushed one by one: the pass's decisions go out together (autoflush before any read)
                 s.add(DecisionRecord(program_id=view.program.id, experiment_id=x.id, decision=decision,
                                      policy=policy, reason=why[:4000], head_before=hb, head_after=ha,

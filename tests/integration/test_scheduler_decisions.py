@@ -73,3 +73,47 @@ def test_a_candidate_waits_for_all_of_its_parents_runs(pg_env, tmp_path, monkeyp
         assert decision == Decision.keep and stats["parent_runs"] == [1.0, 1.0015]
     finally:
         sched.close()
+
+
+def _baselines(sched, values: list[float]) -> None:  # type: ignore[no-untyped-def]
+    for v in values:  # one worker: one at a time
+        sched.tick()
+        (b,) = queued()
+        assert b.role == ExperimentRole.baseline
+        finish(b.id, v)
+
+
+def _confirmed(sched, exp_id: int, value: float) -> None:  # type: ignore[no-untyped-def]
+    sched.tick()
+    (conf,) = [e for e in queued() if e.replicate_of == exp_id]
+    finish(conf.id, value)
+
+
+def test_a_run_set_aside_by_a_keep_is_not_a_run_of_the_new_head(pg_env, tmp_path, monkeypatch):
+    """A was kept on 0.93 and 0.93 with its first run, 0.85, set aside; that 0.85 still counted as a run of the new
+    head (its mean 0.903 was what B was judged against) and in the noise estimate (sigma 0.0017 -> 0.029): B's real
+    0.01 gain was discarded. The decision now marks the run, and nothing counts it afterwards."""
+    pid = _program(tmp_path, monkeypatch, "aside", workers=1)
+    sched = _sched(propose=False)
+    try:
+        _baselines(sched, [1.0, 1.0015])
+        a = _candidate(pid, "cpu=0.02", "cpu=0.03")
+        sched.tick()
+        finish(a, 0.85)  # a jump of 0.15: held
+        _confirmed(sched, a, 0.93)  # does not bear 0.85 out: 0.85 set aside, 0.93 alone needs a confirmation
+        _confirmed(sched, a, 0.93)
+        sched.tick()
+        decision, stats = _decision(a)
+        assert decision == Decision.keep and stats["set_aside"] == [0.85], stats
+        with session_scope() as s:
+            assert s.get(Experiment, a).set_aside  # the first run, the one set aside
+        b = _candidate(pid, "WARMDOWN_RATIO = 0.5", "WARMDOWN_RATIO = 0.7")
+        sched.tick()
+        finish(b, 0.92)
+        _confirmed(sched, b, 0.92)
+        sched.tick()
+        decision, stats = _decision(b)
+        assert stats["parent_runs"] == [0.93, 0.93] and stats["sigma"] < 0.005, stats
+        assert decision == Decision.keep
+    finally:
+        sched.close()
