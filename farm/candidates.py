@@ -363,7 +363,7 @@ def record_proposal(session: Session, program: Program, *, parent_commit: str, b
                     seed: int = 0, repair_of: int | None = None,
                     role: ExperimentRole = ExperimentRole.candidate, checked: Checked | None = None,
                     known: dict[str, int | None] | None = None, batch: bool = False,
-                    defect: str | None = None) -> Experiment:
+                    defect: str | None = None, remeasures: int | None = None) -> Experiment:
     """Validate an edit against `base_files` and store it as `proposed` (valid) or `invalid` (with reason).
 
     Never raises for a bad edit: the reason lands in `status_reason`. The caller commits; a valid
@@ -373,6 +373,10 @@ def record_proposal(session: Session, program: Program, *, parent_commit: str, b
     the caller flushes the batch at once, and a duplicate that raced in raises IntegrityError there.
     `defect`: what was wrong with the answer besides its edit (an LLM answer cut off at max_tokens); it leads the
     reason of an edit found invalid, which alone would say only "the proposal contains no edit".
+    `remeasures`: the experiment whose very files this one runs again on another parent (a replay of a change that
+    held the kept one, X+Y replayed onto X): not a duplicate of it, and stored without a content hash, which that
+    experiment keeps for the duplicate check (found by review: refused as its duplicate, the better change was lost,
+    and proposing Y again on the new head was refused as a duplicate of X+Y for ever).
     """
     editable = list(program.editable_files)
     if checked is None or checked.base_digest != files_digest(base_files):
@@ -384,8 +388,10 @@ def record_proposal(session: Session, program: Program, *, parent_commit: str, b
         dup = known[digest] if known is not None and digest in known else find_duplicate(session, program.id, digest)
         if dup == PENDING:
             reason = "duplicate of another proposal stored with it"
-        elif dup is not None:
+        elif dup is not None and dup != remeasures:
             reason = f"duplicate of experiment {dup}"
+        elif dup is not None:
+            digest = None
     exp = Experiment(program_id=program.id, role=role, parent_commit=parent_commit, files=files,
                      diff=checked.diff,
                      content_hash=None if reason else digest, proposer_kind=proposer_kind,

@@ -818,7 +818,7 @@ class Scheduler:
                 new = record_proposal(s, p, parent_commit=p.head_commit, base_files=head,
                                       edit=Edit(files=res.files), proposer_kind="replay",
                                       description=f"replay of #{e.id}: {e.description}",
-                                      rationale=e.rationale, role=ExperimentRole.confirmation)
+                                      rationale=e.rationale, role=ExperimentRole.confirmation, remeasures=e.id)
                 if new.status == S.invalid:
                     reason = f"replay onto head {p.head_commit[:12]} is invalid: {new.status_reason}"
                 else:

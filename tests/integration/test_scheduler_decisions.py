@@ -117,3 +117,43 @@ def test_a_run_set_aside_by_a_keep_is_not_a_run_of_the_new_head(pg_env, tmp_path
         assert decision == Decision.keep
     finally:
         sched.close()
+
+
+def test_a_change_that_holds_the_kept_one_is_replayed_not_refused_as_its_own_duplicate(pg_env, tmp_path, monkeypatch):
+    """A (change X) and B (X+Y) were proposed against one head; A was kept, and B, better than A, was to be replayed
+    onto A: the replay is B's own files, and was refused as a duplicate of B. The gain was lost, and Y proposed on
+    the new head was refused as a duplicate of B for ever. The replay runs now."""
+    pid = _program(tmp_path, monkeypatch, "superset", workers=2)
+    sched = _sched(propose=False)
+    try:
+        sched.tick()
+        for w, b in zip(("w1", "w2"), queued(), strict=True):
+            finish(b.id, 1.0 if w == "w1" else 1.0015, worker=w)
+        a = _candidate(pid, "cpu=0.02", "cpu=0.03")
+        with session_scope() as s:
+            prog = s.get(Program, pid)
+            x = TRAIN.replace("cpu=0.02", "cpu=0.03")
+            b = record_proposal(s, prog, parent_commit=prog.head_commit, base_files={"train.py": TRAIN},
+                                proposer_kind="manual", description="X and Y",
+                                edit=Edit(files={"train.py": x.replace("WARMDOWN_RATIO = 0.5", "WARMDOWN_RATIO = 0.7")})
+                                ).id
+        sched.tick()
+        finish(a, 0.99, worker="w1")
+        _confirmed(sched, a, 0.99)
+        sched.tick()
+        assert _decision(a)[0] == Decision.keep
+        finish(b, 0.97, worker="w2")  # 0.02 better than X: replayed onto the new head
+        sched.tick()
+        decision, stats = _decision(b)
+        assert decision == Decision.discard and "replay" in stats, stats
+        with session_scope() as s:
+            replay = s.get(Experiment, stats["replay"]["experiment_id"])
+            assert replay.status == S.queued and replay.parent_commit == s.get(Program, pid).head_commit
+            assert replay.files == s.get(Experiment, b).files
+        (queued_replay,) = [e for e in queued() if e.id == replay.id]
+        finish(queued_replay.id, 0.97, worker="w2")
+        sched.tick()  # its first improvement counts as evidence beside this run: kept without a confirmation
+        decision, stats = _decision(queued_replay.id)
+        assert decision == Decision.keep and stats["prior_deltas"], stats
+    finally:
+        sched.close()
