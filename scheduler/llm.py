@@ -281,7 +281,7 @@ def parse_answer(text: str, editable: list[str], current: dict[str, str]) -> Pro
     # before anything else (found by review): a lone surrogate ("\ud83d", half an emoji) cannot be encoded, so the
     # experiment's insert failed and the paid call was left linked to nothing; CRLF line ends left a file of mixed
     # line ends, and a whole file answered in CRLF was not read at all
-    raw = (text or "").encode("utf-8", "replace").decode("utf-8")
+    raw = (text or "").encode("utf-8", "replace").decode("utf-8").replace("\x00", "")  # Postgres text holds no NUL
     text = raw[:MAX_ANSWER_CHARS].replace("\r\n", "\n")
     # the labels are read only before the first block, and only the first of each: a line of code in a block that
     # looks like a label (`description: ...`) was removed from the block (found by review)
@@ -322,11 +322,16 @@ def parse_answer(text: str, editable: list[str], current: dict[str, str]) -> Pro
     return Proposal(description=description, rationale=rationale, edit=edit, raw=raw)
 
 
-def _retryable() -> tuple[type[BaseException], ...]:
+# statuses worth another attempt whatever exception litellm maps them to: 529 (a provider's "overloaded") came back
+# as a plain APIError and failed the proposal on its first attempt (found by review)
+RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504, 529})
+
+
+def _retryable(exc: BaseException) -> bool:
     from litellm import exceptions as ex
 
-    return (ex.RateLimitError, ex.Timeout, ex.APIConnectionError, ex.ServiceUnavailableError,
-            ex.InternalServerError, ex.BadGatewayError)
+    return isinstance(exc, (ex.RateLimitError, ex.Timeout, ex.APIConnectionError, ex.ServiceUnavailableError,
+                            ex.InternalServerError, ex.BadGatewayError)) or getattr(exc, "status_code", None) in RETRY_STATUS
 
 
 class ContextOverflow(ProposerError):
@@ -394,7 +399,7 @@ class LLMProposer:
                 if _overflow(exc):  # the same prompt fails the same way every time: no backoff
                     m = _CONTEXT_SIZE.search(str(exc))
                     raise ContextOverflow(f"LLM call failed: {last}", ids, int(m.group(1)) if m else None) from None
-                if not isinstance(exc, _retryable()) or attempt + 1 >= cfg.max_attempts:
+                if not _retryable(exc) or attempt + 1 >= cfg.max_attempts:
                     raise ProposerError(f"LLM call failed after {attempt + 1} attempt(s): {last}") from None
                 delay = cfg.backoff * (2 ** attempt) * (0.5 + random.random() / 2)
                 log.warning("LLM call failed (%s); retrying in %.1fs", last, delay)

@@ -260,3 +260,25 @@ def test_spend_cap_stops_repairs(pg_env, tmp_path, monkeypatch):
         with session_scope() as s:
             prog = s.get(Program, pid)
             assert prog.status == ProgramStatus.finished and "spend" in (prog.status_reason or "")
+
+
+def test_an_overloaded_provider_is_retried_and_a_refusal_is_not():
+    """Found by review: 529 ("overloaded", Anthropic's) reached us as a plain APIError, which was not retried, so a
+    moment of overload cost the proposal. A status worth another attempt is retried whatever class litellm gives it;
+    a 401 still fails at once."""
+    calls: list = []
+    with ScriptedLLM([{"status": 529}, {"status": 503}, {"content": GOOD}]) as srv:
+        p = LLMProposer(_cfg(srv.base), record_call=lambda r: calls.append(r) or len(calls)).propose(_ctx())
+        assert p.edit.search_replace and len(calls) == 3 and calls[0].error and calls[2].error is None
+        calls.clear()
+        srv.set_script([{"status": 401}, {"content": GOOD}])
+        with pytest.raises(ProposerError):
+            LLMProposer(_cfg(srv.base), record_call=lambda r: calls.append(r) or len(calls)).propose(_ctx())
+        assert len(calls) == 1
+
+
+def test_a_nul_in_an_answer_is_dropped_before_it_is_stored():
+    """Found by review: Postgres text holds no NUL, so an answer with one in its description failed the insert and
+    its paid call was left linked to nothing (as a lone surrogate did)."""
+    p = parse_answer(GOOD.replace("raise the matrix", "raise\x00 the matrix"), ["train.py"], {"train.py": TRAIN})
+    assert p.description == "raise the matrix learning rate" and "\x00" not in p.raw
