@@ -73,8 +73,13 @@ def _named_file(line: str, files: Iterable[str]) -> str | None:
     taken for a file name, and the block refused as editing a file that is not editable (found by review)."""
     known = set(files)
     words = [w.rstrip(".").removeprefix("./") for w in _WORD.findall(line)]
+    bare = re.sub(r"^(?:#+|>|[-*]|\d+\.)?\s*(?:file\s*:)?", "", line.strip(), flags=re.I).strip("`*:'\" ")
     return (next((w for w in reversed(words) if w in known), None)
-            or next((w for w in reversed(words) if _PATH.fullmatch(w)), None))
+            or next((w for w in reversed(words) if _PATH.fullmatch(w)), None)
+            # a line that is one name alone names a file, whatever it is (`Makefile`, `Dockerfile`): refused if it is
+            # not editable, never applied to the default file instead (found by review)
+            or (bare if re.fullmatch(r"[\w./-]+", bare) and any(c.isalpha() for c in bare)
+                and not line.strip().strip("`*").endswith(":") else None))  # `Changes:` is a label, not a file
 
 
 def parse_search_replace(text: str, default_file: str | None = None,

@@ -229,7 +229,7 @@ def test_a_cut_off_last_block_is_refused_not_dropped(cut, missing):
 
 @pytest.mark.parametrize("line", ["### File: `train.py`", "train.py (hyperparameters):", "In `train.py`:",
                                   "**train.py**", "1. train.py", "Here is the change:", "Also raise the depth:",
-                                  "'train.py':", "./train.py", "Edit train.py."])
+                                  "'train.py':", "./train.py", "Edit train.py.", "Changes:", "**Edit:**"])
 def test_the_line_before_a_block_names_a_file_only_by_a_file_name(line):
     """Found by review: the last word of the line before a block was its file, so markdown and prose named files
     (`'`train.py'`, `'(hyperparameters)'`, `'change'`) and the block was refused as not editable."""
@@ -240,7 +240,8 @@ def test_the_line_before_a_block_names_a_file_only_by_a_file_name(line):
         assert checked.reason is None and "DEPTH = 5" in checked.files["train.py"]
 
 
-@pytest.mark.parametrize("line", ["prepare.py", "### File: `prepare.py`", "In prepare.py:", "kernels/extra.py"])
+@pytest.mark.parametrize("line", ["prepare.py", "### File: `prepare.py`", "In prepare.py:", "kernels/extra.py",
+                                  "Makefile", "**Dockerfile**", "### File: `prepare`"])
 def test_a_block_naming_a_file_that_is_not_editable_is_still_refused(line):
     block = "<<<<<<< SEARCH\nDEPTH = 4\n=======\nDEPTH = 5\n>>>>>>> REPLACE\n"
     with pytest.raises(EditError, match="not an editable file"):
