@@ -91,6 +91,20 @@ class Job:
     repair_of: int | None = None
 
 
+def _past_deadline(rules: dict[str, Any], now: datetime) -> str | None:
+    deadline = rules.get("deadline")
+    if not deadline:
+        return None
+    when = datetime.fromisoformat(str(deadline))
+    try:
+        when = as_utc(when)
+    except OverflowError:  # within hours of datetime's range: its year says which end (found by review)
+        if when.year == 1:
+            return f"deadline {deadline} passed"
+        when = datetime.max.replace(tzinfo=UTC)
+    return f"deadline {when.isoformat()} passed" if now >= when else None
+
+
 def run_value(status: ExperimentStatus, val_bpb: float | None, result_hw: str | None, exp_hw: str,
               program_hw: str) -> float | None:
     """The val_bpb a run counts with: succeeded, measured, and on the program's hardware class (runs are
@@ -174,7 +188,7 @@ class Scheduler:
         # is final, its result is written with it, only this scheduler adds repairs), so it is read once
         self._crashes: dict[int, tuple[int, bool]] = {}
         self._to_pause: dict[int, str] = {}
-        self._bad_rules: set[int] = set()  # programs whose stop rules could not be read (warned once)
+        self._bad_rules: set[tuple[int, str]] = set()  # (program, stop rule) that could not be read (warned once)
         self._since_gc = 0  # candidate commits since the repository was last offered `git gc --auto`  # programs whose proposer cannot be made: paused at the end of the pass
         self.stop_event = threading.Event()
         self._started = False
@@ -962,49 +976,63 @@ class Scheduler:
     def _exhausted(self, s: Session, p: Program, now: datetime) -> str | None:
         """Why the program should take no new work, or None. A few small queries, never a load of the
         whole program: this runs for every active program on every pass."""
-        try:
-            return self._exhausted_by_rules(s, p, now)
-        except (ValueError, TypeError, OverflowError) as exc:  # a rule stored before the API checked it
-            # one program's unreadable rule must not fail the pass, which feeds every program's workers (found by
-            # review: a deadline that overflowed on conversion failed every pass); said once per program
-            if p.id not in self._bad_rules:
-                self._bad_rules.add(p.id)
-                log.warning("program %s: its stop rules cannot be read (%s); they are not applied", p.slug, exc)
-            return None
-
-    def _exhausted_by_rules(self, s: Session, p: Program, now: datetime) -> str | None:
         rules = p.stop_rules or {}
-        if rules.get("max_experiments") is not None:
-            ran = s.execute(select(func.count()).select_from(Experiment).where(
-                Experiment.program_id == p.id, Experiment.status.not_in(NOT_RUN))).scalar_one()
-            if ran >= int(rules["max_experiments"]):
-                return f"reached max_experiments={int(rules['max_experiments'])}"
-        deadline = rules.get("deadline")
-        if deadline:
-            when = datetime.fromisoformat(str(deadline))
+        checks: list[tuple[str, Callable[[], str | None]]] = [
+            ("max_experiments", lambda: self._ran_out(s, p, rules)), ("deadline", lambda: _past_deadline(rules, now)),
+            ("max_hours", lambda: self._over_time(p, rules, now)), ("max_spend_usd", lambda: self._over_spend(s, p, rules)),
+            ("target_val_bpb", lambda: self._on_target(s, p, rules)), ("baselines", lambda: self._no_baseline(s, p))]
+        for name, check in checks:
             try:
-                when = as_utc(when)
-            except OverflowError:  # within hours of datetime's range: its year says which end (found by review)
-                if when.year > 1:
-                    when = datetime.max.replace(tzinfo=UTC)
-                else:
-                    return f"deadline {deadline} passed"
-            if now >= when:
-                return f"deadline {when.isoformat()} passed"
-        if rules.get("max_hours") is not None and (now - as_utc(p.created_at)).total_seconds() >= \
-                float(rules["max_hours"]) * 3600:  # (a timedelta of a huge max_hours overflows)
-            return f"ran for max_hours={float(rules['max_hours']):g}"
+                reason = check()
+            except (ValueError, TypeError, OverflowError) as exc:  # a rule stored before the API checked it
+                # one unreadable rule must not fail the pass, which feeds every program's workers (found by review: a
+                # deadline that overflowed on conversion failed every pass), nor switch off the program's other
+                # rules (its spend cap); said once per program and rule
+                if (p.id, name) not in self._bad_rules:
+                    self._bad_rules.add((p.id, name))
+                    log.warning("program %s: its stop rule %s cannot be read (%s); not applied", p.slug, name, exc)
+                continue
+            if reason is not None:
+                return reason
+        return None
+
+    @staticmethod
+    def _ran_out(s: Session, p: Program, rules: dict[str, Any]) -> str | None:
+        if rules.get("max_experiments") is None:
+            return None
+        limit = int(rules["max_experiments"])
+        ran = s.execute(select(func.count()).select_from(Experiment).where(
+            Experiment.program_id == p.id, Experiment.status.not_in(NOT_RUN))).scalar_one()
+        return f"reached max_experiments={limit}" if ran >= limit else None
+
+    @staticmethod
+    def _over_time(p: Program, rules: dict[str, Any], now: datetime) -> str | None:
+        if rules.get("max_hours") is None:
+            return None
+        hours = float(rules["max_hours"])  # compared in seconds: a timedelta of a huge max_hours overflows
+        return f"ran for max_hours={hours:g}" if (now - as_utc(p.created_at)).total_seconds() >= hours * 3600 else None
+
+    @staticmethod
+    def _over_spend(s: Session, p: Program, rules: dict[str, Any]) -> str | None:
         cap = rules.get("max_spend_usd", rules.get("max_cost_usd", (p.proposer or {}).get("spend_cap_usd")))
-        if cap is not None:
-            spent = s.execute(select(func.coalesce(func.sum(LLMCall.cost_usd), 0.0))
-                              .where(LLMCall.program_id == p.id)).scalar_one()
-            if float(spent) >= float(cap):
-                return f"LLM spend {float(spent):.4f} USD reached the cap {float(cap):g} USD"
+        if cap is None:
+            return None
+        spent = s.execute(select(func.coalesce(func.sum(LLMCall.cost_usd), 0.0))
+                          .where(LLMCall.program_id == p.id)).scalar_one()
+        return f"LLM spend {float(spent):.4f} USD reached the cap {float(cap):g} USD" if float(spent) >= float(cap) else None
+
+    def _on_target(self, s: Session, p: Program, rules: dict[str, Any]) -> str | None:
         target = rules.get("target_val_bpb")
-        if target is not None and p.head_experiment_id is not None and p.head_commit:
-            head_runs = self._load(s, p, Experiment.commit_sha == p.head_commit).runs_of(p.head_commit)
-            if head_runs and mean(head_runs) <= float(target):
-                return f"head val_bpb {mean(head_runs):.6f} reached the target {float(target):g}"
+        if target is None or p.head_experiment_id is None or not p.head_commit:
+            return None
+        goal = float(target)
+        head_runs = self._load(s, p, Experiment.commit_sha == p.head_commit).runs_of(p.head_commit)
+        if head_runs and mean(head_runs) <= goal:
+            return f"head val_bpb {mean(head_runs):.6f} reached the target {goal:g}"
+        return None
+
+    @staticmethod
+    def _no_baseline(s: Session, p: Program) -> str | None:
         baselines = s.execute(select(Experiment.status, Experiment.status_reason).where(
             Experiment.program_id == p.id, Experiment.role == ExperimentRole.baseline)
             .order_by(Experiment.id)).all()

@@ -385,8 +385,8 @@ def test_each_stop_rule_finishes_its_program(pg_env, tmp_path, monkeypatch):
 def test_a_stop_rule_out_of_datetimes_range_or_unreadable_does_not_stop_the_pass(pg_env, tmp_path, monkeypatch):
     """Found by review: a deadline the API took ("9999-12-31T23:00:00-12:00") overflowed when turned into UTC, in the
     stop phase, before the fill: every pass failed and no program got work. Rules stored like that (before the API
-    refused them) now mean what they say at datetime's ends, and one that cannot be read at all is left unapplied
-    for its program alone; a huge max_hours is no timedelta overflow either."""
+    refused them) now mean what they say at datetime's ends, and one that cannot be read at all is left unapplied,
+    alone (the program's other rules still apply); a huge max_hours is no timedelta overflow either."""
     from sqlalchemy import update
 
     install(monkeypatch, tmp_path)
@@ -395,7 +395,7 @@ def test_a_stop_rule_out_of_datetimes_range_or_unreadable_does_not_stop_the_pass
     greedy = {"kind": "greedy", "baseline_runs": 1}
     rules = {"never": {"deadline": "9999-12-31T23:00:00-12:00", "max_hours": 1e300},
              "long_ago": {"deadline": "0001-01-01T00:00:00+01:00"}, "garbled": {"deadline": "next tuesday"},
-             "plain": {}}
+             "garbled_capped": {"deadline": "next tuesday", "max_spend_usd": 0}, "plain": {}}
     with session_scope() as s:
         ids = {name: create_program(s, name=name, instructions=f"# {name}", policy=greedy).id for name in rules}
         for name, rule in rules.items():  # as an old row holds them: past any check create_program makes
@@ -409,7 +409,9 @@ def test_a_stop_rule_out_of_datetimes_range_or_unreadable_does_not_stop_the_pass
         with session_scope() as s:
             status = {name: s.get(Program, pid).status for name, pid in ids.items()}
         assert status == {"never": ProgramStatus.active, "long_ago": ProgramStatus.finished,
-                          "garbled": ProgramStatus.active, "plain": ProgramStatus.active}
+                          "garbled": ProgramStatus.active, "plain": ProgramStatus.active,
+                          # the unreadable deadline switches off that rule alone: the spend cap still applies
+                          "garbled_capped": ProgramStatus.finished}
         assert {e.program_id for e in queued()} == {ids["never"], ids["garbled"], ids["plain"]}  # their baselines
     finally:
         sched.close()
