@@ -22,6 +22,7 @@ One writer: `Lineage.lock()` takes an exclusive file lock next to the repository
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import io
 import logging
 import os
@@ -29,7 +30,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -46,9 +47,21 @@ AUTHOR = ("researchfarm", "farm@researchfarm.invalid")
 FSYNC_CONFIG = ("-c", "core.fsync=committed", "-c", "core.fsyncMethod=fsync")  # git >= 2.36; older git ignores it
 
 
-def _fsync_file(path: Path) -> None:
-    """fsync a file and the directory that names it (a rename is durable only once its directory is)."""
-    for target, flags in ((path, os.O_RDONLY), (path.parent, os.O_RDONLY | os.O_DIRECTORY)):
+def _missing_dirs(path: Path) -> list[Path]:
+    """The folders above `path` that do not exist yet (to be made for it), nearest first."""
+    out, d = [], path.parent
+    while not d.exists():
+        out.append(d)
+        d = d.parent
+    return out
+
+
+def _fsync_file(path: Path, made: Sequence[Path] = ()) -> None:
+    """fsync a file and the directory that names it (a rename is durable only once its directory is), and the parent
+    of each folder in `made` (made for it, an object's fan-out folder or a program's first ref folder: found only
+    through its parent's entry)."""
+    dirs = list(dict.fromkeys([path.parent, *(d.parent for d in made)]))
+    for target, flags in [(path, os.O_RDONLY), *((d, os.O_RDONLY | os.O_DIRECTORY) for d in dirs)]:
         fd = os.open(target, flags)
         try:
             os.fsync(fd)
@@ -189,9 +202,11 @@ class Lineage:
         """Write one loose object and make it durable: the database records a candidate's commit right after
         this returns, so an object still in the page cache at a power cut would leave a queued experiment whose
         commit no longer exists (gitdb writes a temp file and renames it, with no fsync)."""
+        digest = hashlib.sha1(b"%s %d\0" % (kind, len(data)) + data).hexdigest()  # where gitdb will put it
+        made = _missing_dirs(self.path / "objects" / digest[:2] / digest[2:])
         binsha = bytes(self._loose.store(IStream(kind, len(data), io.BytesIO(data))).binsha)
         hexsha = binsha.hex()
-        _fsync_file(self.path / "objects" / hexsha[:2] / hexsha[2:])
+        _fsync_file(self.path / "objects" / hexsha[:2] / hexsha[2:], made if hexsha == digest else [])
         return binsha
 
     def _read(self, binsha: bytes, kind: bytes) -> bytes:
@@ -330,9 +345,10 @@ class Lineage:
             raise LineageUnavailable(f"cannot write to the farm repository: {exc}") from None
         for attempt in (1, 2):
             try:  # a new ref, created with a lock file and a rename (GitPython), never over an existing one
+                made = _missing_dirs(self.path / ref)
                 with self._read_lock:  # GitPython may look the object up through the shared cat-file pipe
                     git.Reference.create(self.repo, ref, sha, force=False)
-                _fsync_file(self.path / ref)  # the ref keeps the commit reachable (gc prunes what none reaches)
+                _fsync_file(self.path / ref, made)  # the ref keeps the commit reachable (gc prunes the rest)
                 return sha
             except OSError:
                 existing = self._ref_in_process(ref)

@@ -373,5 +373,8 @@ def test_a_candidates_objects_and_ref_are_on_disk_before_it_is_returned(tmp_path
         assert path in synced and os.path.dirname(path) in synced, obj
     ref = str((tmp_path / "repo" / candidate_ref("p", 7)).resolve())
     assert ref in synced and os.path.dirname(ref) in synced
+    # the folders made for them are found through their parents' entries: those are synced too
+    assert str((tmp_path / "repo" / "objects").resolve()) in synced
+    assert str((tmp_path / "repo" / "refs" / "candidates").resolve()) in synced
     assert synced.index(ref) > max(synced.index(str((tmp_path / "repo" / "objects" / o[:2] / o[2:]).resolve()))
                                    for o in objects)  # the ref only after what it points at
