@@ -100,7 +100,7 @@ def _best_of(session: Session, program_id: int) -> schemas.BestPublic | None:
         select(Experiment.id, Experiment.commit_sha, Experiment.description, Result.val_bpb, Result.test_bpb)
         .join(Result, Result.experiment_id == Experiment.id)
         .where(Experiment.program_id == program_id, Experiment.decision == Decision.keep,
-               Result.val_bpb.is_not(None))
+               Experiment.set_aside.is_(False), Result.val_bpb.is_not(None))
         .order_by(Result.val_bpb.asc(), Experiment.id.asc()).limit(1)).one_or_none()
     if row is None:
         return None
@@ -115,7 +115,7 @@ def _best(session: Session, program_ids: Sequence[int] | None) -> dict[int, sche
                func.row_number().over(partition_by=Experiment.program_id,
                                       order_by=(Result.val_bpb.asc(), Experiment.id.asc())).label("rank"))
         .join(Result, Result.experiment_id == Experiment.id)
-        .where(Experiment.decision == Decision.keep, Result.val_bpb.is_not(None))
+        .where(Experiment.decision == Decision.keep, Experiment.set_aside.is_(False), Result.val_bpb.is_not(None))
     )
     if program_ids is not None:
         ranked = ranked.where(Experiment.program_id.in_(program_ids))
@@ -177,10 +177,12 @@ def _parent_means(session: Session, program_id: int, commits: set[str]) -> dict[
     if not commits:
         return {}
     key = run_commit()
+    hw = select(Program.hw_class).where(Program.id == program_id).scalar_subquery()
     rows = session.execute(
         select(key, func.avg(Result.val_bpb)).join(Result, Result.experiment_id == Experiment.id)
         .where(Experiment.program_id == program_id, Experiment.status == ExperimentStatus.succeeded,
-               Result.val_bpb.is_not(None), Experiment.set_aside.is_(False),  # as the scheduler counts a parent
+               Result.val_bpb.is_not(None), Experiment.set_aside.is_(False),  # as the scheduler counts a parent:
+               func.coalesce(Result.hw_class, Experiment.hw_class) == hw,  # its runs on the program's hardware
                (Experiment.commit_sha.in_(commits))
                | (Experiment.commit_sha.is_(None) & Experiment.parent_commit.in_(commits)))
         .group_by(key))

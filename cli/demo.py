@@ -130,11 +130,15 @@ def snapshot(program_id: int, limit: int = 14) -> Snapshot:
             Experiment.program_id == program_id, Experiment.status == ExperimentStatus.succeeded,
             Result.val_bpb.is_not(None))
         head_val = None
-        if p.head_experiment_id is not None:
-            head_val = s.execute(select(Result.val_bpb).where(Result.experiment_id == p.head_experiment_id)).scalar()
+        if p.head_commit is not None:  # the mean of the head's runs, as the policy counts them (none set aside)
+            head_val = s.execute(select(func.avg(Result.val_bpb)).join(Experiment, Experiment.id == Result.experiment_id)
+                                 .where(Experiment.program_id == program_id, Experiment.commit_sha == p.head_commit,
+                                        Experiment.status == ExperimentStatus.succeeded,
+                                        Experiment.set_aside.is_(False))).scalar()
         best = s.execute(select(func.min(Result.val_bpb)).where(
             Result.experiment_id.in_(select(Experiment.id).where(
-                Experiment.program_id == program_id, Experiment.decision == Decision.keep))
+                Experiment.program_id == program_id, Experiment.decision == Decision.keep,
+                Experiment.set_aside.is_(False)))
         )).scalar()
         first = s.execute(measured.where(Experiment.role == ExperimentRole.baseline)
                           .order_by(Experiment.finished_at, Experiment.id).limit(1)).scalar()

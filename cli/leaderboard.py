@@ -38,8 +38,11 @@ def leaderboard(
                   title_justify="left", header_style="bold")
     for col in ("#", "exp", "val_bpb", "delta", "decision", "commit", "description"):
         table.add_column(col, justify="right" if col in ("#", "exp", "val_bpb", "delta") else "left")
-    for rank, e in enumerate(page["items"], 1):
+    # a run its change's decision set aside (a broken measurement) is no kept result, whatever its change's verdict
+    items = [e for e in page["items"] if not (kept and e.get("set_aside"))]
+    for rank, e in enumerate(items, 1):
         delta = f"{e['delta']:+.6f}" if e.get("delta") is not None else "-"
+        decision = "set aside" if e.get("set_aside") else e.get("decision") or "-"
         table.add_row(str(rank), str(e["id"]), f"{e['val_bpb']:.6f}" if e["val_bpb"] is not None else "-", delta,
-                      e.get("decision") or "-", (e.get("commit_sha") or "")[:7], Text(e["description"][:60]))
+                      decision, (e.get("commit_sha") or "")[:7], Text(e["description"][:60]))
     Console().print(table)

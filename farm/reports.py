@@ -57,7 +57,7 @@ def result_rows(session: Session, program: Program) -> list[Row]:
     stmt = (
         select(Experiment.id, Experiment.commit_sha, Experiment.parent_commit, Experiment.role,
                Experiment.status, Experiment.decision, Experiment.description, Result.val_bpb,
-               Result.peak_vram_mb)
+               Result.peak_vram_mb, Experiment.set_aside)
         .outerjoin(Result, Result.experiment_id == Experiment.id)
         .where(Experiment.program_id == program.id,
                Experiment.status.in_(PLOTTED_STATUSES))
@@ -65,14 +65,14 @@ def result_rows(session: Session, program: Program) -> list[Row]:
     )
     rows: list[Row] = []
     first_baseline_seen = False
-    for (eid, commit, parent, role, status, decision, description, val_bpb, vram) in session.execute(stmt):
+    for (eid, commit, parent, role, status, decision, description, val_bpb, vram, aside) in session.execute(stmt):
         sha = (commit or parent or "").strip()[:7] or "-------"
         desc = " ".join((description or "").split()) or "(no description)"
         if status in CRASH_STATUSES:
             rows.append(Row(eid, sha, 0.0, 0.0, "crash", desc))
             continue
-        if decision is not None:
-            verdict = "keep" if decision == Decision.keep else "discard"
+        if decision is not None:  # a run its change's decision set aside was no measurement of a keep
+            verdict = "keep" if decision == Decision.keep and not aside else "discard"
         elif role == ExperimentRole.baseline and not first_baseline_seen:
             verdict = "keep"
         else:

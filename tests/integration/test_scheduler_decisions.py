@@ -107,6 +107,12 @@ def test_a_run_set_aside_by_a_keep_is_not_a_run_of_the_new_head(pg_env, tmp_path
         assert decision == Decision.keep and stats["set_aside"] == [0.85], stats
         with session_scope() as s:
             assert s.get(Experiment, a).set_aside  # the first run, the one set aside
+            # and every view of the program agrees: not its best kept run, a discard in results.tsv
+            from api.crud import _best_of
+            from farm.reports import result_rows
+            best = _best_of(s, pid)
+            assert best is not None and best.val_bpb == 0.93
+            assert [r.status for r in result_rows(s, s.get(Program, pid)) if r.experiment_id == a] == ["discard"]
         b = _candidate(pid, "WARMDOWN_RATIO = 0.5", "WARMDOWN_RATIO = 0.7")
         sched.tick()
         finish(b, 0.92)
