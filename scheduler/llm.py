@@ -116,8 +116,12 @@ class LLMConfig:
         )
 
     def context_window(self) -> int:
-        return (self.context_tokens or _learned_context.get((self.model, self.api_base))
-                or model_context_tokens(self.model) or DEFAULT_CONTEXT_TOKENS)
+        """The setting, else the model map, else the default; a smaller window a server named when it refused a
+        prompt wins over any of them (a setting larger than the server's context failed every call once: found by
+        review)."""
+        stated = self.context_tokens or model_context_tokens(self.model) or DEFAULT_CONTEXT_TOKENS
+        learned = _learned_context.get((self.model, self.api_base))
+        return min(stated, learned) if learned else stated
 
     def prompt_budget(self, context: int | None = None) -> int:
         """Tokens the prompt may take: the context less the answer's max_tokens and a margin for the chat

@@ -129,6 +129,17 @@ def test_an_overflow_is_retried_once_with_half_the_history(monkeypatch: pytest.M
     assert len(server.prompts) == 3
 
 
+def test_a_context_setting_larger_than_the_server_is_corrected_by_its_refusal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by review: with FARM_LLM_CONTEXT_TOKENS set, the window a server named when it refused a prompt was
+    ignored, so every later call was refused once and retried. The smaller of the two is used now."""
+    server = _serve(monkeypatch, FakeServer(context=16_384))
+    cfg = _cfg(context_tokens=65_536)
+    LLMProposer(cfg).propose(_ctx(_history(1000)))
+    assert len(server.prompts) == 2  # refused once, retried in the window the server named
+    LLMProposer(cfg).propose(_ctx(_history(1000)))
+    assert len(server.prompts) == 3  # at once
+
+
 def test_an_overflow_on_the_retry_gives_up(monkeypatch: pytest.MonkeyPatch) -> None:
     server = _serve(monkeypatch, FakeServer(context=4096))  # train.py alone does not fit
     with pytest.raises(ProposerError, match="maximum context length"):
