@@ -27,7 +27,7 @@ from typing import Any
 
 from farm.candidates import Edit
 from farm.settings import Settings
-from scheduler.proposers import HistoryItem, Proposal, ProposalContext, ProposerError
+from scheduler.proposers import HistoryItem, Proposal, ProposalContext, ProposerError, ProposerRefused
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
@@ -329,6 +329,9 @@ def parse_answer(text: str, editable: list[str], current: dict[str, str]) -> Pro
 # statuses worth another attempt whatever exception litellm maps them to: 529 (a provider's "overloaded") came back
 # as a plain APIError and failed the proposal on its first attempt (found by review)
 RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504, 529})
+# statuses of a call that no attempt will change (a bad key, a model the provider does not have): a program whose
+# calls meet them several times in a row is paused with the reason (scheduler/loop.py)
+REFUSED_STATUS = frozenset({401, 403, 404})
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -403,6 +406,8 @@ class LLMProposer:
                 if _overflow(exc):  # the same prompt fails the same way every time: no backoff
                     m = _CONTEXT_SIZE.search(str(exc))
                     raise ContextOverflow(f"LLM call failed: {last}", ids, int(m.group(1)) if m else None) from None
+                if getattr(exc, "status_code", None) in REFUSED_STATUS:
+                    raise ProposerRefused(f"LLM call refused: {last}") from None
                 if not _retryable(exc) or attempt + 1 >= cfg.max_attempts:
                     raise ProposerError(f"LLM call failed after {attempt + 1} attempt(s): {last}") from None
                 delay = cfg.backoff * (2 ** attempt) * (0.5 + random.random() / 2)

@@ -69,7 +69,14 @@ from farm.templates import template_files
 from scheduler.llm import CallRecord, LLMConfig, LLMProposer
 from scheduler.mutation import MutationProposer
 from scheduler.policy import PolicyConfig, Verdict, judge, mean, noise_sigma
-from scheduler.proposers import HistoryItem, Proposal, ProposalContext, Proposer, ProposerError
+from scheduler.proposers import (
+    HistoryItem,
+    Proposal,
+    ProposalContext,
+    Proposer,
+    ProposerError,
+    ProposerRefused,
+)
 from scheduler.repair import looks_fixable, repair_depth
 
 log = logging.getLogger("farm.scheduler")
@@ -78,6 +85,7 @@ S = ExperimentStatus
 OUTSTANDING = (S.proposed, S.queued, S.running)
 ACTIVE_RUN = (S.queued, S.running)
 NOT_RUN = (S.proposed, S.invalid, S.cancelled)
+REFUSALS_TO_PAUSE = 3  # calls in a row the LLM provider refuses (401, 403, 404) before the program is paused
 GC_EVERY = 1000  # candidate commits between two `git gc --auto` (cheap when there is nothing to pack)  # what max_experiments does not count
 Publish = Callable[..., None]
 RECONCILE_EVERY = 30.0
@@ -182,6 +190,7 @@ class Scheduler:
         self.inflight: dict[Future[Proposal], Job] = {}
         self._unstored: list[tuple[Job, Proposal]] = []  # answers a database outage kept from being stored
         self.cooldown: dict[int, float] = {}
+        self.refusals: dict[int, int] = defaultdict(int)  # calls in a row the provider refused, per program
         self.failures: dict[int, int] = defaultdict(int)
         self.repairs_tried: set[int] = set()
         # crashed experiment -> (repair depth, worth a repair): what a crash offers a repair never changes (crashed
@@ -418,8 +427,17 @@ class Scheduler:
                 log.warning("program %d: proposer failed (%s); pausing its proposals %.0fs", job.program_id, exc,
                             wait)
                 stats["proposer_errors"] += 1
+                self.refusals[job.program_id] = self.refusals[job.program_id] + 1 if isinstance(
+                    exc, ProposerRefused) else 0
+                if self.refusals[job.program_id] >= REFUSALS_TO_PAUSE:
+                    # a bad key or a model the provider lacks: the program stayed active, failing every few minutes
+                    # for ever with nothing on its page (found by review); paused with why, resumed once fixed
+                    self.refusals[job.program_id] = 0
+                    self._to_pause[job.program_id] = (f"the LLM provider refused {REFUSALS_TO_PAUSE} calls in a row "
+                                                      f"({exc}); fix the proposer's model or key, then resume it")
                 continue
             self.failures[job.program_id] = 0
+            self.refusals[job.program_id] = 0
             answered.append((job, proposal))
         answered, self._unstored = self._unstored + answered, []
         if not answered:
@@ -1221,7 +1239,8 @@ class Scheduler:
             ctx: ProposalContext | None = None
             # a manual program proposes nothing (people submit its candidates): no context, no proposer
             if (pick is None and not exhausted and self._kind(p) != "manual"
-                    and time.monotonic() >= self.cooldown.get(p.id, 0.0) and self._take_room(p.id, None)):
+                    and time.monotonic() >= self.cooldown.get(p.id, 0.0) and p.id not in self._to_pause
+                    and self._take_room(p.id, None)):
                 ctx = self._context(s, p)
         if pick is not None:
             self._pass_batch.append(pick)

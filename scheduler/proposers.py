@@ -17,6 +17,11 @@ class ProposerError(RuntimeError):
     """The proposer could not produce an answer (transport failure, spend cap); nothing is recorded."""
 
 
+class ProposerRefused(ProposerError):
+    """The provider refused the call in a way another attempt cannot change (a bad key, an unknown model): the
+    scheduler pauses a program whose calls it refuses several times in a row."""
+
+
 @dataclass(frozen=True)
 class HistoryItem:
     experiment_id: int

@@ -216,6 +216,38 @@ def test_a_repair_that_also_edits_the_harness_is_refused_like_any_proposal(pg_en
             assert all("non-editable file(s): prepare.py" in (r.status_reason or "") for r in repairs)
 
 
+def test_a_program_whose_calls_the_provider_keeps_refusing_is_paused_with_why(pg_env, tmp_path, monkeypatch):
+    """Found by review: a bad key or a model the provider lacks failed every call, the program stayed active for ever
+    (a call every few minutes, nothing on its page). Three refusals in a row (401, 403, 404) pause it with the
+    reason; a failure another attempt may cure (a 503) counts nothing."""
+    import scheduler.loop as loop
+
+    install(monkeypatch, tmp_path)
+    with ScriptedLLM([{"status": 401}]) as srv:
+        with session_scope() as s:
+            pid = create_program(s, name="badkey", instructions="# go", proposer={
+                "kind": "llm", "model": "openai/scripted", "api_base": srv.base, "api_key": "wrong"},
+                policy={"baseline_runs": 1}).id
+            make_worker(s, "w1")
+        sched = Scheduler(publish=lambda *a, **k: None)
+        try:
+            sched.tick()
+            _finish_queued(1.0)  # the baseline
+            for _ in range(loop.REFUSALS_TO_PAUSE + 1):
+                sched.cooldown.clear()  # no waiting between tries here
+                sched.tick()
+                sched.wait_for_proposals(60)
+            sched._collect(defaultdict(int))
+            sched.tick()
+        finally:
+            sched.close()
+        with session_scope() as s:
+            prog = s.get(Program, pid)
+            assert prog.status == ProgramStatus.paused, (prog.status, len(srv.requests))
+            assert "refused 3 calls in a row" in (prog.status_reason or "") and "fix the proposer" in prog.status_reason
+        assert len(srv.requests) == loop.REFUSALS_TO_PAUSE  # one request a call: a refusal is not retried
+
+
 def test_spend_cap_stops_proposals_and_finishes(pg_env, tmp_path, monkeypatch):
     install(monkeypatch, tmp_path)
     with ScriptedLLM([{"content": GOOD}]) as srv:
