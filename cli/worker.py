@@ -67,8 +67,10 @@ def worker(
         cls = hw_class or "cpu"
         worker_id = name or f"{host}:cpu{slot}"
     env.update(FARM_WORKER_ID=worker_id, FARM_WORKER_HW_CLASS=cls, FARM_WORKER_PREPARE="1" if prepare else "0")
-    if not slots:
-        slots = int(env.get("FARM_WORKER_SLOTS", "0") or 0) or (2 if gpu is not None else 1)
+    if not slots:  # the setting (the environment, then .env: os.environ alone missed a .env value)
+        from farm.settings import get_settings
+
+        slots = get_settings().worker_slots or (2 if gpu is not None else 1)
     env["FARM_WORKER_SLOTS"] = str(slots)
     from farm.broker import queue_for
 

@@ -27,3 +27,27 @@ def test_gpu_worker_pins_the_card_nvidia_smi_named(monkeypatch):
     from worker.runner import ENV_PASSTHROUGH
 
     assert "CUDA_DEVICE_ORDER" in ENV_PASSTHROUGH  # the candidate's CUDA must count the same way
+
+
+def test_worker_slots_from_a_dotenv_file_reach_the_worker(monkeypatch, tmp_path):
+    """Found by review: FARM_WORKER_SLOTS was read from os.environ alone, so a value in .env (where every other
+    setting may live) was ignored by `farm worker`."""
+    from farm.settings import reset_settings_cache
+
+    monkeypatch.delenv("FARM_WORKER_SLOTS", raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").write_text("FARM_WORKER_SLOTS=3\n")
+    reset_settings_cache()
+    seen: dict[str, dict[str, str]] = {}
+
+    def fake_exec(path: str, argv: list[str], env: dict[str, str]) -> None:
+        seen["env"] = env
+        raise SystemExit(0)
+
+    monkeypatch.setattr(cw.os, "execve", fake_exec)
+    try:
+        with pytest.raises(SystemExit):
+            cw.worker(gpu=None, cpu=True, slot=0, hw_class="", name="", prepare=False, slots=0, loglevel="INFO")
+    finally:
+        reset_settings_cache()
+    assert seen["env"]["FARM_WORKER_SLOTS"] == "3"
