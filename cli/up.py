@@ -537,6 +537,19 @@ def prepare(settings: Settings, *, quiet: bool = False) -> TokenInfo:
     return ensure_api_token(settings)
 
 
+def no_other_scheduler(settings: Settings) -> None:
+    """SchedulerLockHeld, at once, when another scheduler runs on this farm's database (a `farm up` pointed at the
+    head's Postgres from a worker box): its own scheduler would exit on the lock, be restarted five times beside a
+    running API and workers, and only then stop the farm (found by review)."""
+    from farm.db import SchedulerLock, get_engine
+
+    lock = SchedulerLock(get_engine())
+    try:
+        lock.acquire()  # SchedulerLockHeld names where the running one connects from
+    finally:
+        lock.release()
+
+
 def print_token(info: TokenInfo, settings: Settings) -> None:
     if info.created:
         say(f"created the first API token (shown once; also kept in {settings.home / TOKEN_FILE}):")
@@ -566,6 +579,7 @@ def run_up(*, cpu: bool, workers: int, grace: float) -> int:
     if port_in_use(settings.api_host, settings.api_port):
         raise CLIError(f"port {settings.api_port} on {settings.api_host} is already in use (another `farm up`?); "
                        "stop it or set FARM_API_PORT")
+    no_other_scheduler(settings)
     info = prepare(settings)
     print_token(info, settings)
     specs = child_specs(settings, cpu=cpu, workers=workers)

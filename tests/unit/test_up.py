@@ -355,3 +355,23 @@ def test_port_in_use_takes_ipv6_hosts() -> None:
         srv.listen(1)
         assert up.port_in_use("::1", srv.getsockname()[1]) is True
         assert up.port_in_use("::", srv.getsockname()[1]) is True
+
+
+def test_farm_up_beside_a_running_scheduler_stops_at_once_and_starts_nothing(
+        migrated: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by review: docs/deploy.md says a `farm up` against a database another scheduler runs on stops at once;
+    it migrated, started its API and workers, and its scheduler died on the lock five times before the farm gave up.
+    Now it refuses before it touches anything."""
+    from farm.db import SchedulerLock, SchedulerLockHeld, get_engine
+
+    started: list[str] = []
+    monkeypatch.setattr(up.Farm, "start", lambda self: started.append("children"))
+    monkeypatch.setattr(up, "prepare", lambda *a, **k: started.append("prepare"))
+    running = SchedulerLock(get_engine())
+    running.acquire()
+    try:
+        with pytest.raises(SchedulerLockHeld, match="another scheduler is running"):
+            up.run_up(cpu=True, workers=1, grace=1.0)
+    finally:
+        running.release()
+    assert started == []
