@@ -44,7 +44,8 @@ def _matmul_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 def default_chunk_rows(n_rows: int, dim: int, vocab: int) -> int:
     # Chunk logits about the size of x itself (rows*dim elements), as Liger-Kernel does: at the reference
     # recipe's shape (262,144 rows, dim 512, vocab 8192) that is 16 chunks of 16,384 rows, 268 MB of bf16 logits
-    # each; at train.py's default device batch of 64, 16 chunks of 8,192 rows, 134 MB each. Fewer, larger chunks cost memory; many small ones starve the matmuls. Untuned on a GPU.
+    # each; at train.py's default device batch of 64, 16 chunks of 8,192 rows, 134 MB each. Fewer, larger chunks
+    # cost memory; many small ones starve the matmuls. Untuned on a GPU.
     rows = next_pow2(max(1, -(-n_rows * dim // vocab)))
     return max(256, min(rows, n_rows))
 
