@@ -34,8 +34,8 @@ def worker(
     gpu: int = typer.Option(None, "--gpu", help="GPU index to pin (CUDA_VISIBLE_DEVICES)"),
     cpu: bool = typer.Option(False, "--cpu", help="a cpu-profile worker (no GPU)"),
     slot: int = typer.Option(0, "--slot", help="CPU slot number, when several cpu workers share a host"),
-    hw_class: str = typer.Option("", "--hw-class", help="queue/hardware class (default: from the GPU name, "
-                                                        "or `cpu`)"),
+    hw_class: str = typer.Option("", "--hw-class", envvar="FARM_WORKER_HW_CLASS",
+                                 help="queue/hardware class (default: from the GPU name, e.g. gpu.h200, or `cpu`)"),
     name: str = typer.Option("", "--name", help="worker id (default: HOST:gpuN or HOST:cpuN)"),
     prepare: bool = typer.Option(True, "--prepare/--no-prepare", help="run the template's prepare.py first"),
     slots: int = typer.Option(0, "--slots", min=0, max=4,
