@@ -164,27 +164,33 @@ def _queue_a_candidate(srv: ScriptedLLM, **stop_rules: float) -> tuple[int, Sche
     return pid, sched
 
 
+def _repairs_answered(srv: ScriptedLLM, answer: str) -> tuple[Experiment, list[Experiment]]:
+    """A candidate queued, crashed with TRACE, and the passes that ask for its repair, answered with `answer`:
+    the crashed experiment and its repairs (detached rows)."""
+    _, sched = _queue_a_candidate(srv)
+    try:
+        srv.set_script([{"content": answer}])
+        _finish_queued(1.0, crash_log=TRACE)
+        for _ in range(4):
+            sched.tick()
+            sched.wait_for_proposals(120)
+        sched._collect(defaultdict(int))  # answers that arrived after the last pass get their rows
+    finally:
+        sched.close()
+    with session_scope() as s:
+        crashed = s.execute(select(Experiment).where(Experiment.status == ExperimentStatus.crashed)).scalar_one()
+        repairs = list(s.execute(select(Experiment).where(Experiment.repair_of == crashed.id)).scalars())
+        s.expunge_all()
+    return crashed, repairs
+
+
 def test_repair_of_a_crash_sees_its_traceback(pg_env, tmp_path, monkeypatch):
     install(monkeypatch, tmp_path)
     with ScriptedLLM([{"content": GOOD}]) as srv:
-        _, sched = _queue_a_candidate(srv)
-        try:
-            srv.set_script([{"content": WHOLE}])
-            _finish_queued(1.0, crash_log=TRACE)
-            for _ in range(3):
-                sched.tick()
-                sched.wait_for_proposals(120)
-            sched.tick()
-            sched.wait_for_proposals(120)
-            sched._collect(defaultdict(int))  # answers that arrived after the last pass get their rows
-        finally:
-            sched.close()
-        with session_scope() as s:
-            crashed = s.execute(select(Experiment).where(Experiment.status == ExperimentStatus.crashed)).scalar_one()
-            repairs = s.execute(select(Experiment).where(Experiment.repair_of == crashed.id)).scalars().all()
-            assert len(repairs) == 1 and repairs[0].proposer_kind == "repair"
-            assert repairs[0].parent_commit == crashed.parent_commit
-            assert "cpu=3)" in repairs[0].diff  # diff against the parent, not the crashed files
+        crashed, repairs = _repairs_answered(srv, WHOLE)
+        assert len(repairs) == 1 and repairs[0].proposer_kind == "repair"
+        assert repairs[0].parent_commit == crashed.parent_commit
+        assert "cpu=3)" in repairs[0].diff  # diff against the parent, not the crashed files
         repair_prompts = [r for r in srv.requests if "# Repair" in r["messages"][1]["content"]]
         assert repair_prompts and "NameError" in repair_prompts[0]["messages"][1]["content"]
 
@@ -199,21 +205,9 @@ def test_a_repair_that_also_edits_the_harness_is_refused_like_any_proposal(pg_en
     both = ("DESCRIPTION: fix it\nFILE: prepare.py\n```python\n" + PREPARE + "# mine now\n```\n"
             "FILE: train.py\n```python\n" + TRAIN.replace("cpu=2)", "cpu=3)") + "```\n")
     with ScriptedLLM([{"content": GOOD}]) as srv:
-        _, sched = _queue_a_candidate(srv)
-        try:
-            srv.set_script([{"content": both}])
-            _finish_queued(1.0, crash_log=TRACE)
-            for _ in range(4):
-                sched.tick()
-                sched.wait_for_proposals(120)
-            sched._collect(defaultdict(int))
-        finally:
-            sched.close()
-        with session_scope() as s:
-            crashed = s.execute(select(Experiment).where(Experiment.status == ExperimentStatus.crashed)).scalar_one()
-            repairs = s.execute(select(Experiment).where(Experiment.repair_of == crashed.id)).scalars().all()
-            assert repairs and all(r.status == ExperimentStatus.invalid for r in repairs)
-            assert all("non-editable file(s): prepare.py" in (r.status_reason or "") for r in repairs)
+        _, repairs = _repairs_answered(srv, both)
+        assert repairs and all(r.status == ExperimentStatus.invalid for r in repairs)
+        assert all("non-editable file(s): prepare.py" in (r.status_reason or "") for r in repairs)
 
 
 def test_a_program_whose_calls_the_provider_keeps_refusing_is_paused_with_why(pg_env, tmp_path, monkeypatch):
