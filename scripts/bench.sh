@@ -15,7 +15,7 @@ status=0
 run() { echo; echo "== $*"; "$py" "$@" || status=1; }
 run bench/farm.py --workers 1,2 --slots 1,2 --budget 15 --experiments 6
 run bench/scheduler_scale.py
-for b in bench/policy.py bench/worker_overhead.py bench/api.py; do
+for b in bench/policy.py bench/worker_overhead.py bench/api.py bench/lineage.py; do
   [ -f "$b" ] && run "$b"
 done
 exit "$status"
