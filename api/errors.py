@@ -4,13 +4,14 @@ and anything unexpected a 500 that names only the exception's type."""
 
 from __future__ import annotations
 
+import html
 import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException
 
@@ -71,13 +72,19 @@ def _first_line(text: str) -> str:
     return next((line.strip() for line in text.splitlines() if line.strip()), "")
 
 
-async def _database(request: Request, exc: Exception) -> JSONResponse:
+async def _database(request: Request, exc: Exception) -> Response:
     # a database down or restarting was a plain-text "Internal Server Error" 500 (found by review): it is a 503,
-    # worth a retry, and says why in the JSON body every client reads
+    # worth a retry, and says why in the JSON body every client reads; a browser asking for a page gets a page
     orig = getattr(exc, "orig", None)  # OperationalError: the driver's own message, without SQLAlchemy's SQL
     reason = _first_line(str(orig if orig is not None else exc)) or type(exc).__name__
     log.warning("%s %s: the database is unavailable: %s", request.method, request.url.path, reason)
-    return JSONResponse(status_code=503, content={"detail": f"the database is unavailable: {reason}"})
+    if "text/html" in request.headers.get("accept", ""):
+        return HTMLResponse(status_code=503, headers={"Retry-After": "5"}, content=(
+            "<!doctype html><meta charset=utf-8><title>database unavailable · researchfarm</title>"
+            f"<p><b>The farm's database is unavailable</b>: {html.escape(reason)}</p>"
+            "<p>Nothing is lost: workers keep their results until it is back. Reload in a moment.</p>"))
+    return JSONResponse(status_code=503, content={"detail": f"the database is unavailable: {reason}"},
+                        headers={"Retry-After": "5"})
 
 
 async def _internal(request: Request, exc: Exception) -> JSONResponse:

@@ -132,6 +132,14 @@ def test_a_database_error_is_a_json_503_and_any_other_a_json_500(live_api, start
     assert r.status_code == 503 and r.headers["content-type"] == "application/json", r.text
     detail = r.json()["detail"]
     assert detail.startswith("the database is unavailable: ") and "127.0.0.1" in detail and "\n" not in detail
+    # a browser asking for a dashboard page gets a page that says so, not the API's JSON
+    from api.routes.dashboard import COOKIE
+
+    browser = nodb.client(token="rf_" + "x" * 40)
+    browser.cookies.set(COOKIE, "rf_" + "x" * 40)  # logged in: the page checks the cookie's token in the database
+    r = browser.get("/", headers={"Accept": "text/html,application/xhtml+xml"})
+    assert r.status_code == 503 and r.headers["content-type"].startswith("text/html"), r.text
+    assert "database is unavailable" in r.text and r.headers["retry-after"] == "5"
 
     from api import crud
 
