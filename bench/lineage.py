@@ -1,6 +1,7 @@
 """What making a candidate's commit durable costs: `Lineage.commit_candidate` (objects written in-process by gitdb,
 then the ref) timed with the fsyncs farm/lineage.py does and with them switched off, on a repository in a folder of
-this checkout (the disk the farm home would be on). Prints ms per candidate for both and their ratio.
+this checkout (the disk the farm home would be on), after a warm-up, in alternating blocks. Prints ms per candidate
+for both and their ratio.
 
     python bench/lineage.py [--candidates 300] [--lines 400]
 """
@@ -40,13 +41,23 @@ def main() -> None:
         lin = lineage.Lineage(Path(tmp) / "repo")
         root = lin.create_root("bench", {"train.py": "x = 1\n" * args.lines, "prepare.py": "fixed\n"},
                                message="template\n")
-        durable = per_candidate_ms(lin, root, args.candidates, args.lines, 1)
         real = lineage._fsync_file
-        lineage._fsync_file = lambda path, made=(): None  # type: ignore[assignment]
-        try:
-            loose = per_candidate_ms(lin, root, args.candidates, args.lines, 100_000)
-        finally:
-            lineage._fsync_file = real  # type: ignore[assignment]
+
+        def timed(fsync: bool, first_id: int, n: int) -> float:
+            lineage._fsync_file = real if fsync else (lambda path, made=(): None)  # type: ignore[assignment]
+            try:
+                return per_candidate_ms(lin, root, n, args.lines, first_id)
+            finally:
+                lineage._fsync_file = real  # type: ignore[assignment]
+
+        timed(False, 1_000_000, 300)  # warm-up: the 256 fan-out folders exist before either is timed
+        # the two modes alternate in blocks, so neither gets the quieter half of the run
+        blocks, size = 6, max(1, args.candidates // 6)
+        with_fsync, without = [], []
+        for b in range(blocks):
+            with_fsync.append(timed(True, 1 + 2 * b * size, size))
+            without.append(timed(False, 1 + (2 * b + 1) * size, size))
+        durable, loose = sum(with_fsync) / blocks, sum(without) / blocks
     out: dict[str, Any] = {"candidates": args.candidates, "ms_per_candidate_fsync": round(durable, 3),
                            "ms_per_candidate_no_fsync": round(loose, 3), "ratio": round(durable / loose, 2)}
     print(f"commit_candidate: {durable:.2f} ms with fsync, {loose:.2f} ms without ({durable / loose:.2f}x), "
