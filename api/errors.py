@@ -78,7 +78,8 @@ async def _database(request: Request, exc: Exception) -> Response:
     orig = getattr(exc, "orig", None)  # OperationalError: the driver's own message, without SQLAlchemy's SQL
     reason = _first_line(str(orig if orig is not None else exc)) or type(exc).__name__
     log.warning("%s %s: the database is unavailable: %s", request.method, request.url.path, reason)
-    if "text/html" in request.headers.get("accept", ""):
+    path = request.url.path
+    if "text/html" in request.headers.get("accept", "") and (path in ("/", "/login") or path.startswith("/ui/")):
         return HTMLResponse(status_code=503, headers={"Retry-After": "5"}, content=(
             "<!doctype html><meta charset=utf-8><title>database unavailable · researchfarm</title>"
             f"<p><b>The farm's database is unavailable</b>: {html.escape(reason)}</p>"

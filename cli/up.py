@@ -541,8 +541,9 @@ def no_other_scheduler(settings: Settings) -> None:
     """SchedulerLockHeld, at once, when another scheduler runs on this farm's database (a `farm up` pointed at the
     head's Postgres from a worker box): its own scheduler would exit on the lock, be restarted five times beside a
     running API and workers, and only then stop the farm (found by review)."""
-    from farm.db import SchedulerLock, get_engine
+    from farm.db import SchedulerLock, check_connection, get_engine
 
+    check_connection(get_engine())  # unreachable: one line (DatabaseUnavailable), not the lock's traceback
     lock = SchedulerLock(get_engine())
     try:
         lock.acquire()  # SchedulerLockHeld names where the running one connects from

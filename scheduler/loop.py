@@ -368,7 +368,7 @@ class Scheduler:
         E, R, D = Experiment, Result, DecisionRecord
         rows = s.execute(
             select(E.id, E.role, E.proposer_kind, E.description, E.status, E.decision, E.replicate_of,
-                   E.parent_commit, E.commit_sha, E.content_hash, E.status_reason, E.hw_class,
+                   E.parent_commit, E.commit_sha, E.content_hash, E.status_reason, E.hw_class, E.set_aside,
                    R.id.label("result_id"), R.val_bpb, R.hw_class.label("result_hw"), R.reason.label("result_reason"),
                    D.id.label("decision_id"), D.reason.label("decision_reason"))
             .outerjoin(R, R.experiment_id == E.id).outerjoin(D, D.experiment_id == E.id)
@@ -379,8 +379,8 @@ class Scheduler:
             v = run_value(r.status, r.val_bpb, r.result_hw, r.hw_class, p.hw_class)
             if v is not None:
                 values[r.id] = v
-            if r.commit_sha:
-                by_commit[r.commit_sha] += [v] if v is not None else []
+            if r.commit_sha:  # a run set aside is its own line's value, but no measurement of its commit (found by review)
+                by_commit[r.commit_sha] += [v] if v is not None and not r.set_aside else []
         listed = [r for r in rows if r.role != ExperimentRole.baseline and r.replicate_of is None]
         # the log tail is read only where it is the reason shown (no decision, status or result reason)
         need_tail = [r.id for r in listed if r.decision_id is None and not r.status_reason

@@ -140,6 +140,8 @@ def test_a_database_error_is_a_json_503_and_any_other_a_json_500(live_api, start
     r = browser.get("/", headers={"Accept": "text/html,application/xhtml+xml"})
     assert r.status_code == 503 and r.headers["content-type"].startswith("text/html"), r.text
     assert "database is unavailable" in r.text and r.headers["retry-after"] == "5"
+    r = browser.get("/programs", headers={"Accept": "text/html,application/xhtml+xml"})  # the REST API stays JSON
+    assert r.status_code == 503 and r.headers["content-type"] == "application/json"
 
     from api import crud
 

@@ -113,6 +113,9 @@ def test_a_run_set_aside_by_a_keep_is_not_a_run_of_the_new_head(pg_env, tmp_path
             best = _best_of(s, pid)
             assert best is not None and best.val_bpb == 0.93
             assert [r.status for r in result_rows(s, s.get(Program, pid)) if r.experiment_id == a] == ["discard"]
+        with session_scope() as s:  # what the LLM is told of the head: its runs as the policy counts them
+            ctx = sched._context(s, s.get(Program, pid))
+        assert ctx.head_val_bpb == 0.93 and ctx.sigma < 0.005, (ctx.head_val_bpb, ctx.sigma)
         b = _candidate(pid, "WARMDOWN_RATIO = 0.5", "WARMDOWN_RATIO = 0.7")
         sched.tick()
         finish(b, 0.92)

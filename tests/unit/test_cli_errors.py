@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 
 def _farm(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     full = {k: v for k, v in os.environ.items() if not k.startswith("FARM_") or k.startswith("FARM_TEST_")}
@@ -14,8 +16,10 @@ def _farm(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
                           env=full, timeout=120)
 
 
-def test_unreachable_database_is_one_line_with_masked_password(tmp_path):
-    r = _farm("db", "upgrade", FARM_HOME=str(tmp_path),
+@pytest.mark.parametrize("command", [("db", "upgrade"), ("up", "--cpu")])
+def test_unreachable_database_is_one_line_with_masked_password(tmp_path, command):
+    """`farm up` too (found by review: its check for another scheduler met the outage first, with a traceback)."""
+    r = _farm(*command, FARM_HOME=str(tmp_path), FARM_API_PORT="1",
               FARM_DATABASE_URL="postgresql+psycopg://farm:s3cret@127.0.0.1:1/nope")
     assert r.returncode != 0
     lines = r.stderr.strip().splitlines()
