@@ -118,9 +118,7 @@ def test_scheduler_with_scripted_llm_every_answer_ends_queued_or_invalid(pg_env,
                 if len(srv.requests) >= len(script):
                     break
             sched.wait_for_proposals(120)
-            sched.tick()
-            sched.wait_for_proposals(120)
-            sched._collect(defaultdict(int))  # answers that arrived after the last pass get their rows
+            _passes(sched, 1)
         finally:
             sched.close()
         with session_scope() as s:
@@ -164,6 +162,15 @@ def _queue_a_candidate(srv: ScriptedLLM, **stop_rules: float) -> tuple[int, Sche
     return pid, sched
 
 
+def _passes(sched: Scheduler, n: int) -> None:
+    """`n` scheduler passes, each waiting for the LLM calls it started; then the answers that arrived after the last
+    pass get their rows."""
+    for _ in range(n):
+        sched.tick()
+        sched.wait_for_proposals(120)
+    sched._collect(defaultdict(int))
+
+
 def _repairs_answered(srv: ScriptedLLM, answer: str) -> tuple[Experiment, list[Experiment]]:
     """A candidate queued, crashed with TRACE, and the passes that ask for its repair, answered with `answer`:
     the crashed experiment and its repairs (detached rows)."""
@@ -171,10 +178,7 @@ def _repairs_answered(srv: ScriptedLLM, answer: str) -> tuple[Experiment, list[E
     try:
         srv.set_script([{"content": answer}])
         _finish_queued(1.0, crash_log=TRACE)
-        for _ in range(4):
-            sched.tick()
-            sched.wait_for_proposals(120)
-        sched._collect(defaultdict(int))  # answers that arrived after the last pass get their rows
+        _passes(sched, 4)
     finally:
         sched.close()
     with session_scope() as s:
