@@ -379,6 +379,38 @@ def test_step_profile_summary_groups_cuda_kernels_by_kind(tmp_path):
 
     cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
 
+    def evt(key, count, self_dev, dev=0.0, device=cuda, cpu_us=0.0, annotation=False):
+        return SimpleNamespace(key=key, count=count, device_type=device, self_device_time_total=self_dev,
+                               device_time_total=dev or self_dev, self_cpu_time_total=cpu_us, cpu_time_total=cpu_us,
+                               is_user_annotation=annotation)
+
+    # as torch 2.11 gave them on an H200: Inductor's kernels also have a CPU range of their own name (the launch)
+    # carrying their device time; an optimizer's range has a device span marked as a user annotation
+    table = [
+        evt("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", 40, 120_000.0),
+        evt("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT", 20, 60_000.0),
+        evt("triton_tem_fused_flex_attention_0", 16, 50_000.0),
+        evt("triton_tem_fused_flex_attention_0", 16, 50_000.0, device=cpu, cpu_us=200.0),
+        evt("triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_1", 64, 30_000.0),
+        evt("triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_1", 64, 30_000.0, device=cpu, cpu_us=300.0),
+        evt("_softcap_ce_fwd_kernel", 8, 10_000.0),
+        evt("Memcpy HtoD (Pinned -> Device)", 8, 2_000.0),
+        evt("void at::native::vectorized_elementwise_kernel<4, ...>", 100, 8_000.0),
+        evt("Optimizer.step#Muon.step", 2, 0.0, dev=20_000.0, device=cpu, cpu_us=3_000.0),
+        evt("Optimizer.step#Muon.step", 2, 21_000.0, annotation=True),  # the range's span: not a kernel
+        evt("Optimizer.step#AdamW.step", 2, 4_000.0, annotation=True),  # here only the device span carries it
+        evt("Optimizer.step#AdamW.step", 2, 0.0, device=cpu, cpu_us=1_000.0),
+        evt("aten::mm", 60, 0.0, device=cpu, cpu_us=5_000.0),
+    ]
+    _check_cuda_summary(table, tmp_path)
+
+
+def test_step_profile_summary_without_the_annotation_mark(tmp_path):
+    # a torch whose events carry no user-annotation mark: device rows named like a CPU range are the ranges
+    from types import SimpleNamespace
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+
     def evt(key, count, self_dev, dev=0.0, device=cuda, cpu_us=0.0):
         return SimpleNamespace(key=key, count=count, device_type=device, self_device_time_total=self_dev,
                                device_time_total=dev or self_dev, self_cpu_time_total=cpu_us, cpu_time_total=cpu_us)
@@ -392,11 +424,15 @@ def test_step_profile_summary_groups_cuda_kernels_by_kind(tmp_path):
         evt("Memcpy HtoD (Pinned -> Device)", 8, 2_000.0),
         evt("void at::native::vectorized_elementwise_kernel<4, ...>", 100, 8_000.0),
         evt("Optimizer.step#Muon.step", 2, 0.0, dev=20_000.0, device=cpu, cpu_us=3_000.0),
-        evt("Optimizer.step#Muon.step", 2, 21_000.0),  # the same range's span on the device: not a kernel
-        evt("Optimizer.step#AdamW.step", 2, 4_000.0),  # here only the device span carries the time
+        evt("Optimizer.step#Muon.step", 2, 21_000.0),
+        evt("Optimizer.step#AdamW.step", 2, 4_000.0),
         evt("Optimizer.step#AdamW.step", 2, 0.0, device=cpu, cpu_us=1_000.0),
         evt("aten::mm", 60, 0.0, device=cpu, cpu_us=5_000.0),
     ]
+    _check_cuda_summary(table, tmp_path)
+
+
+def _check_cuda_summary(table, tmp_path):
     profile = prepare.StepProfile(str(tmp_path / "p.txt"), 2, cuda=False)
     profile._profiled = 2
     profile._write(table, wall=0.4)
