@@ -18,6 +18,7 @@
 # Every bench it runs is also run on the CPU by tests/integration/test_bench_device_scripts.py.
 #
 #   bench/gpu_check.sh [SECONDS] [STEP_BUDGET]     # defaults: 570 s in all, 15 s of training per step run
+#   OUT=$OUT GPU_CHECK_PACK=1 bench/gpu_check.sh 555 15   # on the device tool: one archive + summary.txt back
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-artifacts/gpu}
@@ -67,7 +68,15 @@ phase "template under torch.profiler" 90 profile.log "$PY" bench/kernels.py --no
   --log "$OUT/train.log"
 phase "isolated evaluation vs in-process" 150 isolated.log "$PY" bench/template.py --profile h100 --synthetic \
   --budget 1000 --max-steps 20 --eval-tokens 1048576 --isolated --data-dir "$FARM_DATA_DIR" --cache-dir "$FARM_CACHE_DIR"
-phase "device gap with two slots" 100 gap.log "$PY" bench/gate_gap.py --runs 3 --slots 2 --budget 10 \
-  --corpus synthetic --timeout "$(( $(left) - 15 ))" --log "$OUT/gap_runs.log" --json "$OUT/gap.json"
+# three runs of 10 s with short evaluations: about 30 s of start-up (overlapped) + 3 x 15 s on an H200; with the
+# profile's full 16 M-token evaluation (24 s a run) and 89 s left, the last two were killed on 2026-11-28
+phase "device gap with two slots" 130 gap.log "$PY" bench/gate_gap.py --runs 3 --slots 2 --budget 10 \
+  --corpus synthetic --eval-tokens 1048576 --timeout "$(( $(left) - 15 ))" --log "$OUT/gap_runs.log" \
+  --json "$OUT/gap.json"
 phase "per-kernel table" 45 ops.log "$PY" bench/kernels.py --iters 10
 note "done at $(date +%T), $(left) s to spare"
+# GPU_CHECK_PACK=1: everything in $OUT/gpu_check.tgz beside summary.txt (the device tool brings back 8 files at most)
+if [ "${GPU_CHECK_PACK:-0}" = 1 ]; then
+  tar czf "/tmp/gpu_check.$$.tgz" -C "$OUT" . && find "$OUT" -mindepth 1 ! -name summary.txt -delete \
+    && mv "/tmp/gpu_check.$$.tgz" "$OUT/gpu_check.tgz"
+fi
