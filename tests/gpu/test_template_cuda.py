@@ -106,3 +106,5 @@ def test_isolated_evaluation_on_cuda_matches_the_compiled_model(tmp_path, capsys
               f"graph vs {t_compiled * 1e3:.0f} ms compiled; largest per-token difference {spread:.3g} nats; causal "
               f"probe {probe:.3g} nats; peak {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
     assert spread <= prepare.CAUSAL_TOL["cuda"] and float((got - ref).mean().abs()) < 1e-3
+    if defs["ATTN_IMPL"] in ("flex", "mixed"):  # FlexAttention ran as SDPA with its mask, not its eager reference
+        assert graph._masks

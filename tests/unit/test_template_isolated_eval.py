@@ -366,3 +366,75 @@ def test_the_probes_tails_come_from_another_split():
     probe = spy.seen[-1]
     assert (probe[:, -1] >= 128).all()  # every row's tail, from its cut on, is another split's text
     assert ((probe >= 128).sum(1) >= 1).all() and (probe[:, 0] < 128).all()
+
+
+class _FlexModel(torch.nn.Module):
+    """Token ids -> (B, T, 257) through one FlexAttention, with the mask, score and outputs a test chooses."""
+
+    def __init__(self, mask_mod, score_mod=None, read_lse: bool = False, T: int = 48) -> None:
+        super().__init__()
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        self.heads, self.dim = 4, 8
+        self.emb = torch.nn.Embedding(257, 32)
+        self.qkv = torch.nn.Linear(32, 3 * self.heads * self.dim)
+        self.head = torch.nn.Linear(self.heads * self.dim, 257)
+        self.score_mod, self.read_lse = score_mod, read_lse
+        self.block_mask = create_block_mask(mask_mod, B=None, H=self.heads, Q_LEN=T, KV_LEN=T, device="cpu")
+
+    def forward(self, x):
+        from torch.nn.attention.flex_attention import flex_attention
+
+        B, T = x.shape
+        q, k, v = self.qkv(self.emb(x)).view(B, T, 3, self.heads, self.dim).permute(2, 0, 3, 1, 4)
+        y = flex_attention(q, k, v, score_mod=self.score_mod, block_mask=self.block_mask, return_lse=self.read_lse)
+        if self.read_lse:
+            y, lse = y
+            y = y * torch.sigmoid(lse)[..., None]
+        return self.head(y.transpose(1, 2).reshape(B, T, self.heads * self.dim))
+
+
+def _late_start(b, h, q_idx, kv_idx):
+    # reads the head: each head its own window; the first three positions see nothing (an empty row is 0)
+    return (q_idx >= kv_idx) & (q_idx - kv_idx <= 4 * (h + 1)) & (q_idx >= 3)
+
+
+def _flex_graph(model, tmp_path, dtype=torch.float32):
+    model = model.to(dtype).eval()
+    path = tmp_path / "model.json"
+    prepare.export_model(model, torch.zeros(3, 48, dtype=torch.long), path, autocast=False)
+    x = torch.randint(0, 257, (3, 48), generator=torch.Generator().manual_seed(5))
+    graph = prepare.ExportedModel(path, CPU)
+    with torch.no_grad():
+        return graph, graph(x), model(x)  # the model runs FlexAttention's eager reference
+
+
+@pytest.mark.parametrize("dtype, tol", [
+    (torch.float32, 1e-5),  # float32 throughout on both sides: rounding of a different summation order
+    (torch.bfloat16, 2e-2),  # bf16 in and out: one bf16 rounding of the attention output (8 bits: 0.4 %) and of
+                             # the logits after it, against values of order 1
+])
+def test_flex_attention_runs_as_sdpa_with_the_reference_mask(tmp_path, dtype, tol):
+    """On an H200 the eager FlexAttention (float32 scores of every position, the mask vmapped each call) made the
+    isolated evaluation 4.8x slower than the compiled model: a mask-only FlexAttention now runs as SDPA with the
+    mask as a tensor, built once, and gives the reference's result."""
+    torch.manual_seed(0)
+    graph, out, ref = _flex_graph(_FlexModel(_late_start), tmp_path, dtype)
+    assert [k[1:] for k in graph._masks] == [(1, 4, 48, 48, "cpu")]  # the fast path ran; b unread, h read
+    mask, empty_rows = next(iter(graph._masks.values()))
+    assert empty_rows is not None and empty_rows[0, :, :3].all() and not empty_rows[0, :, 3:].any()
+    assert out.dtype == ref.dtype and torch.allclose(out.float(), ref.float(), atol=tol, rtol=0), \
+        (out.float() - ref.float()).abs().max()
+
+
+def test_flex_attention_with_a_score_mod_or_a_read_logsumexp_uses_the_operator(tmp_path):
+    torch.manual_seed(0)
+
+    def softcap(score, b, h, q_idx, kv_idx):
+        return 5.0 * torch.tanh(score / 5.0)
+
+    graph, out, ref = _flex_graph(_FlexModel(_late_start, score_mod=softcap), tmp_path)
+    assert not graph._masks and torch.equal(out, ref)  # the operator itself: exactly the reference
+    graph, out, ref = _flex_graph(_FlexModel(_late_start, read_lse=True), tmp_path)
+    assert graph._masks  # the output through SDPA, the log-sum-exp from the operator
+    assert torch.allclose(out, ref, atol=1e-5, rtol=0)
