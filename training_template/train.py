@@ -35,14 +35,16 @@ def window_mask_mod(window):
     return mask_mod
 
 
-ATTENTION = {"impl": "sdpa", "block_masks": {}}  # set once by configure_attention() in setup
+ATTENTION = {"impl": "sdpa", "block_masks": {}, "flex_options": None}  # set once by configure_attention()
 
 
-def configure_attention(impl, seq_len, windows, device):
+def configure_attention(impl, seq_len, windows, device, flex_options=None):
     """sdpa: dense boolean window masks, any device. flex: FlexAttention with block-sparse masks built here,
     once per window, so the compiled graph only looks them up. mixed: flex for the sliding windows, SDPA's
-    causal kernel (FlashAttention / cuDNN on a GPU) for the layers that see the whole context."""
+    causal kernel (FlashAttention / cuDNN on a GPU) for the layers that see the whole context. flex_options:
+    FlexAttention's kernel_options (block sizes, warps, stages, TMA), for its compiled kernel."""
     ATTENTION["impl"] = impl
+    ATTENTION["flex_options"] = dict(flex_options) if flex_options else None
     if impl in ("flex", "mixed"):
         for w in set(windows) - ({seq_len} if impl == "mixed" else set()):
             ATTENTION["block_masks"][(seq_len, w)] = create_block_mask(
@@ -53,7 +55,8 @@ def attend(q, k, v, window):
     """Causal attention over the last `window` positions; q, k, v: (B, H, T, D)."""
     T = q.size(2)
     if ATTENTION["impl"] == "flex" or (ATTENTION["impl"] == "mixed" and window < T):
-        return flex_attention(q, k, v, block_mask=ATTENTION["block_masks"][(T, window)])
+        return flex_attention(q, k, v, block_mask=ATTENTION["block_masks"][(T, window)],
+                              kernel_options=ATTENTION["flex_options"])
     if window >= T:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     i = torch.arange(T, device=q.device)
@@ -296,8 +299,11 @@ WARMUP_RATIO = 0.0  # fraction of progress spent warming the learning rate up
 WARMDOWN_RATIO = 0.5  # fraction of progress spent decaying it at the end
 FINAL_LR_FRAC = 0.0  # learning-rate multiplier reached at the end of warmdown
 COMPILE = True  # torch.compile the model (CUDA only; the CPU path runs eagerly)
+COMPILE_MODE = "default"  # torch.compile mode of the model: "default" or "max-autotune-no-cudagraphs" (Triton GEMMs
+#   with fused epilogues; autotuning takes minutes per shape the first time, then comes from the compile cache)
 COMPILE_OPTIMIZER = True  # torch.compile the Muon update too (CUDA only)
 ATTN_IMPL = "flex"  # flex (FlexAttention, CUDA), sdpa, or mixed (flex for windows, sdpa causal for L); CPU: sdpa
+FLEX_OPTIONS = {}  # FlexAttention kernel_options, e.g. {"BLOCK_M": 128, "BLOCK_N": 64, "num_stages": 3, "USE_TMA": True}
 KERNEL_OPS = "linear_ce"  # ops that use the fused kernels of kernels/: "all", "none" or a comma list of kernels.OPS
 LOG_EVERY = pick(h100=25, cpu=10)  # print a progress line every this many steps
 
@@ -324,8 +330,8 @@ assert grad_accum >= 1 and grad_accum * device_rows * seq_len == TOTAL_BATCH_SIZ
 raw_model = GPT(prepare.vocab_size(), DEPTH, model_dim, n_head, HEAD_DIM, seq_len)
 raw_model.init_weights()
 raw_model.to(device)
-configure_attention(ATTN_IMPL if cuda else "sdpa", seq_len, raw_model.windows, device)
-model = torch.compile(raw_model, dynamic=False) if COMPILE and cuda else raw_model
+configure_attention(ATTN_IMPL if cuda else "sdpa", seq_len, raw_model.windows, device, FLEX_OPTIONS)
+model = torch.compile(raw_model, dynamic=False, mode=COMPILE_MODE) if COMPILE and cuda else raw_model
 
 lr_scale = (model_dim / 768) ** -0.5
 matrices = [p for p in raw_model.blocks.parameters() if p.dim() == 2]
