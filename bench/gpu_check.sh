@@ -4,13 +4,14 @@
 # slow phase costs the later ones, never the logs of the earlier ones):
 #   1. the CUDA tests (tests/gpu: kernels, the compiled Muon update, CUDA inside the bwrap sandbox, the isolated
 #      evaluation's exported graph against the compiled model)
-#   2. the whole template: default, the Muon update left eager (COMPILE_OPTIMIZER=False), and SDPA's causal
-#      kernel for the full-context layers (ATTN_IMPL='mixed'): tokens/s, MFU, peak VRAM
-#   3. one default run under torch.profiler: where the device time of a step goes (profile/*.txt)
-#   4. one 20-step run scored in-process and by the worker's isolated evaluation (export + a second process):
+#   2. the whole template: default, SDPA's causal kernel for the full-context layers (ATTN_IMPL='mixed', x1.015
+#      on the 2026-11-28 H200), FlexAttention with TMA and rows known non-empty (FLEX_OPTIONS), and any
+#      GPU_CHECK_CONFIGS ("OPS NAME=VALUE...;..." more entries, e.g. "linear_ce
+#      COMPILE_MODE='max-autotune-no-cudagraphs'", minutes of autotuning): tokens/s, MFU, peak VRAM
+#   3. one 20-step run scored in-process and by the worker's isolated evaluation (export + a second process):
 #      same val_bpb? what does the isolation cost on a GPU?
-#   5. three default runs (the profile's full evaluation) through the device gate with two slots: the
-#      device time between timed runs
+#   4. three runs (short evaluations) through the device gate with two slots: the device time between timed runs
+#   5. one default run under torch.profiler: where the device time of a step goes (profile/*.txt)
 #   6. the per-kernel table against eager and torch.compile
 # Results go to $OUT (default artifacts/gpu):
 #   env.txt summary.txt tests.log step.log train.log isolated.log profile.log profile/ gap.log gap_runs.log gap.json
@@ -60,12 +61,10 @@ phase "CUDA kernel tests" 60 tests.log env FARM_TEST_CUDA=1 "$PY" -m pytest -q -
 wait "$prepare_pid" || { note "data cache build failed:"; tail -n 5 /tmp/farm-gpu-prepare.log | tee -a "$OUT/summary.txt"; }
 
 step_timeout=$(( step_budget + 170 ))
-phase "template: default vs eager optimizer vs mixed attention" 200 step.log "$PY" bench/kernels.py --no-ops --step \
-  --budget "$step_budget" --corpus synthetic --eval-tokens 1048576 --step-timeout "$step_timeout" --log "$OUT/train.log" \
-  --configs "linear_ce;linear_ce COMPILE_OPTIMIZER=False;linear_ce ATTN_IMPL='mixed'"
-phase "template under torch.profiler" 90 profile.log "$PY" bench/kernels.py --no-ops --step --budget 8 \
-  --corpus synthetic --eval-tokens 1048576 --configs linear_ce --step-timeout 200 --torch-profile "$OUT/profile" \
-  --log "$OUT/train.log"
+configs="linear_ce;linear_ce ATTN_IMPL='mixed';linear_ce FLEX_OPTIONS={'USE_TMA':True,'ROWS_GUARANTEED_SAFE':True}"
+phase "template: default vs mixed attention vs FlexAttention options" 200 step.log "$PY" bench/kernels.py --no-ops \
+  --step --budget "$step_budget" --corpus synthetic --eval-tokens 1048576 --step-timeout "$step_timeout" \
+  --log "$OUT/train.log" --configs "$configs${GPU_CHECK_CONFIGS:+;$GPU_CHECK_CONFIGS}"
 phase "isolated evaluation vs in-process" 150 isolated.log "$PY" bench/template.py --profile h100 --synthetic \
   --budget 1000 --max-steps 20 --eval-tokens 1048576 --isolated --data-dir "$FARM_DATA_DIR" --cache-dir "$FARM_CACHE_DIR"
 # three runs of 10 s with short evaluations: about 30 s of start-up (overlapped) + 3 x 15 s on an H200; with the
@@ -73,6 +72,9 @@ phase "isolated evaluation vs in-process" 150 isolated.log "$PY" bench/template.
 phase "device gap with two slots" 130 gap.log "$PY" bench/gate_gap.py --runs 3 --slots 2 --budget 10 \
   --corpus synthetic --eval-tokens 1048576 --timeout "$(( $(left) - 15 ))" --log "$OUT/gap_runs.log" \
   --json "$OUT/gap.json"
+phase "template under torch.profiler" 90 profile.log "$PY" bench/kernels.py --no-ops --step --budget 8 \
+  --corpus synthetic --eval-tokens 1048576 --configs linear_ce --step-timeout 200 --torch-profile "$OUT/profile" \
+  --log "$OUT/train.log"
 phase "per-kernel table" 45 ops.log "$PY" bench/kernels.py --iters 10
 note "done at $(date +%T), $(left) s to spare"
 # GPU_CHECK_PACK=1: everything in $OUT/gpu_check.tgz beside summary.txt (the device tool brings back 8 files at most)
