@@ -31,6 +31,10 @@ export PYTHONUNBUFFERED=1
 export FARM_PROFILE=h100 FARM_CORPUS=synthetic
 export FARM_CACHE_DIR=${FARM_CACHE_DIR:-/tmp/farm-gpu-cache} FARM_DATA_DIR=${FARM_DATA_DIR:-/tmp/farm-gpu-data}
 unset TRITON_INTERPRET FARM_KERNELS
+# bwrap for the sandbox's CUDA test where the machine has none (the 2026-11-28 H200 had none): unpack it into .bwrap
+# (ignored) here, `apt-get download bubblewrap && dpkg -x bubblewrap_*.deb .bwrap`, and name .bwrap in the device
+# tool's carry
+if [ -x .bwrap/usr/bin/bwrap ]; then export PATH="$PWD/.bwrap/usr/bin:$PATH"; fi
 
 left() { echo $(( deadline - $(date +%s) )); }
 note() { echo "$*" | tee -a "$OUT/summary.txt"; }
