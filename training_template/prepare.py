@@ -1013,6 +1013,8 @@ class StepProfile:
                 by_kind[self.kind(r["name"])] = by_kind.get(self.kind(r["name"]), 0.0) + r["self_device_us"]
             lines.append(f"device busy {busy_us / 1e6:.3f} s = {100 * busy_us / 1e6 / wall:.1f} % of the wall "
                          "(kernels, one stream)")
+            if busy_us / 1e6 > 1.05 * wall:  # one stream cannot be busy longer than the wall: ranges taken as kernels
+                lines.append("  (more than the wall: some rows counted are ranges, not kernels; see the .json table)")
             lines.append("")
             lines.append(f"{'kind of kernel':40s} {'ms/step':>9s} {'% busy':>7s}")
             for kind, us in sorted(by_kind.items(), key=lambda kv: -kv[1]):
@@ -1466,17 +1468,6 @@ def _reads(program: list, index: int) -> bool:
     return any(found(extra) if kind == "call" else kind == "out" and found(what) for kind, what, extra in program)
 
 
-def _strided_like(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """`out` laid out with the dimension order of `like`, as FlexAttention lays out its output like the query
-    (a graph may view the result in ways only that order allows)."""
-    strides, step = [0] * like.dim(), 1
-    for d in sorted(range(like.dim()), key=like.stride):
-        strides[d], step = step, step * out.size(d)
-    if list(out.stride()) == strides:
-        return out
-    return torch.empty_strided(out.shape, strides, dtype=out.dtype, device=out.device).copy_(out)
-
-
 class _FlexResult:
     """FlexAttention's (out, logsumexp, ...) where `out` came another way: the rest is the operator's own, computed
     only if the graph reads it."""
@@ -1485,11 +1476,17 @@ class _FlexResult:
         self._out, self._reference, self._rest = out, reference, None
 
     def __getitem__(self, i):
-        if i == 0:
+        if type(i) is int and i == 0:
             return self._out
+        return self._operator()[i]
+
+    def __len__(self) -> int:
+        return len(self._operator())
+
+    def _operator(self):
         if self._rest is None:
             self._rest = self._reference()
-        return self._rest[i]
+        return self._rest
 
 
 class ExportedModel:
@@ -1586,7 +1583,8 @@ class ExportedModel:
         shape by vmapping the mask subgraph as the reference does (over b and h too only if the subgraph reads
         them), rows with nothing to attend to set to 0 as the reference sets them. Anything else, and the
         log-sum-exp outputs if a graph reads them, go to the operator itself."""
-        from torch._higher_order_ops.flex_attention import flex_attention as hop
+        flex_module = importlib.import_module("torch._higher_order_ops.flex_attention")
+        hop = flex_module.flex_attention
 
         def reference():
             return hop(query, key, value, score_mod, block_mask, scale, kernel_options, score_mod_other_buffers,
@@ -1599,14 +1597,20 @@ class ExportedModel:
                 and isinstance(scale, (int, float)) and not isinstance(scale, bool)
                 and all(isinstance(t, torch.Tensor) and t.dim() == 4 and t.dtype == query.dtype for t in tensors)
                 and query.is_floating_point() and query.shape[:2] == key.shape[:2] == value.shape[:2]
-                and key.shape[2] == value.shape[2] and query.shape[3] == key.shape[3]):
+                and key.shape[2] == value.shape[2] and query.shape[3] == key.shape[3]
+                and hasattr(flex_module, "_permute_strides")):
             return reference()
-        mask, empty_rows = self._dense_mask(mask_mod, query.shape[0], query.shape[1], query.shape[2],
-                                            key.shape[2], query.device, tuple(mask_mod_other_buffers))
+        found = self._dense_mask(mask_mod, query.shape[0], query.shape[1], query.shape[2], key.shape[2],
+                                 query.device, tuple(mask_mod_other_buffers))
+        if found is None:
+            return reference()
+        mask, empty_rows = found
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=float(scale))
         if empty_rows is not None:
             out = out.masked_fill(empty_rows, 0)
-        return _FlexResult(_strided_like(out, query), reference)
+        # laid out as the operator lays out its output (the query's dimension order, the last innermost): the graph
+        # was traced with that layout and may view the result in ways only it allows (found by review)
+        return _FlexResult(flex_module._permute_strides(out.contiguous(), query.stride()), reference)
 
     def _passes_score(self, name: str) -> bool:
         """The score_mod subgraph returns its first input (the score) unchanged."""
@@ -1615,26 +1619,57 @@ class ExportedModel:
                 and isinstance(program[-1][1], _Ref) and program[-1][1].index == 0)
 
     def _dense_mask(self, mask_mod, B: int, H: int, Q: int, KV: int, dev: torch.device, buffers: tuple):
-        """mask_mod(b, h, q, kv) at every position, (B or 1, H or 1, Q, KV) bool, and which rows are all False."""
+        """mask_mod(b, h, q, kv) at every position, (B or 1, H or 1, Q, KV) bool, and which rows are all False; None
+        where the operator must decide (a mask that is not one boolean per position)."""
         program = self._subs[mask_mod.subgraph]
-        B, H = (n if len(program) <= i or program[i][0] != "in" or _reads(program, i) else 1
-                for i, n in enumerate((B, H)))
+        inputs = [i for i, (kind, _, _) in enumerate(program) if kind == "in"]
+        B, H = (1 if len(inputs) > i and not _reads(program, inputs[i]) else n for i, n in enumerate((B, H)))
+        # cached only when it is a function of the subgraph and the shape alone: not of the graph's tensors (other
+        # buffers), nor of the random state, which a draw before it could make depend on an earlier batch's tokens
+        # (found by review: the cache then carried them to every later call)
+        cached = not buffers and self._deterministic(mask_mod.subgraph, set())
         key = (mask_mod.subgraph, B, H, Q, KV, str(dev))
-        if buffers or key not in self._masks:  # other buffers are tensors of the graph: not cached
-            def fn(b, h, q, kv):
-                return mask_mod(b, h, q, kv, *buffers)
-            for dims in ((None, None, None, 0), (None, None, 0, None), (None, 0, None, None), (0, None, None, None)):
-                fn = torch.vmap(fn, in_dims=dims, out_dims=0)
-            mask = fn(*(torch.arange(n, device=dev) for n in (B, H, Q, KV)))
-            if not isinstance(mask, torch.Tensor) or mask.shape != (B, H, Q, KV):
-                raise ExportRefused("an attention mask that is not one boolean per position")
-            mask = mask.to(torch.bool)
-            empty = ~mask.any(dim=-1, keepdim=True)
-            found = (mask, empty if bool(empty.any()) else None)
-            if buffers:
-                return found
+        if cached and key in self._masks:
+            return self._masks[key]
+
+        def fn(b, h, q, kv):
+            return mask_mod(b, h, q, kv, *buffers)
+        for dims in ((None, None, None, 0), (None, None, 0, None), (None, 0, None, None), (0, None, None, None)):
+            fn = torch.vmap(fn, in_dims=dims, out_dims=0)
+        mask = fn(*(torch.arange(n, device=dev) for n in (B, H, Q, KV)))
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != (B, H, Q, KV):
+            return None
+        empty = ~mask.any(dim=-1, keepdim=True)
+        found = (mask, empty if bool(empty.any()) else None)
+        if cached:
             self._masks[key] = found
-        return self._masks[key]
+        return found
+
+    def _deterministic(self, name: str, seen: set) -> bool:
+        """No operator of subgraph `name`, or of a subgraph it refers to, draws random numbers."""
+        if name in seen:
+            return True
+        seen.add(name)
+
+        def graphs(value) -> Iterator[str]:
+            if callable(value) and isinstance(getattr(value, "subgraph", None), str):
+                yield value.subgraph
+            elif isinstance(value, (list, tuple)):
+                for v in value:
+                    yield from graphs(v)
+            elif isinstance(value, dict):
+                for v in value.values():
+                    yield from graphs(v)
+
+        for kind, what, extra in self._subs.get(name, []):
+            if kind == "call" and (not isinstance(what, torch._ops.OpOverload)
+                                   or torch.Tag.nondeterministic_seeded in what.tags):
+                if what is not operator.getitem and what not in _INT_OPERATORS.values():
+                    return False
+            for sub in graphs(what if kind == "value" else extra):
+                if not self._deterministic(sub, seen):
+                    return False
+        return True
 
     def _decode(self, value, before: int):
         if value is None or isinstance(value, (bool, int, float, str)):

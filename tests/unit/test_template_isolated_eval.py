@@ -377,7 +377,7 @@ def test_the_probes_tails_come_from_another_split():
 class _FlexModel(torch.nn.Module):
     """Token ids -> (B, T, 257) through one FlexAttention, with the mask, score and outputs a test chooses."""
 
-    def __init__(self, mask_mod, score_mod=None, read_lse: bool = False, T: int = 48) -> None:
+    def __init__(self, mask_mod, score_mod=None, read_lse: bool = False, T: int = 48, layout: str = "plain") -> None:
         super().__init__()
         from torch.nn.attention.flex_attention import create_block_mask
 
@@ -385,7 +385,7 @@ class _FlexModel(torch.nn.Module):
         self.emb = torch.nn.Embedding(257, 32)
         self.qkv = torch.nn.Linear(32, 3 * self.heads * self.dim)
         self.head = torch.nn.Linear(self.heads * self.dim, 257)
-        self.score_mod, self.read_lse = score_mod, read_lse
+        self.score_mod, self.read_lse, self.layout = score_mod, read_lse, layout
         self.block_mask = create_block_mask(mask_mod, B=None, H=self.heads, Q_LEN=T, KV_LEN=T, device="cpu")
 
     def forward(self, x):
@@ -393,7 +393,13 @@ class _FlexModel(torch.nn.Module):
 
         B, T = x.shape
         q, k, v = self.qkv(self.emb(x)).view(B, T, 3, self.heads, self.dim).permute(2, 0, 3, 1, 4)
+        if self.layout == "positions innermost":  # the operator's output takes the query's layout
+            q = q.permute(0, 1, 3, 2).contiguous().transpose(-1, -2)
+        elif self.layout == "one head expanded":
+            q = q[:, :1].expand(B, self.heads, T, self.dim)
         y = flex_attention(q, k, v, score_mod=self.score_mod, block_mask=self.block_mask, return_lse=self.read_lse)
+        if self.layout == "positions innermost":  # a view only that layout allows
+            y = y.reshape(B, self.heads, T * self.dim).view(B, self.heads, T, self.dim)
         if self.read_lse:
             y, lse = y
             y = y * torch.sigmoid(lse)[..., None]
@@ -471,3 +477,84 @@ def test_flex_kernel_options_reach_the_operator_and_change_nothing_in_the_evalua
             assert torch.allclose(prepare.ExportedModel(path, CPU)(x), before, atol=1e-6, rtol=0)
     finally:
         train_defs["configure_attention"]("flex", 64, tuned.windows, CPU)
+
+
+@pytest.mark.parametrize("layout", ["positions innermost", "one head expanded"])
+def test_flex_attention_through_sdpa_keeps_the_operators_output_layout(tmp_path, layout):
+    """torch.export traces FlexAttention's output in the query's dimension order, and a graph may view it in ways
+    only that order allows (found by review: such honest graphs failed with a view error)."""
+    torch.manual_seed(0)
+    graph, out, ref = _flex_graph(_FlexModel(_late_start, layout=layout), tmp_path)
+    assert graph._masks and torch.allclose(out, ref, atol=1e-5, rtol=0)
+
+
+def _shifted(value, at: int, by: int):
+    """A graph node's arguments with references to nodes from `at` on moved by `by`."""
+    if isinstance(value, dict):
+        if set(value) == {"node"} and isinstance(value["node"], int):
+            return {"node": value["node"] + (by if value["node"] >= at else 0)}
+        return {k: _shifted(v, at, by) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_shifted(v, at, by) for v in value]
+    return value
+
+
+def _call(target: str, *args, **kwargs) -> dict:
+    return {"op": "call", "target": target, "args": {"tuple": list(args)}, "kwargs": {"dict": kwargs}}
+
+
+def _edited_flex_graph(tmp_path, edit) -> tuple[Path, torch.nn.Module]:
+    torch.manual_seed(0)
+    model = _FlexModel(_late_start).eval()
+    path = tmp_path / "model.json"
+    prepare.export_model(model, torch.zeros(3, 48, dtype=torch.long), path, autocast=False)
+    body = json.loads(path.read_text())
+    edit(body)
+    path.write_text(json.dumps(body))
+    return path, model
+
+
+def test_the_mask_subgraph_is_read_by_its_inputs_not_its_first_nodes(tmp_path):
+    """Whether a mask reads b and h is asked of its first two inputs, wherever they stand (found by review: a node
+    before them made a mask that reads h count as one that does not)."""
+    def edit(body):
+        (name,) = [k for k in body["subgraphs"] if "mask" in k]
+        nodes = body["subgraphs"][name]["nodes"]
+        nodes[:] = [_call("aten.zeros.default", {"list": []})] + [_shifted(n, 0, 1) for n in nodes]
+
+    path, model = _edited_flex_graph(tmp_path, edit)
+    x = torch.randint(0, 257, (3, 48), generator=torch.Generator().manual_seed(5))
+    graph = prepare.ExportedModel(path, CPU)
+    with torch.no_grad():
+        assert torch.allclose(graph(x), model(x), atol=1e-5, rtol=0)
+    assert [k[1:3] for k in graph._masks] == [(1, 4)]
+
+
+def test_a_mask_that_draws_random_numbers_is_not_kept_from_one_call_to_the_next(tmp_path):
+    """A functional random operator in the mask, after the graph drew as many numbers as a token occurs: a mask
+    cached at the first call would carry that batch's tokens into every later call (found by review)."""
+    def edit(body):
+        nodes = body["graph"]["nodes"]
+        tokens = [i for i, n in enumerate(nodes) if n["op"] == "placeholder"][-1]
+        at = [i for i, n in enumerate(nodes) if n.get("target") == "flex_attention"][0]
+        draws = [_call("aten.eq.Scalar", {"node": tokens}, 7), _call("aten.nonzero.default", {"node": at}),
+                 _call("aten._to_copy.default", {"node": at + 1}, dtype={"dtype": "float32"}),
+                 _call("aten.uniform.default", {"node": at + 2})]
+        nodes[at:] = draws + [_shifted(n, at, len(draws)) for n in nodes[at:]]
+        (name,) = [k for k in body["subgraphs"] if "mask" in k]
+        mask = body["subgraphs"][name]["nodes"]
+        mask[4:] = [_call("aten.zeros.default", {"list": []}), _call("aten.uniform.default", {"node": 4}),
+                    _call("aten.mul.Tensor", {"node": 5}, 8.0), _call("aten.floor.default", {"node": 6}),
+                    _call("aten.add.Tensor", {"node": 3}, {"node": 7}), _call("aten.ge.Tensor", {"node": 2}, {"node": 8}),
+                    {"op": "output", "value": {"node": 9}}]
+
+    path, _ = _edited_flex_graph(tmp_path, edit)
+    gen = torch.Generator().manual_seed(1)
+    first, second = torch.randint(0, 257, (3, 48), generator=gen), torch.randint(0, 257, (3, 48), generator=gen)
+    first[0, :10] = 7
+    fresh, used = prepare.ExportedModel(path, CPU), prepare.ExportedModel(path, CPU)
+    used._seed = fresh._seed
+    with torch.no_grad():
+        used(first)
+        assert torch.equal(used(second), fresh(second))
+    assert not used._masks
