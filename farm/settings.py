@@ -63,7 +63,7 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=1_000_000, gt=0)
 
     # worker limits
-    worker_memory_mb: int = Field(default=0, ge=0)  # 0: a share of the machine's memory
+    worker_memory_mb: int = Field(default=0, ge=0)  # 0: half the machine's physical memory
     startup_allowance: float = Field(default=120.0, ge=0)
     # jobs a worker holds at once: 2 starts the next candidate while one trains (worker/gate.py);
     # 0 = the default for the hardware: 2 on a GPU, 1 on a CPU (where start-up competes with training)
