@@ -7,16 +7,15 @@ that tries to leave the workdir.
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from farm import templates
 from farm.harness import fixed_files, harness_checksum
 
-REPO_TEMPLATE = Path(__file__).resolve().parent.parent / "training_template"
 _SKIP = shutil.ignore_patterns("__pycache__", "*.pyc", "data", "result.json", ".*")
 
 
@@ -25,13 +24,13 @@ class Refused(Exception):
 
 
 def template_dir(name: str = "default") -> Path:
-    """The fixed files of a program's template: the repo's training_template/ (FARM_TEMPLATE_DIR
-    overrides it, e.g. a deployment that ships the template elsewhere, or the tests' fakes)."""
-    override = os.environ.get("FARM_TEMPLATE_DIR")
-    base = Path(override) if override else REPO_TEMPLATE
-    if name not in ("", "default") and (base.parent / name).is_dir():
-        return base.parent / name
-    return base
+    """The folder of a program's template, resolved exactly as the API and the scheduler resolve it
+    (farm.templates: FARM_TEMPLATE_DIR overrides the default one): a program's template_digest was computed from
+    that folder. A name this worker does not know refuses the run instead of training on another template."""
+    try:
+        return templates.template_dir(name or "default")
+    except templates.TemplateError as exc:
+        raise Refused(str(exc)) from None
 
 
 @dataclass(frozen=True)
