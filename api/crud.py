@@ -30,7 +30,7 @@ from farm.models import (
     Worker,
 )
 from farm.programs import create_program, head_files
-from farm.states import HELD_PROGRAMS, cancel_unstarted
+from farm.states import HELD_PROGRAMS, cancel_unstarted, stale_after
 from farm.stats import baseline_val_bpb, baseline_val_bpbs, program_noise, run_commit
 
 SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{0,99}$")
@@ -318,7 +318,8 @@ def list_workers(session: Session, *, heartbeat_interval: float,
     for w, program_id, description, progress, loss in session.execute(stmt):
         age = max(0.0, (now - as_utc(w.last_heartbeat)).total_seconds())
         state: Literal["alive", "stale", "stopped"] = (
-            "stopped" if w.stopped_at is not None else "alive" if age <= 2 * heartbeat_interval else "stale")
+            "stopped" if w.stopped_at is not None
+            else "alive" if age <= stale_after(heartbeat_interval, w.heartbeat_interval) else "stale")
         out.append(schemas.WorkerPublic(
             id=w.id, host=w.host, hw_class=w.hw_class, gpu_index=w.gpu_index, gpu_name=w.gpu_name,
             gpu_memory_mb=w.gpu_memory_mb, driver_version=w.driver_version, torch_version=w.torch_version,

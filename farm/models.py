@@ -273,6 +273,8 @@ class Worker(Base):
     sandbox: Mapped[str] = mapped_column(String(200), default="none")
     sandbox_ok: Mapped[bool] = mapped_column(Boolean, default=False)
     slots: Mapped[int] = mapped_column(Integer, default=1, server_default="1")  # jobs it holds at once
+    # its FARM_HEARTBEAT_INTERVAL: a reaper or dashboard set to a shorter one waits as long as this worker beats
+    heartbeat_interval: Mapped[float | None] = mapped_column(Float)
     current_experiment_id: Mapped[int | None] = mapped_column(
         ForeignKey("experiments.id", use_alter=True, ondelete="SET NULL"))
     started_at: Mapped[datetime] = _ts()

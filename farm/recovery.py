@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from celery import Celery
-from sqlalchemy import select, text, update
+from sqlalchemy import func, select, text, update
 from sqlalchemy.exc import DBAPIError
 
 from farm import states
@@ -87,20 +87,24 @@ def _database_restarted_within(session: Any, seconds: float) -> bool:
 def reap_and_requeue(*, settings: Settings | None = None, app: Celery | None = None,
                      interval: float | None = None,
                      max_retries: int | None = None) -> list[tuple[int, ExperimentStatus]]:
-    """Re-queue (and re-publish) running experiments whose heartbeat is older than 2 x interval;
-    those out of retries become `lost`. The retry history is kept in experiments.attempts.
+    """Re-queue (and re-publish) running experiments whose heartbeat is older than 2 x interval (2 x their worker's
+    interval where that is longer: states.stale_after); those out of retries become `lost`. The retry history is
+    kept in experiments.attempts.
 
-    Not within 2 x interval of a database outage (this process failed to reach it, or Postgres started
-    since): every heartbeat missed during the outage would look like a dead worker, and reaping then
-    re-queued (and so killed) every run in flight, each counting a retry. Live workers beat again within
-    one interval; a dead one is reaped one grace period later."""
+    Not within that grace period of a database outage (this process failed to reach it, or Postgres started
+    since), the longest any live worker asks for: every heartbeat missed during the outage would look like a dead
+    worker, and reaping then re-queued (and so killed) every run in flight, each counting a retry. Live workers
+    beat again within one interval; a dead one is reaped one grace period later."""
     s = settings or get_settings()
     every = interval or s.heartbeat_interval
     if _last_db_failure is not None and time.monotonic() - _last_db_failure < 2 * every:
         return []
     try:
         with session_scope() as session:
-            if _database_restarted_within(session, 2 * every):
+            grace = states.stale_after(every, session.execute(
+                select(func.max(Worker.heartbeat_interval)).where(Worker.stopped_at.is_(None))).scalar())
+            if ((_last_db_failure is not None and time.monotonic() - _last_db_failure < grace)
+                    or _database_restarted_within(session, grace)):
                 return []
             reaped = states.reap_stale(session, interval=every,
                                        max_retries=s.max_retries if max_retries is None else max_retries)

@@ -228,18 +228,30 @@ def decide_locked(exp: Experiment | None, decision: Decision) -> bool:
     return True
 
 
+def stale_after(interval: float, worker_interval: float | None) -> float:
+    """Seconds without a heartbeat after which a worker, or its run, counts as gone: two of the longer of the
+    reader's interval and the worker's own (workers.heartbeat_interval), so hosts need not agree on the setting."""
+    return 2 * max(interval, worker_interval or 0.0)
+
+
 def reap_stale(session: Session, *, interval: float, max_retries: int) -> list[tuple[int, ExperimentStatus]]:
-    """Running experiments whose heartbeat is older than 2 x interval (database clock): re-queue
-    them while retries remain, else mark them lost. Returns (id, new status) for each one reaped."""
+    """Running experiments whose heartbeat is older than stale_after(interval, their worker's interval) by the
+    database clock: re-queue them while retries remain, else mark them lost. Returns (id, new status) for each."""
     now = db_now(session)
-    cutoff = now - timedelta(seconds=2 * interval)
-    stale = session.execute(
-        select(Experiment.id).where(Experiment.status == S.running, Experiment.heartbeat_at < cutoff)
+    # the reader's own interval is the shortest possible limit: nothing newer than it can be stale
+    candidates = session.execute(
+        select(Experiment.id).where(Experiment.status == S.running,
+                                    Experiment.heartbeat_at < now - timedelta(seconds=2 * interval))
     ).scalars().all()
     reaped: list[tuple[int, ExperimentStatus]] = []
-    for exp_id in stale:
+    for exp_id in candidates:
         exp = _locked(session, exp_id)
-        if exp is None or exp.status != S.running or exp.heartbeat_at is None or as_utc(exp.heartbeat_at) >= cutoff:
+        if exp is None or exp.status != S.running or exp.heartbeat_at is None:
+            continue
+        worker_interval = session.execute(select(Worker.heartbeat_interval)
+                                          .where(Worker.id == exp.worker_id)).scalar() if exp.worker_id else None
+        limit = stale_after(interval, worker_interval)
+        if as_utc(exp.heartbeat_at) >= now - timedelta(seconds=limit):
             continue
         attempt = {"worker_id": exp.worker_id, "started_at": _iso(exp.started_at),
                    "last_heartbeat": _iso(exp.heartbeat_at), "reaped_at": now.isoformat(),
@@ -258,7 +270,7 @@ def reap_stale(session: Session, *, interval: float, max_retries: int) -> list[t
             reaped.append((exp.id, S.queued))
         else:
             exp.status = S.lost
-            exp.status_reason = f"worker lost {exp.retry_count + 1} times (heartbeat older than {2 * interval:g}s)"
+            exp.status_reason = f"worker lost {exp.retry_count + 1} times (heartbeat older than {limit:g}s)"
             exp.finished_at = now
             reaped.append((exp.id, S.lost))
     session.flush()

@@ -1095,11 +1095,14 @@ class Scheduler:
     # ------------------------------------------------------------------ feeding workers
     def _live_workers(self, s: Session) -> dict[str, int]:
         """Job slots of the live workers per hardware class (a two-slot worker holds the next job too)."""
-        cutoff = db_now(s) - timedelta(seconds=2 * self.settings.heartbeat_interval)
-        rows = s.execute(select(Worker.hw_class, func.sum(Worker.slots))
-                         .where(Worker.stopped_at.is_(None), Worker.last_heartbeat >= cutoff)
-                         .group_by(Worker.hw_class)).all()
-        return {hw: int(n) for hw, n in rows}
+        now, own = db_now(s), self.settings.heartbeat_interval
+        live: dict[str, int] = {}
+        for hw, slots, beat, every in s.execute(
+                select(Worker.hw_class, Worker.slots, Worker.last_heartbeat, Worker.heartbeat_interval)
+                .where(Worker.stopped_at.is_(None))):  # a row per worker: its own interval decides
+            if as_utc(beat) >= now - timedelta(seconds=states.stale_after(own, every)):
+                live[hw] = live.get(hw, 0) + int(slots)
+        return live
 
     def _fill(self, stats: dict[str, int]) -> None:
         self._pass_ctx = {}

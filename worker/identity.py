@@ -82,7 +82,8 @@ def detect(env: dict[str, str] | None = None) -> Identity:
                     gpu_index=gpu_index, torch_version=torch_version, cuda_version=cuda_version, **info)
 
 
-def register(session: Session, ident: Identity, *, sandbox: str, sandbox_ok: bool, slots: int = 1) -> Worker:
+def register(session: Session, ident: Identity, *, sandbox: str, sandbox_ok: bool, slots: int = 1,
+             heartbeat_interval: float | None = None) -> Worker:
     """Insert or refresh this worker's row (a restarted worker keeps its id)."""
     row = session.get(Worker, ident.worker_id)
     values = asdict(ident)
@@ -97,6 +98,7 @@ def register(session: Session, ident: Identity, *, sandbox: str, sandbox_ok: boo
     row.sandbox = sandbox[:200]
     row.sandbox_ok = sandbox_ok
     row.slots = slots
+    row.heartbeat_interval = heartbeat_interval
     row.current_experiment_id = None
     row.started_at = utcnow()
     row.last_heartbeat = utcnow()

@@ -133,7 +133,7 @@ def start(settings: Settings | None = None, *, prepare: bool = True, reaper: boo
         prepare_data(ctx)
     with session_scope() as s:
         identity.register(s, ctx.identity, sandbox=ctx.sandbox.describe(), sandbox_ok=ctx.sandbox.ok,
-                          slots=ctx.slots)
+                          slots=ctx.slots, heartbeat_interval=ctx.settings.heartbeat_interval)
     if reaper:
         _stop.clear()
         threading.Thread(target=_reaper_loop, args=(ctx, ctx.settings.heartbeat_interval), daemon=True,

@@ -17,7 +17,7 @@ TABLES = {"programs", "experiments", "results", "workers", "decisions", "llm_cal
 
 def _roundtrip(url: str) -> None:
     migrate.upgrade(url)
-    assert migrate.current(url) == "0007"
+    assert migrate.current(url) == "0008"
     migrate.downgrade(url, "base")
     assert migrate.current(url) is None
     engine = make_engine(url)

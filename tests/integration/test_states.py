@@ -229,3 +229,46 @@ def test_a_result_postgres_cannot_store_as_it_is_is_still_recorded(pg_env):
         assert "database refused the result" in (second.reason or "")
         exp = s.get(Experiment, nan)
         assert exp is not None and exp.status == S.refused
+
+
+def test_a_worker_that_beats_less_often_than_the_reader_is_judged_by_its_own_interval(pg_url, tmp_path):
+    """Regression: every reaper, the scheduler's count of live workers and the dashboard judged a worker by their
+    own FARM_HEARTBEAT_INTERVAL. A worker host set to beat every 30 s beside a scheduler at 5 s had each of its
+    runs re-queued, and so run twice, after 10 s. Workers now record their interval (workers.heartbeat_interval)."""
+    from api import crud
+    from farm.settings import Settings
+    from scheduler.loop import Scheduler
+
+    engine = make_engine(pg_url)
+
+    def ago(seconds: int):  # type: ignore[no-untyped-def]
+        return func.now() - func.make_interval(0, 0, 0, 0, 0, 0, seconds)
+
+    with session_scope(engine) as s:
+        prog = make_program(s)
+        make_worker(s, "slow").heartbeat_interval = 30.0
+        make_worker(s, "fast")  # an older worker that records no interval: the reader's own applies
+        slow_run, fast_run = make_experiment(s, prog).id, make_experiment(s, prog).id
+    with session_scope(engine) as s:
+        assert states.claim(s, slow_run, "slow") and states.claim(s, fast_run, "fast")
+    with session_scope(engine) as s:
+        s.execute(update(Experiment).values(heartbeat_at=ago(15)))
+        s.execute(update(Worker).values(last_heartbeat=ago(15)))
+    sched = Scheduler(Settings(database_url=pg_url, home=tmp_path), engine=engine, publish=lambda *a, **k: None)
+    try:
+        with session_scope(engine) as s:
+            assert states.reap_stale(s, interval=5, max_retries=0) == [(fast_run, S.lost)]
+            assert {w.id: w.state for w in crud.list_workers(s, heartbeat_interval=5)} == {
+                "slow": "alive", "fast": "stale"}
+            assert sched._live_workers(s) == {"cpu": 1}
+        with session_scope(engine) as s:
+            s.execute(update(Experiment).where(Experiment.id == slow_run).values(heartbeat_at=ago(61)))
+            s.execute(update(Worker).values(last_heartbeat=ago(61)))
+        with session_scope(engine) as s:
+            assert states.reap_stale(s, interval=5, max_retries=0) == [(slow_run, S.lost)]
+            exp = s.get(Experiment, slow_run)
+            assert exp is not None and "heartbeat older than 60s" in (exp.status_reason or "")
+            assert sched._live_workers(s) == {}
+    finally:
+        sched.pool.shutdown()
+        engine.dispose()

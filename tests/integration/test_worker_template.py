@@ -81,7 +81,8 @@ def test_two_slot_worker_starts_the_next_run_early_but_never_trains_two_at_once(
                      FARM_LOG_CAP_MB="4", FARM_WORKER_SLOTS="2", FARM_MAX_STEPS="3")
     env.pop("FARM_TEMPLATE_DIR")
     with workers(env, ["slots:cpu0"], tmp_path / "logs", timeout=180):
-        assert rows(Worker, id="slots:cpu0")[0].slots == 2
+        row = rows(Worker, id="slots:cpu0")[0]
+        assert row.slots == 2 and row.heartbeat_interval == 1.0  # its own interval, for the reapers elsewhere
         wait_status(ids, FINISHED, timeout=400)
     results = {r.experiment_id: r for r in rows(Result) if r.experiment_id in ids}
     for i in ids:

@@ -39,7 +39,7 @@ def test_db_upgrade_on_embedded_default(tmp_path):
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "farm.db").exists()
     r = _farm("db", "current", FARM_HOME=str(tmp_path))
-    assert r.stdout.strip() == "0007"
+    assert r.stdout.strip() == "0008"
 
 
 def test_an_unknown_revision_or_a_newer_database_is_one_line(tmp_path):
@@ -59,7 +59,7 @@ def test_an_unknown_revision_or_a_newer_database_is_one_line(tmp_path):
     r = _farm("db", "upgrade", FARM_HOME=str(tmp_path))
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.strip().splitlines() == [
-        "farm: error: the database is at revision 0099, which this farm does not know (its latest is 0007): it was "
+        "farm: error: the database is at revision 0099, which this farm does not know (its latest is 0008): it was "
         "migrated by a newer researchfarm; run that version's code, or `farm db downgrade` with it first"]
 
 
