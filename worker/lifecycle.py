@@ -6,6 +6,7 @@ call them directly.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
 import subprocess
@@ -23,7 +24,14 @@ from farm.recovery import note_database_failure, reap_and_requeue
 from farm.settings import Settings, get_settings
 from worker import disk, identity
 from worker.gate import DeviceGate
-from worker.runner import Limits, WorkerContext, child_env_base, corpus_folder
+from worker.runner import (
+    NOT_PASSED_ON,
+    PREPARE_PASSTHROUGH,
+    Limits,
+    WorkerContext,
+    child_env_base,
+    corpus_folder,
+)
 from worker.sandbox import probe
 from worker.workdir import template_dir
 
@@ -60,6 +68,7 @@ def _prepare_py(ctx: WorkerContext, args: list[str], profile: str | None, timeou
         work = Path(tmp) / "t"
         shutil.copytree(template, work, ignore=shutil.ignore_patterns("__pycache__", "data"))
         env = child_env_base(ctx, profile=profile, workdir=work)
+        env.update({k: os.environ[k] for k in PREPARE_PASSTHROUGH if k in os.environ})
         return subprocess.run([ctx.python, "prepare.py", *args], cwd=work, env=env, stdout=stdout,
                               stderr=stderr, timeout=timeout, check=False)
 
@@ -126,6 +135,12 @@ def start(settings: Settings | None = None, *, prepare: bool = True, reaper: boo
         print(msg, file=sys.stderr, flush=True)
     else:
         log.info("worker %s: sandbox %s", ctx.worker_id, ctx.sandbox.describe())
+    ignored = [k for k in NOT_PASSED_ON if k in os.environ]
+    if ignored:  # a person who set them expects runs to see them: say they do not, once, at start
+        log.warning("worker %s: %s set in this worker's environment: runs do not see %s (the worker sets a run's "
+                    "profile, budget and seed from its program and job, and leaves the evaluation and kernels at "
+                    "the template's settings so every worker's results compare; docs/deploy.md)",
+                    ctx.worker_id, ", ".join(ignored), "it" if len(ignored) == 1 else "them")
     disk.sweep_workdirs(ctx.settings.workdirs, ctx.slug)
     disk.trim_compile_cache(ctx.compile_cache, ctx.limits.compile_cache_mb)
     pin_corpus(ctx)

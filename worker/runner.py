@@ -48,7 +48,17 @@ log = logging.getLogger(__name__)
 # variables a training process may need from the worker's environment; nothing else crosses over
 ENV_PASSTHROUGH = ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "CUDA_HOME", "CUDA_PATH", "LD_LIBRARY_PATH", "NVIDIA_VISIBLE_DEVICES",
                    "NVIDIA_DRIVER_CAPABILITIES", "TORCH_CUDA_ARCH_LIST", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
-                   "TRITON_INTERPRET", "CC", "CXX", "FARM_CORPUS", "FARM_MAX_STEPS", "FARM_DEVICE")
+                   "TRITON_INTERPRET", "CC", "CXX", "FARM_CORPUS", "FARM_MAX_STEPS", "FARM_DEVICE",
+                   # the climbmix cache's name counts its shards: the worker's prepare.py and every run must agree
+                   "FARM_CLIMBMIX_SHARDS")
+# Read by the start-up prepare.py only (it downloads; runs have no network): a mirror's URL may hold a token
+PREPARE_PASSTHROUGH = ("FARM_CLIMBMIX_URL",)
+# The template reads these, but a run's are the worker's to set (profile, budget, seed: the program's and the job's)
+# or are left at the template's defaults (FARM_EVAL_TOKENS, FARM_KERNELS: results of every worker must compare):
+# set on a worker they do nothing, which start-up says (worker/lifecycle.py)
+NOT_PASSED_ON = ("FARM_PROFILE", "FARM_TIME_BUDGET", "FARM_SEED", "FARM_EVAL_TOKENS", "FARM_KERNELS",
+                 "FARM_KERNELS_TRACE", "FARM_TORCH_PROFILE", "FARM_TORCH_PROFILE_STEPS", "FARM_RESULT_PATH",
+                 "FARM_EVAL_EXPORT")
 RESULT_MAX_BYTES = 1 << 20
 EXPORT_NAME = "model.json"  # where the training process exports its model for the isolated evaluation
 TURN_ALLOWANCE = 60.0  # Limits.turn_allowance: FARM_TURN_ALLOWANCE

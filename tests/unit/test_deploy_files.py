@@ -247,3 +247,23 @@ def test_dockerfile_runs_as_numeric_non_root_with_a_cached_dependency_layer() ->
     first_source_copy = lines.index("COPY . .")
     assert any("pip install" in ln for ln in lines[:first_source_copy]), "no dependency layer before COPY . ."
     assert "bubblewrap" in DOCKERFILE.read_text()
+
+
+@pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: p.name)
+def test_workers_pass_through_what_a_worker_hands_its_runs_and_the_docs_say_so(path: Path) -> None:
+    """Found by review: FARM_CORPUS (and the climbmix settings) reached no compose worker, since a container sees
+    only its `environment` entries, so a farm in containers always trained on the default corpus."""
+    from worker.runner import ENV_PASSTHROUGH, PREPARE_PASSTHROUGH
+
+    # FARM_MAX_STEPS caps runs for the tests and benches; compose pins each worker's GPU, FARM_DEVICE would fight it
+    wanted = {k for k in (*ENV_PASSTHROUGH, *PREPARE_PASSTHROUGH) if k.startswith("FARM_")} - {
+        "FARM_MAX_STEPS", "FARM_DEVICE"}
+    assert "FARM_CORPUS" in wanted and "FARM_CLIMBMIX_SHARDS" in wanted
+    deploy = " ".join((ROOT / "docs" / "deploy.md").read_text().split())
+    said = deploy[deploy.index("and passes through from your shell or `.env` only"):]
+    said = said[:said.index("(section 2)")]
+    for name, svc in _workers(_load(path)).items():
+        passed = {k for k, v in svc["environment"].items() if v is None}
+        assert wanted <= passed, f"{name} does not pass through {sorted(wanted - passed)}"
+        undocumented = sorted(k for k in passed if f"`{k}`" not in said)
+        assert not undocumented, f"docs/deploy.md's list of what compose passes through lacks {undocumented}"

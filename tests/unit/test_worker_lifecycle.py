@@ -245,3 +245,18 @@ def test_an_isolated_evaluation_under_way_gets_the_stop_grace_unless_told_twice(
     monkeypatch.setattr(lifecycle, "_ctx", ctx)
     lifecycle.shutting_down("Cold")  # a cold shutdown first: no grace
     assert ctx.evaluation_must_stop()
+
+
+def test_start_says_which_template_settings_runs_do_not_see_and_records_its_heartbeat_interval(
+        farm_env, monkeypatch, caplog):
+    import logging
+
+    monkeypatch.setenv("FARM_EVAL_TOKENS", "1000")
+    monkeypatch.setenv("FARM_KERNELS", "off")
+    monkeypatch.setenv("FARM_HEARTBEAT_INTERVAL", "7")
+    with caplog.at_level(logging.WARNING, logger="worker.lifecycle"):
+        _start(monkeypatch, "none")
+    said = [r.getMessage() for r in caplog.records if "runs do not see" in r.getMessage()]
+    assert len(said) == 1 and "FARM_EVAL_TOKENS, FARM_KERNELS set in" in said[0], said
+    with session_scope() as s:
+        assert s.get(Worker, "t:none").heartbeat_interval == 7.0

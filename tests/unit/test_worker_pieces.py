@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -454,3 +455,30 @@ def test_a_run_started_again_after_a_hand_back_keeps_the_first_starts_log(tmp_pa
     assert run_log_path(tmp_path, 20, 0).name == "experiment-20-r0-3.log"
     assert run_log_path(tmp_path, 20, 1).name == "experiment-20-r1.log"
     assert first.read_text() == "first start\n"
+
+
+def test_the_climbmix_settings_reach_prepare_and_runs_and_a_mirrors_url_reaches_prepare_only(tmp_path, monkeypatch):
+    """Found by review: the worker handed neither FARM_CLIMBMIX_SHARDS nor FARM_CLIMBMIX_URL to its start-up
+    prepare.py, so a worker behind a mirror downloaded from the default host, and a shard count set on it was
+    ignored. Runs see the shard count (the cache's name counts shards), never the URL (it may hold a token)."""
+    from types import SimpleNamespace
+
+    import worker.lifecycle as lifecycle
+    import worker.runner as runner
+    from farm.settings import Settings
+
+    template = tmp_path / "tpl"
+    template.mkdir()
+    (template / "prepare.py").write_text(
+        "import os\nprint(os.environ.get('FARM_CLIMBMIX_SHARDS'), os.environ.get('FARM_CLIMBMIX_URL'))\n")
+    monkeypatch.setenv("FARM_TEMPLATE_DIR", str(template))
+    monkeypatch.setenv("FARM_CLIMBMIX_SHARDS", "3")
+    monkeypatch.setenv("FARM_CLIMBMIX_URL", "https://user:token@mirror.example/climbmix")
+    ctx = SimpleNamespace(settings=Settings(home=tmp_path / "home"), python=sys.executable, corpus_id=None,
+                          compile_cache=tmp_path / "cc", template_cache=tmp_path / "tc",
+                          identity=SimpleNamespace(gpu_index=None))
+    proc = lifecycle._prepare_py(ctx, [], "cpu", 60, subprocess.PIPE)  # type: ignore[arg-type]
+    assert proc.stdout.decode().split() == ["3", "https://user:token@mirror.example/climbmix"]
+    env = runner.child_env_base(ctx, profile="cpu", workdir=tmp_path / "w")  # type: ignore[arg-type]
+    assert env["FARM_CLIMBMIX_SHARDS"] == "3" and "FARM_CLIMBMIX_URL" not in env
+
