@@ -45,7 +45,7 @@ def exported(train_defs, tmp_path_factory) -> tuple[Path, torch.nn.Module]:
     return path, model
 
 
-@pytest.mark.parametrize("impl", ["sdpa", "flex"])
+@pytest.mark.parametrize("impl", ["sdpa", "flex", "mixed"])  # mixed: layer 0 (window 32) flex, layer 1 SDPA
 def test_the_exported_graph_gives_the_models_logits_exactly(train_defs, tmp_path, impl):
     model = _gpt(train_defs, impl)
     path = tmp_path / "model.json"
@@ -63,7 +63,8 @@ def test_the_exported_graph_gives_the_models_logits_exactly(train_defs, tmp_path
     targets = {n["target"] for g in [body["graph"], *body["subgraphs"].values()] for n in g["nodes"]
                if n["op"] == "call"}
     assert all(t.startswith("aten.") or t in ("getitem", "flex_attention") for t in targets), targets
-    assert ("flex_attention" in targets) == (impl == "flex")
+    assert ("flex_attention" in targets) == (impl != "sdpa")
+    assert any("scaled_dot_product" in t for t in targets) == (impl != "flex"), sorted(targets)
 
 
 def test_the_graph_carries_the_evaluations_autocast(train_defs, tmp_path):
