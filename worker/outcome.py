@@ -13,7 +13,7 @@ import json
 import math
 import re
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -194,14 +194,19 @@ def verify_result(text: str | None, nonce: str, expected: dict[str, Any], harnes
         return None, "result is not signed with this run's nonce (forged result)"
     if result.get("status", "ok") != "ok":
         return None, f"result status is {result.get('status')!r}"
-    val = result.get("val_bpb")
-    if scored and (isinstance(val, bool) or not isinstance(val, (int, float)) or not math.isfinite(val) or val <= 0):
-        return None, f"val_bpb {val!r} is not a positive finite number"
     bad = non_finite(result)
     if bad is not None:
         # json.loads takes NaN and Infinity; Postgres json does not, and `nan > limit` is False, so a clock set to
         # nan passed the budget check (found by review: the result write then failed and the run repeated)
         return None, f"result {bad} is not a finite number"
+    huge = out_of_range(result)
+    if huge is not None:
+        # json.loads takes any integer: 10**400 made float() raise OverflowError while judging and 2**63 made the
+        # SQLite write raise, each time with no result recorded, so the run repeated until `lost` (found by review)
+        return None, f"result {huge} is out of range"
+    val = result.get("val_bpb")
+    if scored and (isinstance(val, bool) or not isinstance(val, (int, float)) or not math.isfinite(val) or val <= 0):
+        return None, f"val_bpb {val!r} is not a positive finite number"
     for key in ("profile", "seed"):
         if key in expected and key in result and str(result[key]) != str(expected[key]):
             return None, f"result {key} {result[key]!r} is not the run's {expected[key]!r}"
@@ -214,13 +219,27 @@ def verify_result(text: str | None, nonce: str, expected: dict[str, Any], harnes
     return result, None
 
 
-def non_finite(value: Any, path: str = "") -> str | None:
+def non_finite(value: Any) -> str | None:
     """The first place in a parsed result that holds NaN or an infinity (`training_seconds = nan`), or None."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return f"{path or 'value'} = {value!r}"
+    return _first(value, lambda v: isinstance(v, float) and not math.isfinite(v), repr)
+
+
+INT64_MAX = 2**63 - 1
+
+
+def out_of_range(value: Any) -> str | None:
+    """The first place in a parsed result that holds an integer no 64-bit column can hold (nor, past 1e308, a
+    float), or None."""
+    return _first(value, lambda v: isinstance(v, int) and not isinstance(v, bool) and abs(v) > INT64_MAX,
+                  lambda v: f"an integer of {v.bit_length()} bits")
+
+
+def _first(value: Any, bad: Callable[[Any], bool], show: Callable[[Any], str], path: str = "") -> str | None:
+    if bad(value):
+        return f"{path or 'value'} = {show(value)}"
     items: Any = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
     for key, item in items:
-        found = non_finite(item, f"{path}.{key}" if path else str(key))
+        found = _first(item, bad, show, f"{path}.{key}" if path else str(key))
         if found is not None:
             return found
     return None

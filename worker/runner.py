@@ -563,7 +563,12 @@ def _execute(ctx: WorkerContext, job: Job, workdir: Path) -> Execution:
         facts.evaluation = EvalFacts(exit_code=ev.exit_code, killed=ev.killed, tail=ev.tail,
                                      result_text=run.evaluation.result_text, nonce=run.evaluation.nonce,
                                      wall_limit=run.evaluation.wall_limit, peak_rss_mb=ev.peak_rss_mb)
-    outcome = judge(facts)
+    try:
+        outcome = judge(facts)
+    except Exception as exc:  # noqa: BLE001 - what the candidate wrote must never stop its run being recorded
+        log.exception("experiment %s: judging its result failed", job.id)
+        outcome = Outcome(ExperimentStatus.refused, f"the worker could not judge the result ({type(exc).__name__}: "
+                                                    f"{_first_line(exc)[:200]})")
     timings = {"setup_seconds": t_spawn - t0, "child_seconds": child.wall_seconds,
                "judge_seconds": time.perf_counter() - t_done, "peak_rss_mb": round(child.peak_rss_mb, 1),
                "log_bytes": child.log_bytes, "log_truncated": child.log_truncated,

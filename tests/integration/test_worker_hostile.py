@@ -107,6 +107,13 @@ json.dump({'status': 'ok', 'val_bpb': 0.1, 'nonce': 'ab', 'digest': 'cd'}, open(
 print('---')
 print('val_bpb:          0.100000')
 """,
+    # signs a number json.loads takes and float() cannot: judging it raised, nothing was recorded, and the run was
+    # re-queued until `lost` (found by review)
+    "signs_a_huge_number": """import prepare
+write = prepare._write_result
+prepare._write_result = lambda result: write({**result, 'num_params_m': 10 ** 400, 'depth': 2 ** 70})
+prepare.finish(1.25, steps=3)
+""",
     "syntax_error": "import prepare\ndef broken(:\n    pass\n",
     "raises": "import prepare\nraise ValueError('learning rate must be positive')\n",
     "floods_stdout": """import sys
@@ -222,6 +229,11 @@ def test_a_forged_val_bpb_line_before_the_real_summary_is_ignored(hostile):
 def test_a_forged_result_file_is_refused(hostile):
     exp, res = _get(hostile, "forged_result_file")
     assert exp.status == S.refused and "forged" in (res.reason or "") and res.val_bpb is None
+
+
+def test_a_signed_number_too_large_for_any_column_is_refused_not_lost(hostile):
+    exp, res = _get(hostile, "signs_a_huge_number")
+    assert exp.status == S.refused and "out of range" in (res.reason or "") and exp.retry_count == 0, res.reason
 
 
 def test_a_changed_harness_file_in_the_candidate_is_refused_before_running(hostile):

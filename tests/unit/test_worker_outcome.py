@@ -232,3 +232,13 @@ def test_a_result_with_a_non_finite_number_is_refused(value):
     o = judge(isolated_facts(evaluation=EvalFacts(exit_code=0, result_text=signed_eval(causal_probe_nats=value),
                                                   nonce=EVAL_NONCE, wall_limit=60)))
     assert o.status != S.succeeded and "causal_probe_nats" in (o.reason or "")
+
+
+@pytest.mark.parametrize("over", [{"val_bpb": 10 ** 400}, {"num_params_m": 10 ** 400}, {"depth": 2 ** 63},
+                                  {"time_budget": -(10 ** 30)}, {"extra": {"steps": [1, 2 ** 64]}}])
+def test_a_result_with_an_integer_no_column_can_hold_is_refused(over):
+    """Found by review: json.loads takes any integer; 10**400 made float() raise OverflowError while judging and
+    2**63 made the SQLite write raise, and with no result recorded the run was re-queued until `lost`."""
+    o = judge(facts(result_text=signed(**over), tail=SUMMARY[:3]))
+    assert o.status == S.refused and "out of range" in (o.reason or ""), o.reason
+    assert judge(facts(result_text=signed(depth=2 ** 63 - 1), tail=SUMMARY[:3])).status == S.succeeded
