@@ -221,7 +221,7 @@ def apply_unified_diff(base: dict[str, str], diff: str) -> dict[str, str]:
         for name, text in base.items():
             p = root / name
             p.parent.mkdir(parents=True, exist_ok=True)
-            p.write_text(text, encoding="utf-8")
+            p.write_bytes(text.encode("utf-8"))  # bytes both ways: text mode would turn every \r\n and \r into \n
         patch = diff if diff.endswith("\n") else diff + "\n"
         reasons: list[str] = []
         for strip in ("1", "0"):
@@ -247,7 +247,7 @@ def apply_unified_diff(base: dict[str, str], diff: str) -> dict[str, str]:
                     if not p.is_file():
                         raise EditError(f"the patch makes {name} something other than a file")
                     try:
-                        out[name] = p.read_text(encoding="utf-8")
+                        out[name] = p.read_bytes().decode("utf-8")
                     except UnicodeDecodeError:
                         raise EditError(f"the patch leaves {name} not UTF-8 text") from None
         return out

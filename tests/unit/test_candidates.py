@@ -256,3 +256,18 @@ def test_the_trailing_whitespace_fallback_changes_only_the_matched_lines():
         out = apply_search_replace(base, f"train.py\n<<<<<<< SEARCH\n{search}\n=======\nLR = 0.2\nDEPTH = 5\n"
                                          ">>>>>>> REPLACE\n")["train.py"]
         assert out == 'DOC = """keep   \ntrailing\t\n"""\nLR = 0.2\nDEPTH = 5\nEND = 1 \n', out
+
+
+def test_a_unified_diff_keeps_every_files_line_endings():
+    """Found by review: the files were read back in text mode, so a CRLF train.py came back all LF (the one-line
+    change stored as a rewrite of every line) and a raw \\r in a string of a file the diff never named became a
+    newline (the candidate then failed to compile). A SEARCH/REPLACE of the same change gives the same files."""
+    from farm.candidates import Edit, apply_edit, apply_unified_diff, check_edit
+
+    base = {"train.py": "A = 1\r\nB = 2\r\nC = 3\r\n", "cfg.py": "X = 'a\rb'\n"}
+    diff = "--- a/train.py\n+++ b/train.py\n@@ -1,3 +1,3 @@\n A = 1\r\n-B = 2\r\n+B = 5\r\n C = 3\r\n"
+    want = {"train.py": "A = 1\r\nB = 5\r\nC = 3\r\n", "cfg.py": "X = 'a\rb'\n"}
+    assert apply_unified_diff(base, diff) == want
+    assert apply_edit(base, Edit(search_replace="train.py\n<<<<<<< SEARCH\nB = 2\n=======\nB = 5\n>>>>>>> REPLACE\n")) == want
+    checked = check_edit(base, Edit(unified_diff=diff), ["train.py", "cfg.py"])
+    assert checked.reason is None and checked.files == want
