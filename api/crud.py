@@ -334,6 +334,12 @@ def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
+def _sample(value: float) -> str:
+    """A sample value in full: `:g` kept 6 digits (1,234,567 calls read 1.23457e+06, $1234.5678 read 1234.57, and a
+    counter stopped moving for small increments)."""
+    return str(int(value)) if float(value).is_integer() and abs(value) < 2**53 else repr(float(value))
+
+
 def metrics_text(session: Session, *, heartbeat_interval: float) -> str:
     """Prometheus text exposition (version 0.0.4)."""
     lines: list[str] = []
@@ -343,7 +349,8 @@ def metrics_text(session: Session, *, heartbeat_interval: float) -> str:
         lines.append(f"# TYPE {name} {kind}")
         for labels, value in samples:
             lab = ",".join(f'{k}="{_label(v)}"' for k, v in labels.items())
-            lines.append(f"{name}{{{lab}}} {value:g}" if lab else f"{name} {value:g}")
+            text = _sample(value)
+            lines.append(f"{name}{{{lab}}} {text}" if lab else f"{name} {text}")
 
     slugs = dict(session.execute(select(Program.id, Program.slug)).all())
     by_status = session.execute(select(Experiment.program_id, Experiment.status, func.count())

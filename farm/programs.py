@@ -43,11 +43,16 @@ class ProgramError(ValueError):
     pass
 
 
+RESERVED_SLUGS = frozenset({"new", "live"})
+
+
 def slugify(name: str) -> str:
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:80].rstrip("-")  # no dash left by the cut
     if not slug:
         raise ProgramError("the program name must contain a letter or digit")
-    if slug.isdigit():  # every lookup reads an all-digit reference as an id, so such a slug would be unreachable
+    # every lookup reads an all-digit reference as an id, and the dashboard's /ui/programs/new and /ui/programs/live
+    # come before /ui/programs/{slug}: such a slug would be unreachable
+    if slug.isdigit() or slug in RESERVED_SLUGS:
         slug = f"p-{slug}"
     return slug
 

@@ -71,16 +71,22 @@ def run_commit() -> Any:
     return func.coalesce(Experiment.commit_sha, Experiment.parent_commit)
 
 
+NOISE_LOOKBACK = 200  # decisions read back for the latest sigma; past that, the replicates are pooled again
+
+
 def program_noise(session: Session, program_id: int) -> Noise:
-    """The policy's latest sigma when it recorded one; otherwise pooled over replicate groups."""
-    latest = session.execute(
+    """The sigma of the policy's latest decision that used one; otherwise pooled over replicate groups. Some
+    decisions use none (a parent with no successful run, a run on another hardware class): the one before them still
+    holds (found by review: the card fell back to the raw pooled figure after such a decision)."""
+    recent = session.execute(
         select(DecisionRecord.statistics).where(DecisionRecord.program_id == program_id)
-        .order_by(DecisionRecord.id.desc()).limit(1)
-    ).scalar_one_or_none()
-    sigma = sigma_from_statistics(latest)
-    if sigma is not None:
-        dof = latest.get("dof") if isinstance(latest, dict) else None
-        return Noise(sigma=sigma, dof=int(dof) if isinstance(dof, int) else 0, source="decisions")
+        .order_by(DecisionRecord.id.desc()).limit(NOISE_LOOKBACK)
+    ).scalars()
+    for stats in recent:
+        sigma = sigma_from_statistics(stats)
+        if sigma is not None:
+            dof = stats.get("dof") if isinstance(stats, dict) else None
+            return Noise(sigma=sigma, dof=int(dof) if isinstance(dof, int) else 0, source="decisions")
     # only commits that were deliberately re-run (a baseline or a confirmation) can form a group:
     # looking them up first keeps this an index walk instead of a pass over every run
     keys = (select(run_commit()).where(Experiment.program_id == program_id,

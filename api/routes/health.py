@@ -40,7 +40,7 @@ def broker_problem(settings: Settings) -> str | None:
     return None
 
 
-@router.get("/healthz", response_model=HealthPublic,
+@router.api_route("/healthz", methods=["GET", "HEAD"], response_model=HealthPublic,
             responses={503: {"model": HealthPublic, "description": "Database or broker unreachable"}},
             summary="Database and broker reachable (503 otherwise)")
 def healthz(settings: SettingsDep) -> JSONResponse:

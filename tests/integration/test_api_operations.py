@@ -75,6 +75,7 @@ def test_workers_show_sandbox_and_versions(live_api):
 
 def test_healthz(live_api, start_api, redis_url):
     assert live_api.client(token=None).get("/healthz").json() == {"status": "ok", "database": "ok", "broker": "ok"}
+    assert live_api.client(token=None).head("/healthz").status_code == 200  # load balancers probe with HEAD too
     bad = start_api(broker_url="redis://127.0.0.1:1/0")
     r = bad.client(token=None).get("/healthz")
     assert r.status_code == 503 and r.json()["broker"] != "ok" and r.json()["database"] == "ok"
@@ -95,13 +96,14 @@ def test_metrics(live_api):
         for _ in range(3):
             make_experiment(s, p, status=ExperimentStatus.queued)
         s.add(LLMCall(program_id=pid, model="x", cost_usd=1.5))
+        s.add(LLMCall(program_id=pid, model="x", cost_usd=1234.0678))  # :g printed 1234.57 (found by review)
     r = c.get("/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     text = r.text
     assert 'farm_experiments{program="m",status="queued"} 3' in text
     assert 'farm_queue_depth{hw_class="cpu"} 3' in text
     assert 'farm_workers{state="alive"} 2' in text and "farm_worker_utilisation 0.5" in text
-    assert 'farm_llm_spend_usd_total{program="m"} 1.5' in text
+    assert 'farm_llm_spend_usd_total{program="m"} 1235.5678' in text and 'farm_llm_calls_total{program="m"} 2' in text
     assert "# TYPE farm_queue_depth gauge" in text
     assert live_api.client(token=None).get("/metrics").status_code == 401
     assert c.post(f"/programs/{pid}/pause").status_code == 200  # its queued runs wait for the resume, not a worker
