@@ -18,6 +18,10 @@ router = APIRouter(tags=["experiments"])
              summary="Inject a candidate patch (422 with the reason when it does not apply or breaks a rule)")
 def create(program_id: ProgramRef, body: CandidateCreate, session: SessionDep, _: CurrentToken) -> ExperimentPublic:
     program = load_program(session, program_id)
+    # locked until the candidate is stored: a scheduler finishing the program (it cancels what is still proposed, in
+    # the transaction that sets the status) either went first and is seen here, or waits and then cancels this one.
+    # Unlocked, a candidate stored just after that pass stayed `proposed` for good (found by review)
+    session.refresh(program, with_for_update=True)
     if program.status in (ProgramStatus.stopped, ProgramStatus.finished):
         raise HTTPException(status.HTTP_409_CONFLICT, f"program {program.slug} is {program.status.value}")
     exp = crud.add_candidate(session, program=program, body=body)

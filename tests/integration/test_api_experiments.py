@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import update
 
 from farm.models import (
@@ -128,3 +130,27 @@ def test_candidate_valid_and_invalid(live_api):
     c.post(f"/programs/{prog['id']}/stop")
     r = c.post(url, json={"description": "late", "files": {"train.py": "x = 2\n"}})
     assert r.status_code == 409
+
+
+def test_a_candidate_sent_while_the_scheduler_finishes_its_program_is_refused_not_left_proposed(live_api):
+    """Found by review: the route read the program's status unlocked; a scheduler pass that finished the program
+    (and cancelled what was `proposed`) between that read and the insert left the new candidate `proposed` for good,
+    counted as queued on the dashboard. The route now locks the program row first, so it waits for that pass."""
+    import threading
+    import time
+
+    from farm.models import ProgramStatus
+
+    c = live_api.client()
+    prog = c.post("/programs", json=PROGRAM).json()
+    answer: dict[str, Any] = {}
+    with live_api.session() as s:  # the scheduler's pass: the status written, its transaction still open
+        s.execute(update(Program).where(Program.id == prog["id"]).values(status=ProgramStatus.finished))
+        t = threading.Thread(target=lambda: answer.update(r=c.post(
+            f"/programs/{prog['id']}/candidates", json={"description": "late", "files": {"train.py": "x = 2\n"}})))
+        t.start()
+        time.sleep(1.5)
+        assert t.is_alive(), answer["r"].text  # waits for the pass to commit
+    t.join(30)
+    assert answer["r"].status_code == 409 and "finished" in answer["r"].json()["detail"]
+    assert c.get(f"/programs/{prog['id']}/experiments").json()["total"] == 0
