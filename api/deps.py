@@ -1,7 +1,7 @@
 """Dependencies every route shares: the database session, the settings, and the bearer token.
 
 Auth model: every write needs a live token (Authorization: Bearer ..., or the dashboard's HttpOnly
-cookie set by the login form); reads need one too unless FARM_PUBLIC_DASHBOARD opts in (then a wrong
+cookie set by the login form, for a write only from the dashboard's own pages); reads need one too unless FARM_PUBLIC_DASHBOARD opts in (then a wrong
 bearer token is still refused, and a stale cookie counts as none).
 """
 
@@ -49,11 +49,35 @@ def _unauthorized(message: str) -> HTTPException:
     return HTTPException(status.HTTP_401_UNAUTHORIZED, message, headers={"WWW-Authenticate": "Bearer"})
 
 
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def cross_site_write(request: Request) -> str | None:
+    """Why a write carried by the dashboard's cookie did not come from the dashboard's own pages, or None. SameSite
+    keeps the cookie from other sites, but another port or subdomain of the same host is the same site: a page there
+    could POST a plain form to /programs/1/stop with the cookie (found by review). Browsers say where a request
+    comes from (Sec-Fetch-Site, else Origin); a client that says neither is not a browser page."""
+    site = request.headers.get("sec-fetch-site")
+    if site is not None:
+        return None if site in ("same-origin", "none") else f"Sec-Fetch-Site: {site}"
+    origin = request.headers.get("origin")
+    if origin is None:
+        return None
+    host = request.headers.get("host", "")
+    # scheme and host of the Origin against the Host header (a TLS proxy in front may speak http to the API)
+    return None if origin.split("://", 1)[-1].rstrip("/") == host else f"Origin: {origin[:200]}"
+
+
 def require_token(request: Request, session: SessionDep,
                   creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> ApiToken:
     plain = presented_token(request, creds)
     if plain is None:
         raise _unauthorized("missing bearer token (create one with `farm token create NAME`)")
+    if (creds is None or not creds.credentials) and request.method not in SAFE_METHODS:
+        why = cross_site_write(request)
+        if why is not None:
+            raise HTTPException(status.HTTP_403_FORBIDDEN, f"a write with the dashboard's cookie from another page "
+                                                           f"({why}) is refused: send a bearer token instead")
     token = verify_token(session, plain=plain)
     if token is None:
         raise _unauthorized("invalid or revoked token")

@@ -107,3 +107,23 @@ def test_public_dashboard_ignores_a_stale_cookie(start_api):
     for path in (f"/programs/{pid}", f"/programs/{pid}/progress.svg", f"/programs/{pid}/results.tsv"):
         assert stale.get(path).status_code == 200, path
         assert live.client(token="rf_wrong").get(path).status_code == 401, path
+
+
+def test_a_write_with_the_cookie_from_another_page_of_the_same_site_is_refused(live_api):
+    """Found by review: SameSite keeps the dashboard's cookie from other sites, but a page on another port of the same
+    host (a notebook on localhost:8888) is the same site: its plain form POST to /programs/1/stop went through with
+    the cookie. A cookie write must now come from the dashboard's own origin; a bearer token is not affected."""
+    c = live_api.client()
+    pid = c.post("/programs", json={"name": "csrf", "instructions": "# go"}).json()["id"]
+    browser = live_api.client(token=None, cookies={"farm_token": live_api.token})
+    own = live_api.url.split("://", 1)[1]
+    for headers in ({"Origin": "http://localhost:9999"}, {"Sec-Fetch-Site": "same-site"},
+                    {"Sec-Fetch-Site": "cross-site", "Origin": f"http://{own}"}):
+        r = browser.post(f"/programs/{pid}/pause", headers=headers)
+        assert r.status_code == 403 and "bearer token" in r.json()["detail"], (headers, r.text)
+    assert c.get(f"/programs/{pid}").json()["status"] == "active"
+    assert browser.get(f"/programs/{pid}", headers={"Sec-Fetch-Site": "cross-site"}).status_code == 200  # reads are
+    # not writes (a cross-site page cannot read the answer)
+    assert browser.post(f"/programs/{pid}/pause", headers={"Sec-Fetch-Site": "same-origin"}).status_code == 200
+    assert browser.post(f"/programs/{pid}/resume", headers={"Origin": f"http://{own}"}).status_code == 200
+    assert c.post(f"/programs/{pid}/pause", headers={"Origin": "http://localhost:9999"}).status_code == 200
