@@ -15,7 +15,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from farm.harness import FIXED_DIR, FIXED_FILE, fixed_files, harness_checksum
-from farm.models import Experiment, Program, ProgramStatus
+from farm.models import Experiment, ExperimentRole, Program, ProgramStatus
 from farm.templates import editable_files, template_dir
 
 # hardware profiles the harness knows, with the default time budget (seconds of training)
@@ -114,9 +114,20 @@ def create_program(session: Session, *, name: str, instructions: str, profile: s
 
 
 def head_files(session: Session, program: Program) -> dict[str, str]:
-    """The editable files at the program's current head."""
+    """The editable files at the program's current head: the kept experiment's, else the root commit's as its
+    baseline runs hold them, else (no branch yet: the scheduler makes the root commit from it) the template's. Not
+    the template on disk once the root exists: a template changed since (a farm upgrade) would have a person's patch
+    checked against files its commit's parent does not hold (found by review)."""
     if program.head_experiment_id is not None:
         exp = session.get(Experiment, program.head_experiment_id)
         if exp is not None and exp.files:
             return dict(exp.files)
+    if program.head_commit:
+        files = session.execute(
+            select(Experiment.files).where(Experiment.program_id == program.id,
+                                           Experiment.role == ExperimentRole.baseline,
+                                           Experiment.commit_sha == program.head_commit)
+            .order_by(Experiment.id).limit(1)).scalar_one_or_none()
+        if files:
+            return dict(files)
     return editable_files(program.template, list(program.editable_files))

@@ -616,3 +616,40 @@ def test_proposal_context_matches_the_program_as_loaded(pg_env, tmp_path, monkey
     assert reasons["eNone-e"] == ("x" * 400 + "TAIL")[-300:]
     assert ctx.sigma is not None and len(ctx.history) == 8
     sched.close()
+
+
+def test_a_persons_patch_is_checked_against_the_root_commit_not_a_template_changed_since(pg_env, tmp_path,
+                                                                                         monkeypatch):
+    """Found by review: until the first keep, the API checked a person's patch against the template on disk, but
+    committed it onto the root commit; with the template changed in between (a farm upgrade), the commit carried
+    the template's change too, never checked, and its stored diff showed only the patch."""
+    import subprocess
+
+    from farm.programs import head_files
+
+    tpl = install(monkeypatch, tmp_path)
+    with session_scope() as s:
+        pid = create_program(s, name="drift", instructions="# go", policy={"baseline_runs": 1}).id
+        make_worker(s, "w1")
+        make_worker(s, "w2")
+    sched = _sched(propose=False)
+    sched.tick()  # the root commit, from the template as it is now; its baseline queued
+    (tpl / "train.py").write_text(TRAIN.replace("WARMDOWN_RATIO = 0.5", "WARMDOWN_RATIO = 0.9"))
+    sr = ("train.py\n<<<<<<< SEARCH\nEMBEDDING_LR = 0.6  # AdamW lr for embeddings\n=======\n"
+          "EMBEDDING_LR = 0.7  # AdamW lr for embeddings\n>>>>>>> REPLACE\n")
+    with session_scope() as s:  # as api/crud.add_candidate does it
+        prog = s.get(Program, pid)
+        assert prog is not None and head_files(s, prog) == {"train.py": TRAIN}
+        cid = record_proposal(s, prog, parent_commit=prog.head_commit or "", base_files=head_files(s, prog),
+                              edit=Edit(search_replace=sr), proposer_kind="manual", description="lr 0.7").id
+    sched.tick()
+    with session_scope() as s:
+        e = s.get(Experiment, cid)
+        assert e is not None and e.commit_sha and e.status == S.queued, e.status_reason
+        parent, sha = e.parent_commit, e.commit_sha
+    diff = subprocess.run(["git", "--git-dir", str(Lineage(sched.settings.repo_dir).path), "diff", parent, sha],
+                          capture_output=True, text=True, check=True).stdout
+    changed = [ln for ln in diff.splitlines() if ln[:1] in "+-" and not ln.startswith(("+++", "---"))]
+    assert changed == ["-EMBEDDING_LR = 0.6  # AdamW lr for embeddings",
+                       "+EMBEDDING_LR = 0.7  # AdamW lr for embeddings"], diff
+    sched.close()
