@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import statistics
 import threading
 import time
 from collections import defaultdict
@@ -68,7 +69,7 @@ from farm.settings import Settings, get_settings
 from farm.templates import template_files
 from scheduler.llm import CallRecord, LLMConfig, LLMProposer
 from scheduler.mutation import MutationProposer
-from scheduler.policy import PolicyConfig, Verdict, judge, mean, noise_sigma
+from scheduler.policy import PolicyConfig, Verdict, judge, mean, noise_sigma, parent_consensus
 from scheduler.proposers import (
     HistoryItem,
     Proposal,
@@ -83,6 +84,7 @@ log = logging.getLogger("farm.scheduler")
 
 S = ExperimentStatus
 OUTSTANDING = (S.proposed, S.queued, S.running)
+PARENT_REMEASURES = 2  # more runs a parent whose runs disagree may get before changes are judged on their median
 ACTIVE_RUN = (S.queued, S.running)
 NOT_RUN = (S.proposed, S.invalid, S.cancelled)
 REFUSALS_TO_PAUSE = 3  # calls in a row the LLM provider refuses (401, 403, 404) before the program is paused
@@ -131,6 +133,7 @@ class ProgramView:
     results: dict[int, Result]
     by_id: dict[int, Experiment] = field(default_factory=dict)
     locked: set[int] = field(default_factory=set)  # rows this transaction holds FOR UPDATE (decisions)
+    remeasured: set[str] = field(default_factory=set)  # parent commits given one more run in this pass
     # the groups the noise estimate pools, when the view holds only part of the program (read on first use)
     pooled: Callable[[], list[list[float]]] | None = None
 
@@ -686,8 +689,19 @@ class Scheduler:
             self._write_decision(s, view, e, Decision.discard, cfg.kind,
                                  "the parent has no successful run to compare with", {"runs": runs})
             return self._noop
+        agreed = parent_consensus(cfg, parent_runs)
+        if agreed is None:  # the parent's runs disagree, none outvoted: one of them is broken, which is unknown
+            if self._remeasure(s, view, e.parent_commit, cfg):
+                return self._noop  # judged when the parent's new run is in
+            agreed = [statistics.median(parent_runs)]  # re-measured as often as allowed: the middle of its runs
+        parent_aside = list(parent_runs)
+        for r in agreed:
+            if r in parent_aside:
+                parent_aside.remove(r)
         prior = self._prior_deltas(s, p.id, e.id) if e.proposer_kind == "replay" else []  # only replays have
-        verdict = judge(cfg, runs, parent_runs, view.sigma(cfg), prior)
+        verdict = judge(cfg, runs, agreed, view.sigma(cfg), prior)
+        if parent_aside:
+            verdict = replace(verdict, stats={**verdict.stats, "parent_set_aside": parent_aside})
         if verdict.stats.get("set_aside"):  # which rows those values are: the decision marks them
             left = list(verdict.stats["set_aside"])
             aside = []
@@ -721,6 +735,27 @@ class Scheduler:
         self._write_decision(s, view, e, Decision.discard, cfg.kind, verdict.reason, verdict.stats, reps)
         stats["discards"] += 1
         return self._note_step(e, "discard", verdict)
+
+    def _remeasure(self, s: Session, view: ProgramView, commit: str, cfg: PolicyConfig) -> bool:
+        """One more run of a parent commit whose runs disagree (parent_consensus), as a confirmation of its first
+        run, so that a program out of new work still runs it. True: queued, or one is queued already; False: the
+        parent has had PARENT_REMEASURES more runs than it started with and still no majority."""
+        mine = [x for x in view.exps if x.commit_sha == commit and x.status != S.cancelled]
+        if any(x.status in OUTSTANDING for x in mine) or commit in view.remeasured:
+            return True
+        first = min(mine, key=lambda x: x.id)
+        if len([x for x in mine if x.role == ExperimentRole.confirmation and x.replicate_of == first.id
+                and x.description.startswith("re-measure")]) >= PARENT_REMEASURES:
+            return False
+        seed = max(x.seed for x in mine) + 1
+        s.add(Experiment(program_id=first.program_id, role=ExperimentRole.confirmation, parent_commit=first.parent_commit,
+                         commit_sha=commit, files=dict(first.files), diff=first.diff, content_hash=first.content_hash,
+                         proposer_kind=first.proposer_kind, seed=seed, replicate_of=first.id, hw_class=first.hw_class,
+                         description=f"re-measure of #{first.id}: its commit's runs disagree"[:2000], status=S.proposed))
+        s.flush()
+        view.remeasured.add(commit)
+        log.info("program %s: the runs of %s disagree; one more run of it", view.program.slug, commit[:12])
+        return True
 
     def _prior_deltas(self, s: Session, program_id: int, exp_id: int) -> list[float]:
         for d in s.execute(select(DecisionRecord).where(DecisionRecord.program_id == program_id)).scalars():

@@ -96,6 +96,20 @@ def margin(cfg: PolicyConfig, sigma: float) -> float:
     return max(cfg.k_sigma * sigma, cfg.min_delta)
 
 
+def parent_consensus(cfg: PolicyConfig, parent_runs: Sequence[float]) -> list[float] | None:
+    """The parent's runs a change is compared with: all of them when they lie within max_jump / 2 of each other;
+    else the strict majority (two runs at least) that does, the rest being broken measurements; else None: no run
+    can be told from a broken one, and the parent needs another run. Averaged as they were, baselines of 1.0 and 1.2
+    made a change at 1.05, 5 % worse than the head, a keep (found by review)."""
+    tol = cfg.max_jump / 2
+    if not parent_runs or max(parent_runs) - min(parent_runs) <= tol:
+        return list(parent_runs)
+    largest = max(([r for r in parent_runs if abs(r - c) <= tol] for c in parent_runs), key=len)
+    if len(largest) >= 2 and 2 * len(largest) > len(parent_runs):
+        return largest
+    return None
+
+
 def judge(cfg: PolicyConfig, runs: Sequence[float], parent_runs: Sequence[float], sigma: float,
           prior_deltas: Sequence[float] = ()) -> Verdict:
     """keep / discard / confirm (one more run, on another seed) for a change with these runs.

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from sqlalchemy import func, select
 
 from farm.candidates import Edit, record_proposal
@@ -653,3 +654,65 @@ def test_a_persons_patch_is_checked_against_the_root_commit_not_a_template_chang
     assert changed == ["-EMBEDDING_LR = 0.6  # AdamW lr for embeddings",
                        "+EMBEDDING_LR = 0.7  # AdamW lr for embeddings"], diff
     sched.close()
+
+
+
+def _judged_against_disagreeing_baselines(monkeypatch, tmp_path, remeasures: list[float],  # type: ignore[no-untyped-def]
+                                          candidate: float) -> dict[str, Any]:
+    """Baselines of 1.0 and 1.2, a candidate at `candidate`, the parent's re-measures at `remeasures`: the decision's
+    statistics (and no re-measure queued past them)."""
+    install(monkeypatch, tmp_path)
+    monkeypatch.setenv("FARM_LOOKAHEAD", "0")  # one run queued at a time, as one worker takes them
+    reset_settings_cache()
+    with session_scope() as s:
+        pid = create_program(s, name="broken-baseline", instructions="# go").id  # confirm, two baselines
+        make_worker(s, "w1")
+    sched = _sched(propose=False)
+    sched.tick()
+    (b1,) = queued()
+    finish(b1.id, 1.0)
+    sched.tick()
+    (b2,) = queued()
+    finish(b2.id, 1.2)
+    with session_scope() as s:
+        prog = s.get(Program, pid)
+        assert prog is not None
+        cid = record_proposal(s, prog, parent_commit=prog.head_commit or "", proposer_kind="manual",
+                              base_files={"train.py": TRAIN}, description="worse", edit=Edit(
+                                  files={"train.py": TRAIN.replace("EMBEDDING_LR = 0.6", "EMBEDDING_LR = 0.9")})).id
+    sched.tick()
+    (run,) = queued()
+    assert run.id == cid
+    finish(cid, candidate)
+    for value in remeasures:
+        sched.tick()
+        (again,) = queued()  # the decision waits for it
+        assert again.commit_sha == b1.commit_sha and again.replicate_of == b1.id, again.description
+        assert again.description.startswith("re-measure of #")
+        finish(again.id, value)
+    sched.tick()
+    assert queued() == []
+    with session_scope() as s:
+        d = s.execute(select(DecisionRecord).where(DecisionRecord.experiment_id == cid)).scalar_one()
+        head = s.get(Program, pid).head_commit  # type: ignore[union-attr]
+        stats = {**d.statistics, "decision": d.decision.value, "head_moved": head != b1.commit_sha}
+    sched.close()
+    return stats
+
+
+def test_a_change_is_judged_against_the_parent_runs_that_agree(pg_env, tmp_path, monkeypatch):
+    """Found by review: the policy screened the change's runs for broken measurements but averaged its parent's as
+    they were. With baselines of 1.0 and 1.2 (one broken), a change at 1.05, 5 % worse than the head, was kept. The
+    parent now gets another run (a re-measure, which runs even when the program is out of new work), and the change
+    is judged against the runs that agree."""
+    stats = _judged_against_disagreeing_baselines(monkeypatch, tmp_path, [1.001], 1.05)
+    assert stats["decision"] == "discard" and not stats["head_moved"]
+    assert stats["parent_runs"] == [1.0, 1.001] and stats["parent_set_aside"] == [1.2]
+
+
+def test_a_parent_whose_runs_never_agree_is_re_measured_a_bounded_number_of_times(pg_env, tmp_path, monkeypatch):
+    from scheduler.loop import PARENT_REMEASURES
+
+    assert PARENT_REMEASURES == 2
+    stats = _judged_against_disagreeing_baselines(monkeypatch, tmp_path, [1.4, 1.6], 1.35)
+    assert stats["parent_runs"] == [pytest.approx(1.3)] and stats["decision"] == "discard"  # median of 1.0 .. 1.6

@@ -180,3 +180,16 @@ def test_runs_that_disagree_and_trip_a_guard_are_never_averaged_into_a_keep(kind
     assert v.action == "confirm" and "disagree" in v.reason, v
     # runs within noise of each other are untouched by any of this
     assert judge(cfg, [0.99, 0.991], [1.0, 1.0015], SIGMA).stats["set_aside"] == []
+
+
+def test_the_parents_runs_are_used_when_they_agree_or_a_majority_does_else_none():
+    from scheduler.policy import parent_consensus
+
+    cfg = PolicyConfig()  # max_jump 0.1: runs more than 0.05 apart do not bear each other out
+    assert parent_consensus(cfg, [1.0, 1.004]) == [1.0, 1.004]
+    assert parent_consensus(cfg, [1.0, 1.04]) == [1.0, 1.04]
+    assert parent_consensus(cfg, [1.0]) == [1.0]
+    assert parent_consensus(cfg, [1.0, 1.2]) is None  # which one is broken is unknown
+    assert parent_consensus(cfg, [1.0, 1.2, 1.001]) == [1.0, 1.001]
+    assert parent_consensus(cfg, [1.0, 1.2, 1.4]) is None
+    assert parent_consensus(cfg, [1.0, 1.2, 1.21, 1.4]) is None  # two of four is no majority
