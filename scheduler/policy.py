@@ -21,8 +21,11 @@ for confirmation and never kept on one run, even with confirm_runs 0 (one confir
 mean below the floor is discarded.
 
 A replay (a change that improved on its parent, re-applied onto a head that had moved) carries its
-original improvements as `prior_deltas`: they count as runs of evidence next to the replay's own,
-except for the sanity guards: a replay's single run that trips one is held for confirmation too.
+original improvements as `prior_deltas`: they stand in for its confirmations, but only its own runs on the new
+head can show that it still adds something there: kept when their mean beats the margin; given one more seed
+(up to 1 + confirm_runs own runs) when it is a gain below the margin and the evidence as a whole beats it; else
+discarded. A replay's
+single run that trips a sanity guard is held for confirmation too.
 """
 
 from __future__ import annotations
@@ -189,6 +192,19 @@ def judge(cfg: PolicyConfig, runs: Sequence[float], parent_runs: Sequence[float]
         if d > 0 and mean(own) > 0:
             return v("keep", f"val_bpb {mean(runs):.6f} < parent {parent_mean:.6f}")
         return v("discard", f"val_bpb {mean(runs):.6f} >= parent {parent_mean:.6f}")
+    if prior_deltas:
+        # a replay: its earlier runs vouch that the change worked on the head it was proposed against, and stand in
+        # for its confirmations; whether it still adds anything on this head (the two ideas may overlap) only its
+        # own runs can say. Averaged with them, an own gain of 0.0001 against a margin of 0.0026 was kept on the
+        # strength of the old head's 0.02 (found by review)
+        if mean(own) > m:
+            return v("keep", f"replay improves on the current head by {mean(own):.6f} > margin {m:.6f} "
+                             f"(its earlier runs: {mean(prior_deltas):.6f})")
+        if d > m and mean(own) > 0 and len(runs) < 1 + cfg.confirm_runs:
+            return v("confirm", f"replay's own improvement {mean(own):.6f} <= margin {m:.6f}, its earlier runs' "
+                                f"{mean(prior_deltas):.6f}: one more seed on the current head")
+        return v("discard", f"replay did not improve on the current head by the margin ({mean(own):.6f} <= "
+                            f"{m:.6f})")
     # confirm_runs 0 is the cheap setting: a screening run past the margin is kept by the rule below,
     # without a confirmation run (a sanity-flagged one was held above all the same)
     if n == 1 and (d <= m or cfg.confirm_runs > 0):

@@ -74,12 +74,24 @@ def test_sanity_guards_hold_for_confirmation(kind):
 
 def test_replay_uses_prior_evidence_and_must_improve_the_new_head():
     cfg = PolicyConfig()
-    # original gained 0.006 on its parent; on the new head the replay gains 0.004: mean 0.005 > 0.004
-    assert judge(cfg, [0.996], [1.0], SIGMA, prior_deltas=[0.006]).action == "keep"
+    # original gained 0.006 on its parent; on the new head the replay gains 0.005 > margin 0.004
+    assert judge(cfg, [0.995], [1.0], SIGMA, prior_deltas=[0.006]).action == "keep"
     # original gained 0.006; replay gains 0.001: mean 0.0035 <= margin
     assert judge(cfg, [0.999], [1.0], SIGMA, prior_deltas=[0.006]).action == "discard"
     # the replay is worse than the new head: never kept, whatever the old evidence
     assert judge(cfg, [1.001], [1.0], SIGMA, prior_deltas=[0.02, 0.02]).action == "discard"
+
+
+def test_a_replay_is_kept_only_on_its_own_gain_on_the_new_head():
+    """Found by review: averaged with the old head's gains (0.02, 0.02), a replay's own gain of 0.0001 on the new
+    head cleared a margin of 0.004 and was kept, where the two ideas overlapped. The earlier runs stand in for
+    confirmations; the gain on this head must be the replay's own."""
+    cfg = PolicyConfig()  # confirm_runs 1
+    v = judge(cfg, [0.9999], [1.0], SIGMA, prior_deltas=[0.02, 0.02])
+    assert v.action == "confirm" and "one more seed" in v.reason, v
+    assert judge(cfg, [0.9999, 0.9995], [1.0], SIGMA, prior_deltas=[0.02, 0.02]).action == "discard"
+    assert judge(cfg, [0.9999, 0.99], [1.0], SIGMA, prior_deltas=[0.02, 0.02]).action == "keep"  # own mean 0.00505
+    assert judge(PolicyConfig(confirm_runs=0), [0.9999], [1.0], SIGMA, prior_deltas=[0.02]).action == "discard"
 
 
 @pytest.mark.parametrize("kind", ["greedy", "confirm"])
