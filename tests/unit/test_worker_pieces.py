@@ -176,6 +176,31 @@ def test_a_supervised_process_beats_as_soon_as_it_starts(tmp_path):
     assert run.killed == "claim_lost" and len(ticks) == 1
 
 
+def test_a_heartbeat_that_blocks_does_not_stop_the_watchdogs(tmp_path):
+    """Found by review: the heartbeat ran inline in the watch loop, so during a database outage (10 s a connection
+    attempt) the memory and wall-clock checks ran once per blocked beat: a run grew to 1.9 GB under a 200 MB limit.
+    The beat now runs in its own thread; a blocked one is skipped, not queued, and a lost claim is still seen."""
+    from worker.supervise import supervise
+
+    calls: list[float] = []
+
+    def blocked(progress):  # type: ignore[no-untyped-def]
+        calls.append(time.monotonic())
+        time.sleep(5)
+        return True
+
+    code = "import time\nx = []\nwhile True:\n    x.append(bytearray(50 << 20))\n    time.sleep(0.2)\n"
+    t0 = time.monotonic()
+    run = supervise([sys.executable, "-c", code], env={"PATH": "/usr/bin:/bin"}, cwd=tmp_path,
+                    log_path=tmp_path / "out.log", wall_limit=30, memory_mb=200, log_cap=1 << 20, tick_every=0.5,
+                    on_tick=blocked)
+    assert run.killed == "memory" and time.monotonic() - t0 < 4 and run.peak_rss_mb < 400, run
+    assert len(calls) == 1  # the ticks due while it blocked were skipped
+    run = supervise(["sleep", "60"], env={"PATH": "/usr/bin:/bin"}, cwd=tmp_path, log_path=tmp_path / "out2.log",
+                    wall_limit=1.5, memory_mb=0, log_cap=1 << 20, tick_every=0.5, on_tick=blocked)
+    assert run.killed == "timeout" and run.wall_seconds < 4, run.wall_seconds
+
+
 def test_a_log_that_cannot_be_written_does_not_stop_the_output_being_read(tmp_path):
     """Found by review: disk full. The log write raised, the output-reader thread died (its cleanup raised again,
     so the pipe's fd was never closed either), nobody read the pipe, the child blocked once it filled and a healthy
