@@ -248,15 +248,12 @@ def eval_dir(workdir: Path) -> Path:
     return workdir.with_name(f"{workdir.name}-eval")
 
 
-def _needed_by_python(p: Path, python: str) -> bool:
-    needed = [Path(sys.prefix), Path(sys.base_prefix), Path(os.path.realpath(python))]
-    return any(n == p or p in n.parents for n in needed)
-
-
 def hidden_paths(ctx: WorkerContext) -> tuple[Path, ...]:
     """What the candidate must not see: the farm home (database, broker, repo, logs, other
     workdirs), the SQLite file wherever it lives, the broker folder, `.env` files, and any
-    FARM_SANDBOX_HIDE entries (colon-separated)."""
+    FARM_SANDBOX_HIDE entries (colon-separated). An interpreter under one of them (a venv inside the farm home) is
+    bound back read-only by the sandbox (worker/sandbox.py bwrap_argv); it no longer keeps the folder visible, which
+    showed the candidate the other workdirs, the logs and the raw corpus (found by review)."""
     s = ctx.settings
     out: list[Path] = [s.home, s.broker_dir]
     if s.db_url.startswith("sqlite:///"):
@@ -264,7 +261,7 @@ def hidden_paths(ctx: WorkerContext) -> tuple[Path, ...]:
         out += [db, Path(f"{db}-wal"), Path(f"{db}-shm")]
     out += [Path.cwd() / ".env"]
     out += [Path(p) for p in os.environ.get("FARM_SANDBOX_HIDE", "").split(":") if p]
-    keep = [p for p in out if p.exists() and not _needed_by_python(p, ctx.python)]
+    keep = [p for p in out if p.exists()]
     # a path inside another hidden directory is already gone (mounting over it would leave a name)
     return tuple(p for p in keep if not any(q != p and q in p.parents for q in keep))
 

@@ -144,6 +144,29 @@ def test_interpreter_under_a_hidden_path_stays_reachable(tmp_path, monkeypatch):
     assert sb.runtime_paths()
 
 
+def test_an_interpreter_inside_the_farm_home_does_not_keep_the_home_visible(tmp_path, monkeypatch):
+    """Found by review: with the venv inside FARM_HOME, hidden_paths left the whole home out (only farm.db and broker/
+    stayed hidden), so a candidate could read other workdirs, the logs and the raw corpus. The home is hidden, and the
+    sandbox binds the interpreter's folder back read-only on top."""
+    from types import SimpleNamespace
+
+    import worker.runner as runner
+    import worker.sandbox as sb
+    from farm.settings import Settings
+
+    home = tmp_path / "home"
+    venv = home / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (home / "logs").mkdir()
+    monkeypatch.delenv("FARM_SANDBOX_HIDE", raising=False)
+    ctx = SimpleNamespace(settings=Settings(home=home), python=str(venv / "bin" / "python"))
+    hidden = runner.hidden_paths(ctx)  # type: ignore[arg-type]
+    assert home in hidden, hidden
+    monkeypatch.setattr(sb, "runtime_paths", lambda: (venv,))
+    argv = " ".join(bwrap_argv(["python"], Mounts(workdir=tmp_path / "w", hidden=hidden)))
+    assert argv.index(f"--tmpfs {home}") < argv.index(f"--ro-bind {venv} {venv}"), argv
+
+
 @pytest.mark.parametrize("total", [(1 << 20) + 1, 4 << 20])  # cap inside a chunk; cap on a chunk boundary
 def test_log_cap_reports_truncation_wherever_the_cap_falls(tmp_path, total):
     import sys
@@ -199,6 +222,27 @@ def test_a_heartbeat_that_blocks_does_not_stop_the_watchdogs(tmp_path):
     run = supervise(["sleep", "60"], env={"PATH": "/usr/bin:/bin"}, cwd=tmp_path, log_path=tmp_path / "out2.log",
                     wall_limit=1.5, memory_mb=0, log_cap=1 << 20, tick_every=0.5, on_tick=blocked)
     assert run.killed == "timeout" and run.wall_seconds < 4, run.wall_seconds
+
+
+def test_pages_shared_after_a_fork_count_once_against_the_memory_limit(tmp_path):
+    """Found by review: the watchdog summed each process's RSS, so the pages a run shares copy-on-write with the
+    processes it forked (data-loader workers) counted once per process: 120 MB and two idle forks read about 390 MB
+    and the run was killed as out of memory under 300 MB. Past the limit, the proportional set size decides."""
+    from worker.supervise import supervise
+
+    code = ("import os, time\nbuf = bytearray(120 << 20)\nfor i in range(0, len(buf), 4096):\n    buf[i] = 1\n"
+            "kids = []\nfor _ in range(2):\n    pid = os.fork()\n    if pid == 0:\n        time.sleep(2)\n"
+            "        os._exit(0)\n    kids.append(pid)\nfor k in kids:\n    os.waitpid(k, 0)\nprint('done')\n")
+    run = supervise([sys.executable, "-c", code], env={"PATH": "/usr/bin:/bin"}, cwd=tmp_path,
+                    log_path=tmp_path / "out.log", wall_limit=30, memory_mb=300, log_cap=1 << 20)
+    assert run.killed is None and run.exit_code == 0 and run.tail[-1] == "done", run
+    assert 120 <= run.peak_rss_mb < 300, run.peak_rss_mb
+    # memory a run really holds in each process still counts in full
+    code = code.replace("time.sleep(2)", "own = bytearray(120 << 20)\n        own[::4096] = b'x' * len(own[::4096])\n"
+                                          "        time.sleep(2)")
+    run = supervise([sys.executable, "-c", code], env={"PATH": "/usr/bin:/bin"}, cwd=tmp_path,
+                    log_path=tmp_path / "out2.log", wall_limit=30, memory_mb=300, log_cap=1 << 20)
+    assert run.killed == "memory", run
 
 
 def test_a_log_that_cannot_be_written_does_not_stop_the_output_being_read(tmp_path):
