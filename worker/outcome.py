@@ -63,12 +63,13 @@ class EvalFacts:
     nonce: str = ""
     wall_limit: float = 0.0
     peak_rss_mb: float = 0.0
+    disk_full: str | None = None
 
 
 @dataclass
 class RunFacts:
     exit_code: int | None  # None: still running when killed
-    killed: str | None = None  # "timeout" | "memory" | None
+    killed: str | None = None  # "timeout" | "memory" | "disk" | None
     tail: Sequence[str] = ()
     result_text: str | None = None
     nonce: str = ""
@@ -84,6 +85,7 @@ class RunFacts:
     # most that may take beyond the budget and its slack (None: not measured)
     after_start: float | None = None
     after_start_allowance: float = 0.0
+    disk_full: str | None = None  # killed == "disk": which disk, how full
 
 
 @dataclass
@@ -297,6 +299,8 @@ def judge(f: RunFacts) -> Outcome:
     if f.killed == "memory":
         return Outcome(S.crashed, f"out of memory: the run used {f.peak_rss_mb:.0f} MB, over the worker's "
                                   f"limit of {f.memory_limit_mb:.0f} MB (killed)")
+    if f.killed == "disk":
+        return Outcome(S.crashed, f"out of disk space: {f.disk_full or 'its disk ran low'} (killed)")
     tail = list(f.tail)
     summary = parse_summary(tail)
     if f.exit_code != 0:
@@ -343,6 +347,8 @@ def _judge_isolated(f: RunFacts) -> Outcome:
     if ev.killed == "memory":
         return Outcome(S.crashed, f"out of memory in the isolated evaluation: {ev.peak_rss_mb:.0f} MB, over the "
                                   f"worker's limit of {f.memory_limit_mb:.0f} MB (killed)")
+    if ev.killed == "disk":
+        return Outcome(S.crashed, f"out of disk space in the isolated evaluation: {ev.disk_full} (killed)")
     if ev.killed is not None:
         return Outcome(S.crashed, f"the isolated evaluation was stopped ({ev.killed})")
     if ev.exit_code != 0:

@@ -40,7 +40,7 @@ from worker.identity import Identity
 from worker.outcome import RUN_ENV_KEYS, TAIL_LINES, EvalFacts, Outcome, RunFacts, judge
 from worker.progress import Progress
 from worker.sandbox import Mounts, Sandbox
-from worker.supervise import ChildRun, rlimit_prefix, supervise
+from worker.supervise import ChildRun, DiskGuard, rlimit_prefix, supervise
 from worker.workdir import Refused, materialise, template_dir
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,9 @@ NOT_PASSED_ON = ("FARM_PROFILE", "FARM_TIME_BUDGET", "FARM_SEED", "FARM_EVAL_TOK
 RESULT_MAX_BYTES = 1 << 20
 EXPORT_NAME = "model.json"  # where the training process exports its model for the isolated evaluation
 TURN_ALLOWANCE = 60.0  # Limits.turn_allowance: FARM_TURN_ALLOWANCE
+# Limits.disk_reserve_mb (FARM_DISK_RESERVE_MB): a run is stopped when a disk it writes to has less free (or less than
+# half of what it had at the start); room for the result, the logs and the database when they share that disk
+DISK_RESERVE_MB = 2048.0
 # Limits.stop_eval_grace (FARM_STOP_EVAL_GRACE): how long, from a shutdown, an isolated evaluation already under way
 # may go on. Its training is over (minutes of device time): stopped, the run would train again from the start
 # elsewhere. Below docker-compose.yml's stop_grace_period (60 s) and `farm up --grace` (45 s), with room to hand back.
@@ -84,6 +87,7 @@ class Limits:
     # its turn (None: the start-up allowance)
     early_start_limit: float | None = None
     stop_eval_grace: float = STOP_EVAL_GRACE
+    disk_reserve_mb: float = DISK_RESERVE_MB  # free space a run must leave on the disks it writes to (supervise)
 
     def wall_limit(self, budget: float) -> float:
         return budget + self.startup_allowance + self.eval_allowance
@@ -102,7 +106,8 @@ class Limits:
                    compile_cache_mb=float(e.get("FARM_COMPILE_CACHE_MB", disk.COMPILE_CACHE_MB)),
                    turn_allowance=float(e.get("FARM_TURN_ALLOWANCE", TURN_ALLOWANCE)),
                    early_start_limit=float(e["FARM_EARLY_START_LIMIT"]) if e.get("FARM_EARLY_START_LIMIT") else None,
-                   stop_eval_grace=float(e.get("FARM_STOP_EVAL_GRACE", STOP_EVAL_GRACE)))
+                   stop_eval_grace=float(e.get("FARM_STOP_EVAL_GRACE", STOP_EVAL_GRACE)),
+                   disk_reserve_mb=float(e.get("FARM_DISK_RESERVE_MB", DISK_RESERVE_MB)))
 
     @property
     def early_limit(self) -> float:
@@ -371,7 +376,8 @@ def _evaluate(ctx: WorkerContext, job: Job, workdir: Path, log_path: Path) -> _E
         child = supervise(argv, env=env, cwd=evaldir, log_path=log_path, wall_limit=wall_limit,
                           memory_mb=ctx.limits.memory_mb, log_cap=ctx.limits.log_cap_bytes, pass_fds=(rfd,),
                           on_tick=_heartbeat(ctx, job.id, lambda: True), tick_every=ctx.settings.heartbeat_interval,
-                          append_log=True, stop=ctx.evaluation_must_stop)
+                          append_log=True, stop=ctx.evaluation_must_stop,
+                          disk=DiskGuard([evaldir], ctx.limits.disk_reserve_mb))
     finally:
         os.close(rfd)
     return _Evaluated(child, nonce, _read_result(evaldir / "result.json"), wall_limit)
@@ -444,7 +450,8 @@ def _spawn(ctx: WorkerContext, job: Job, workdir: Path, wd: Any, log_path: Path,
                           tick_every=s.heartbeat_interval, extra_time=turn.waited if turn is not None else None,
                           # started while another run holds the device: past the early-start limit it waits stopped
                           hold=(lambda: not turn.opened and time.monotonic() - mono_spawn > early)
-                          if turn is not None else None, hold_defer_under=ctx.compile_cache, stop=lambda: ctx.stopping)
+                          if turn is not None else None, hold_defer_under=ctx.compile_cache, stop=lambda: ctx.stopping,
+                          disk=DiskGuard([workdir, ctx.compile_cache], ctx.limits.disk_reserve_mb))
         mono_exit, exited_training_at = time.monotonic(), time.time()
         if child.killed is None and child.exit_code == 0 and isolated(ctx, job):
             os.close(rfd)
@@ -552,14 +559,15 @@ def _execute(ctx: WorkerContext, job: Job, workdir: Path) -> Execution:
                      result_text=_read_result(workdir / "result.json"), nonce=run.nonce,
                      harness_before=wd.harness_sha256, harness_after=harness_checksum(workdir),
                      expected=expected_settings(ctx, job, workdir), wall_limit=wall_limit,
-                     memory_limit_mb=ctx.limits.memory_mb, peak_rss_mb=child.peak_rss_mb,
+                     memory_limit_mb=ctx.limits.memory_mb, peak_rss_mb=child.peak_rss_mb, disk_full=child.disk_full,
                      after_start=run.after_start, after_start_allowance=ctx.limits.turn_allowance + (
                          0.0 if isolated(ctx, job) else ctx.limits.eval_allowance))
     if run.evaluation is not None:
         ev = run.evaluation.child
         facts.evaluation = EvalFacts(exit_code=ev.exit_code, killed=ev.killed, tail=ev.tail,
                                      result_text=run.evaluation.result_text, nonce=run.evaluation.nonce,
-                                     wall_limit=run.evaluation.wall_limit, peak_rss_mb=ev.peak_rss_mb)
+                                     wall_limit=run.evaluation.wall_limit, peak_rss_mb=ev.peak_rss_mb,
+                                     disk_full=ev.disk_full)
     try:
         outcome = judge(facts)
     except Exception as exc:  # noqa: BLE001 - what the candidate wrote must never stop its run being recorded

@@ -36,7 +36,7 @@ _PAGE = os.sysconf("SC_PAGE_SIZE")
 @dataclass
 class ChildRun:
     exit_code: int | None = None
-    killed: str | None = None  # "timeout" | "memory" | "claim_lost" | "shutdown"
+    killed: str | None = None  # "timeout" | "memory" | "disk" | "claim_lost" | "shutdown"
     wall_seconds: float = 0.0
     peak_rss_mb: float = 0.0
     log_bytes: int = 0
@@ -45,6 +45,7 @@ class ChildRun:
     progress: Progress = field(default_factory=Progress)
     held_seconds: float = 0.0  # time the process tree spent stopped by `hold` (supervise)
     log_error: str | None = None  # the log file could not be written (disk full): the output was still read
+    disk_full: str | None = None  # why it was stopped for disk space (killed == "disk")
 
 
 class _Reader(threading.Thread):
@@ -194,6 +195,37 @@ def tree_memory_mb(root: int, limit_mb: float) -> float:
     return rss if rss <= limit_mb else min(rss, tree_pss_mb(root))
 
 
+class DiskGuard:
+    """The free space of the file systems a run writes to (its work folder, the compile cache). A run may use them
+    down to `reserve_mb` free, or to half of what was free when it started if that was less; past it, it is
+    stopped. A file-size cap limits one file, not how many: a run that filled the disk left the database (SQLite in
+    the farm home, or Postgres on the same disk) unable to take its result, and it ran again and again until `lost`
+    (found by review)."""
+
+    def __init__(self, paths: Sequence[Path], reserve_mb: float) -> None:
+        self.floors: dict[int, tuple[Path, float]] = {}
+        for p in paths:
+            try:
+                st, dev = os.statvfs(p), os.stat(p).st_dev
+            except OSError:
+                continue
+            free = st.f_bavail * st.f_frsize / 2**20
+            self.floors.setdefault(dev, (p, min(reserve_mb, free / 2)))
+
+    def breached(self) -> str | None:
+        """What is too full, or None."""
+        for path, floor in self.floors.values():
+            try:
+                st = os.statvfs(path)
+            except OSError:
+                continue
+            free = st.f_bavail * st.f_frsize / 2**20
+            if free < floor:
+                return f"the disk holding {path} was down to {free:.0f} MiB free (the run may use it down to " \
+                       f"{floor:.0f} MiB, FARM_DISK_RESERVE_MB)"
+        return None
+
+
 def locks_held_under(pids: Sequence[int], root: Path) -> bool:
     """Does one of `pids` hold a file lock (flock / POSIX, from /proc/locks) on a `*.lock` file under `root`?
     Inductor takes a per-kernel lock in its cache folder while it builds that kernel."""
@@ -300,7 +332,8 @@ def supervise(argv: Sequence[str], *, env: dict[str, str], cwd: Path, log_path: 
               on_tick: Callable[[Progress], bool] | None = None, tick_every: float = 5.0,
               extra_time: Callable[[], float] | None = None, append_log: bool = False,
               hold: Callable[[], bool] | None = None, hold_defer_under: Path | None = None,
-              hold_defer_max: float = HOLD_DEFER_MAX, stop: Callable[[], bool] | None = None) -> ChildRun:
+              hold_defer_max: float = HOLD_DEFER_MAX, stop: Callable[[], bool] | None = None,
+              disk: DiskGuard | None = None) -> ChildRun:
     """Start argv and watch it to the end. `on_tick(progress)` runs every `tick_every` seconds
     (heartbeat); returning False kills the child (the claim was lost). `extra_time()` extends the wall
     limit by time the child spent waiting for its turn on the device (worker/gate.py). `append_log` adds to the
@@ -309,7 +342,8 @@ def supervise(argv: Sequence[str], *, env: dict[str, str], cwd: Path, log_path: 
     continued (SIGCONT); `held_seconds` adds it up. A stop is put off, for up to `hold_defer_max` seconds, while the
     tree holds a lock on a file under `hold_defer_under` (the compile cache, which the run holding the device shares:
     stopped with a kernel's lock, it would keep that run waiting for the lock until it was continued). `stop()`, checked
-    every POLL seconds, ends the run at once (`killed="shutdown"`: the worker is shutting down)."""
+    every POLL seconds, ends the run at once (`killed="shutdown"`: the worker is shutting down). `disk`: stopped
+    (`killed="disk"`, the reason in `disk_full`) when a file system it writes to runs low."""
     run = ChildRun()
     log_path.parent.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
@@ -358,6 +392,11 @@ def supervise(argv: Sequence[str], *, env: dict[str, str], cwd: Path, log_path: 
             if now - start > wall_limit + (extra_time() if extra_time is not None else 0.0):
                 run.killed = "timeout"
                 break
+            if disk is not None:  # every poll: a statvfs is cheap, and a fast disk fills a gigabyte in a second
+                run.disk_full = disk.breached()
+                if run.disk_full is not None:
+                    run.killed = "disk"
+                    break
             if memory_mb > 0 and now >= next_mem:
                 next_mem = now + MEMORY_POLL
                 rss = tree_memory_mb(proc.pid, memory_mb)

@@ -245,6 +245,37 @@ def test_pages_shared_after_a_fork_count_once_against_the_memory_limit(tmp_path)
     assert run.killed == "memory", run
 
 
+def test_a_run_that_fills_its_disk_is_stopped_before_the_disk_is_full(tmp_path, monkeypatch):
+    """Found by review: a file-size cap limits one file, not how many. A run that wrote files until the disk was full
+    left SQLite (in the farm home) unable to take its result, which was retried for an hour and lost, and the run
+    repeated. The free space of the disks a run writes to is watched: it may use them down to the reserve, or half
+    of what was free at its start; past that it is stopped, a crash with its reason. (A fake statvfs: this disk
+    shrinks by what the run writes, from 300 MiB free.)"""
+    import worker.supervise as sv
+    from worker.outcome import RunFacts, judge
+
+    work = tmp_path / "w"
+    work.mkdir()
+    real = os.statvfs
+
+    def statvfs(path):  # type: ignore[no-untyped-def]
+        used = sum(f.stat().st_size for f in work.iterdir()) if work.is_dir() else 0
+        st = real(path)
+        return os.statvfs_result((st.f_bsize, 1 << 20, st.f_blocks, st.f_bfree, 300 - used // 2**20, *st[5:]))
+
+    monkeypatch.setattr(sv.os, "statvfs", statvfs)
+    code = "import time\nfor i in range(1000):\n    open(f'f{i}', 'wb').write(bytes(10 << 20))\n    time.sleep(0.05)\n"
+    guard = sv.DiskGuard([work, work], reserve_mb=2048)
+    assert list(guard.floors.values()) == [(work, 150.0)]  # half of what was free: less than the reserve
+    run = sv.supervise([sys.executable, "-c", code], env={"PATH": "/usr/bin:/bin"}, cwd=work,
+                       log_path=tmp_path / "out.log", wall_limit=60, memory_mb=0, log_cap=1 << 20, disk=guard)
+    written = sum(f.stat().st_size for f in work.iterdir()) // 2**20
+    assert run.killed == "disk" and 150 <= written <= 200, (run, written)
+    assert run.disk_full and "MiB free" in run.disk_full and "FARM_DISK_RESERVE_MB" in run.disk_full
+    outcome = judge(RunFacts(exit_code=None, killed="disk", disk_full=run.disk_full))
+    assert outcome.status.value == "crashed" and (outcome.reason or "").startswith("out of disk space: the disk")
+
+
 def test_a_log_that_cannot_be_written_does_not_stop_the_output_being_read(tmp_path):
     """Found by review: disk full. The log write raised, the output-reader thread died (its cleanup raised again,
     so the pipe's fd was never closed either), nobody read the pipe, the child blocked once it filled and a healthy
