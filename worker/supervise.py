@@ -265,6 +265,27 @@ def signal_tree(proc: subprocess.Popen[bytes], sig: int) -> None:
             pass
 
 
+def kill_pipe_holders(inode: int) -> list[int]:
+    """SIGKILL every other process that holds the pipe with this inode open: whatever the run started that left its
+    process tree (a double fork and setsid, where the sandbox has no PID namespace of its own) and still holds its
+    output. Returns their pids."""
+    me, want, killed = os.getpid(), f"pipe:[{inode}]", []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        try:
+            held = any(os.readlink(f"/proc/{entry.name}/fd/{fd}") == want for fd in os.listdir(f"/proc/{entry.name}/fd"))
+        except OSError:
+            continue
+        if held:
+            try:
+                os.kill(int(entry.name), signal.SIGKILL)
+                killed.append(int(entry.name))
+            except OSError:
+                pass
+    return killed
+
+
 def kill_tree(proc: subprocess.Popen[bytes]) -> None:
     """SIGKILL the child's process group and every descendant still found under it."""
     signal_tree(proc, signal.SIGKILL)
@@ -351,6 +372,7 @@ def supervise(argv: Sequence[str], *, env: dict[str, str], cwd: Path, log_path: 
                             stderr=subprocess.STDOUT, start_new_session=True, pass_fds=tuple(pass_fds),
                             close_fds=True)
     assert proc.stdout is not None
+    pipe_inode = os.fstat(proc.stdout.fileno()).st_ino
     reader = _Reader(os.dup(proc.stdout.fileno()), log_path, log_cap, run.progress, append=append_log)
     proc.stdout.close()
     reader.start()
@@ -426,7 +448,14 @@ def supervise(argv: Sequence[str], *, env: dict[str, str], cwd: Path, log_path: 
         run.wall_seconds = time.monotonic() - start
         if ticker is not None:
             ticker.close()
-        reader.join(timeout=10)
+        reader.join(timeout=2)
+        if reader.is_alive():
+            # the output is still open somewhere: a process that left the tree (it is not ours to wait 10 s for, with
+            # no heartbeat meanwhile: the reaper took the claim and the finished run's result was discarded)
+            escaped = kill_pipe_holders(pipe_inode)
+            if escaped:
+                log.warning("killed %d process(es) the run left outside its process tree: %s", len(escaped), escaped)
+            reader.join(timeout=5)
     run.tail = reader.lines()
     run.log_bytes = reader.written
     run.log_truncated = reader.truncated

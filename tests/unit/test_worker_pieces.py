@@ -276,6 +276,42 @@ def test_a_run_that_fills_its_disk_is_stopped_before_the_disk_is_full(tmp_path, 
     assert outcome.status.value == "crashed" and (outcome.reason or "").startswith("out of disk space: the disk")
 
 
+def test_a_process_that_left_the_tree_holding_the_output_is_killed_without_a_long_wait(tmp_path):
+    """Found by review: without bwrap's PID namespace (the unshare and none fallbacks), a process that double-forked
+    and called setsid escaped the tree kill and still held the output pipe, so the reader's join waited its full
+    10 s after every such run with no heartbeat, and the reaper took the claim of a finished run. Now whatever still
+    holds the run's output after it ends is killed, within a few seconds."""
+    import signal as sig
+
+    from worker.supervise import supervise
+
+    marker = f"escaped-{os.getpid()}-{time.monotonic_ns()}"
+    code = ("import os, sys, time\n"
+            "if os.fork() == 0:\n"
+            "    os.setsid()\n"
+            "    if os.fork() == 0:\n"
+            f"        os.execv(sys.executable, [sys.executable, '-c', 'import time; time.sleep(60)', '{marker}'])\n"
+            "    os._exit(0)\n"
+            "time.sleep(0.5)\nprint('done', flush=True)\n")
+    t0 = time.monotonic()
+    run = supervise([sys.executable, "-c", code], env={"PATH": "/usr/bin:/bin"}, cwd=tmp_path,
+                    log_path=tmp_path / "out.log", wall_limit=30, memory_mb=0, log_cap=1 << 20)
+    took = time.monotonic() - t0
+    left = [p for p in os.listdir("/proc") if p.isdigit() and _cmdline_has(p, marker)]
+    for p in left:
+        os.kill(int(p), sig.SIGKILL)
+    assert run.exit_code == 0 and run.tail == ["done"] and took < 6, (run, took)
+    assert left == [], "a process the run left behind is still alive"
+
+
+def _cmdline_has(pid: str, marker: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return marker.encode() in f.read()
+    except OSError:
+        return False
+
+
 def test_a_log_that_cannot_be_written_does_not_stop_the_output_being_read(tmp_path):
     """Found by review: disk full. The log write raised, the output-reader thread died (its cleanup raised again,
     so the pipe's fd was never closed either), nobody read the pipe, the child blocked once it filled and a healthy
