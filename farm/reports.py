@@ -195,12 +195,16 @@ def progress_figure(rows: list[Row], title: str) -> Figure:
 
 def progress_image(session: Session, program: Program, fmt: str = "png") -> bytes:
     """The progress plot as PNG or SVG bytes (SVG is deterministic: fixed hash salt, no date)."""
+    return render_progress(result_rows(session, program), program.name, fmt)
+
+
+def render_progress(rows: list[Row], name: str, fmt: str = "png") -> bytes:
+    """progress_image from rows already read (the API reads them, ends its transaction, then draws)."""
     import matplotlib
 
     if fmt not in ("png", "svg"):
         raise ValueError("fmt must be 'png' or 'svg'")
-    rows = result_rows(session, program)
-    fig = progress_figure(rows, f"{program.name}: {len(rows)} runs in results.tsv")
+    fig = progress_figure(rows, f"{name}: {len(rows)} runs in results.tsv")
     buf = io.BytesIO()
     with matplotlib.rc_context({"svg.hashsalt": "researchfarm", "svg.fonttype": "none"}):
         fig.savefig(buf, format=fmt, metadata={"Date": None} if fmt == "svg" else {"Software": None})

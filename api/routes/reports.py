@@ -59,7 +59,14 @@ def _progress(request: Request, session: Session, program_id: str, fmt: str,
     program = load_program(session, program_id)
     current = reports.chart_version(session, program.id)  # read before the rows: the render is never older
     cache: ChartCache = request.app.state.chart_cache
-    data = cache.get((program.id, fmt, current), lambda: reports.progress_image(session, program, fmt))
+    def draw() -> bytes:
+        rows, name = reports.result_rows(session, program), program.name
+        # the rows are read: end the transaction before drawing (a second on a large program), since on SQLite
+        # every transaction holds the write lock, and workers' heartbeats and results waited for the drawing
+        session.commit()
+        return reports.render_progress(rows, name, fmt)
+
+    data = cache.get((program.id, fmt, current), draw)
     return data, IMMUTABLE if v == current else NO_STORE
 
 
