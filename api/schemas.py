@@ -27,6 +27,22 @@ def _clean_text(value: str) -> str:
 # and an empty name was answered "Value should have at least 1 item after validation" (found by review)
 CLEAN = AfterValidator(_clean_text)
 
+
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be blank")
+    return value
+
+
+NOT_BLANK = AfterValidator(_not_blank)
+
+
+def _distinct(values: list[str]) -> list[str]:
+    twice = sorted({v for v in values if values.count(v) > 1})
+    if twice:
+        raise ValueError(f"names a file more than once: {', '.join(twice)}")
+    return values
+
 # Every datetime the API returns, in UTC with its offset. SQLite hands back naive values (stored as UTC)
 # and Postgres aware ones: without this the same field read "2026-11-27T17:08:40.642000" on one backend
 # and "...+00:00" on the other, and a browser or client takes the naive form for local time.
@@ -117,14 +133,16 @@ class ProgramCreate(BaseModel):
     name: Annotated[str, Field(min_length=1, max_length=200, pattern=r"[A-Za-z0-9]",
                                description="Shown everywhere; the slug and git branch derive from it"), CLEAN]
     instructions: Annotated[str, Field(min_length=1, max_length=200_000,
-                                       description="The research program (markdown) the proposer follows"), CLEAN]
+                                       description="The research program (markdown) the proposer follows"), CLEAN,
+                            NOT_BLANK]
     profile: Literal["cpu", "h100"] = Field(default="cpu", description="Hardware profile: sets the default "
                                             "time budget and hardware class")
     time_budget: float | None = Field(default=None, gt=0, le=86_400,
                                       description="Training seconds per run (default: the profile's)")
     hw_class: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9._-]*$"), CLEAN] | None = (
         Field(default=None, description="Queue the runs go to (default: the profile's), e.g. cpu, gpu.h100"))
-    editable_files: list[Annotated[str, Field(min_length=1, max_length=200), CLEAN]] = Field(
+    editable_files: Annotated[list[Annotated[str, Field(min_length=1, max_length=200), CLEAN]],
+                              AfterValidator(_distinct)] = Field(
         default_factory=lambda: ["train.py"], min_length=1, max_length=20,
         description="Template files the proposer may change; every other file is the fixed harness")
     template: Annotated[str, Field(min_length=1, max_length=200), CLEAN] = "default"
@@ -289,7 +307,7 @@ class CandidateCreate(BaseModel):
         "search_replace": "train.py\n<<<<<<< SEARCH\nTOTAL_BATCH_SIZE = 2**19\n=======\n"
                           "TOTAL_BATCH_SIZE = 2**18\n>>>>>>> REPLACE\n"}]})
 
-    description: Annotated[str, Field(min_length=1, max_length=2000), CLEAN]
+    description: Annotated[str, Field(min_length=1, max_length=2000), CLEAN, NOT_BLANK]
     rationale: Annotated[str, Field(max_length=8000), CLEAN] = ""
     unified_diff: Annotated[str, Field(min_length=1, max_length=500_000), CLEAN] | None = None
     search_replace: Annotated[str, Field(min_length=1, max_length=500_000), CLEAN] | None = None

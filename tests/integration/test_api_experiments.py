@@ -123,6 +123,8 @@ def test_candidate_valid_and_invalid(live_api):
     assert r.status_code == 422 and "exactly one" in r.json()["detail"]
     r = c.post(url, json={"search_replace": sr})
     assert r.status_code == 422 and "body.description" in r.json()["detail"]
+    r = c.post(url, json={"description": "   ", "search_replace": sr})  # was stored as "(no description)"
+    assert r.status_code == 422 and "body.description" in r.json()["detail"] and "blank" in r.json()["detail"]
     # invalid requests leave no rows behind; the valid one is there
     assert c.get(f"/programs/{prog['id']}/experiments").json()["total"] == 1
     assert c.post("/programs/missing/candidates", json={"description": "x", "files": {"train.py": "x=1\n"}}

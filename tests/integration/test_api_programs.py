@@ -152,6 +152,11 @@ def test_errors(live_api):
     assert r.status_code == 422 and "fixed harness: prepare.py" in r.json()["detail"], r.text
     r = c.post("/programs", json={**BODY, "name": "bad\x00name"})
     assert r.status_code == 422 and "body.name" in r.json()["detail"]
+    # found by review: a file named twice was taken, and a brief of blanks
+    r = c.post("/programs", json={**BODY, "editable_files": ["train.py", "train.py"]})
+    assert r.status_code == 422 and "more than once: train.py" in r.json()["detail"], r.text
+    r = c.post("/programs", json={**BODY, "instructions": " \n\t "})
+    assert r.status_code == 422 and "body.instructions" in r.json()["detail"] and "blank" in r.json()["detail"]
     r = c.post("/programs", content=b"{not json", headers={"Content-Type": "application/json"})
     assert r.status_code == 422 and r.json()["detail"].startswith("body")
     # "%C2%B3" is '³', which str.isdigit() accepts and int() refuses
