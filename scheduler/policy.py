@@ -17,7 +17,8 @@ Policies, judged against the candidate's own parent (the head it was proposed ag
   if the mean over its runs still beats the parent's mean by the margin (with confirm_runs 0, on the
   screening run alone).
 Sanity guards (both policies): a run below `min_val_bpb` or an improvement above `max_jump` is held
-for confirmation and never kept on one run, even with confirm_runs 0 (one confirmation run); a confirmed
+for confirmation and never kept on one run, even with confirm_runs 0 (one confirmation run, and one more when
+the two disagree); a confirmed
 mean below the floor is discarded.
 
 A replay (a change that improved on its parent, re-applied onto a head that had moved) carries its
@@ -99,12 +100,18 @@ def margin(cfg: PolicyConfig, sigma: float) -> float:
     return max(cfg.k_sigma * sigma, cfg.min_delta)
 
 
+def agreement(cfg: PolicyConfig) -> float:
+    """How far apart two runs may lie and still bear each other out: max_jump / 2, plus a hair for float rounding
+    (0.9 - 0.85 is 0.05000000000000004, and runs exactly max_jump / 2 apart were taken for disagreeing)."""
+    return cfg.max_jump / 2 + 1e-9
+
+
 def parent_consensus(cfg: PolicyConfig, parent_runs: Sequence[float]) -> list[float] | None:
     """The parent's runs a change is compared with: all of them when they lie within max_jump / 2 of each other;
     else the strict majority (two runs at least) that does, the rest being broken measurements; else None: no run
     can be told from a broken one, and the parent needs another run. Averaged as they were, baselines of 1.0 and 1.2
     made a change at 1.05, 5 % worse than the head, a keep (found by review)."""
-    tol = cfg.max_jump / 2
+    tol = agreement(cfg)
     if not parent_runs or max(parent_runs) - min(parent_runs) <= tol:
         return list(parent_runs)
     largest = max(([r for r in parent_runs if abs(r - c) <= tol] for c in parent_runs), key=len)
@@ -140,7 +147,7 @@ def judge(cfg: PolicyConfig, runs: Sequence[float], parent_runs: Sequence[float]
     # 0.999 against a parent of 1.0 was kept on a mean gain of 0.075, and greedy kept 0.2 then 1.01: found by
     # review). Runs that bear each other out are judged whole, a real jump included (0.85 then 0.86).
     def borne_out(i: int) -> bool:
-        return any(abs(runs[i] - r) <= cfg.max_jump / 2 for j, r in enumerate(runs) if j != i)
+        return any(abs(runs[i] - r) <= agreement(cfg) for j, r in enumerate(runs) if j != i)
     dropped = [r for i, r in enumerate(runs) if not plausible(r) and not borne_out(i)]
     # every run trips a guard and none bears another out: no evidence either way. One run is held below, as before;
     # several were judged whole, averaged, and 0.6 then 0.75 against 1.0 was kept (found by review): another seed
@@ -152,7 +159,7 @@ def judge(cfg: PolicyConfig, runs: Sequence[float], parent_runs: Sequence[float]
     # runs that bear each other out but disagree with the rest (0.99, then 0.2 and 0.2 against 1.0) are two stories,
     # not one measurement: averaged, two broken runs outvoted a clean one and were kept (found by review). A strict
     # majority that bears itself out decides, the rest set aside; without one, another seed
-    tol = cfg.max_jump / 2
+    tol = agreement(cfg)
     if flags and max(runs) - min(runs) > tol:
         def agreeing(c: float) -> list[float]:
             return [r for r in runs if abs(r - c) <= tol]

@@ -205,3 +205,13 @@ def test_the_parents_runs_are_used_when_they_agree_or_a_majority_does_else_none(
     assert parent_consensus(cfg, [1.0, 1.2, 1.001]) == [1.0, 1.001]
     assert parent_consensus(cfg, [1.0, 1.2, 1.4]) is None
     assert parent_consensus(cfg, [1.0, 1.2, 1.21, 1.4]) is None  # two of four is no majority
+
+
+def test_runs_exactly_half_the_plausible_jump_apart_bear_each_other_out():
+    """Found by review: 0.9 - 0.85 is 0.05000000000000004 in floats, so two runs exactly max_jump / 2 apart were
+    taken for disagreeing."""
+    from scheduler.policy import parent_consensus
+
+    cfg = PolicyConfig()
+    assert judge(cfg, [0.85, 0.9], [1.0], SIGMA).action == "keep"  # a big win its two runs bear out
+    assert parent_consensus(cfg, [0.9, 0.85]) == [0.9, 0.85]
