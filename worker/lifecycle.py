@@ -31,6 +31,7 @@ from worker.runner import (
     WorkerContext,
     child_env_base,
     corpus_folder,
+    replay_pending,
 )
 from worker.sandbox import probe
 from worker.workdir import template_dir
@@ -149,6 +150,7 @@ def start(settings: Settings | None = None, *, prepare: bool = True, reaper: boo
     with session_scope() as s:
         identity.register(s, ctx.identity, sandbox=ctx.sandbox.describe(), sandbox_ok=ctx.sandbox.ok,
                           slots=ctx.slots, heartbeat_interval=ctx.settings.heartbeat_interval)
+    replay_pending(ctx)  # results a shutdown during a database outage left on disk
     if reaper:
         _stop.clear()
         threading.Thread(target=_reaper_loop, args=(ctx, ctx.settings.heartbeat_interval), daemon=True,

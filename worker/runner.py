@@ -13,6 +13,7 @@ re-queues it, counting the retry.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import math
 import os
@@ -605,7 +606,60 @@ def _execute(ctx: WorkerContext, job: Job, workdir: Path) -> Execution:
     return Execution(outcome, child, timings, log_path, claim_lost=lost)
 
 
+def pending_path(ctx: WorkerContext, job_id: int, retry: int) -> Path:
+    """Where a finished run's result waits on disk while the database cannot take it (FARM_HOME/pending)."""
+    return ctx.settings.home / "pending" / f"{ctx.slug}-e{job_id}-r{retry}.json"
+
+
+def _keep_pending(path: Path, job_id: int, worker_id: str, status: ExperimentStatus, fields: dict[str, Any]) -> None:
+    """The result on disk, written once the first write to the database failed: a worker stopped during the outage
+    (SIGTERM, then the container's kill) records it when it starts again (replay_pending), where it was lost and the
+    run repeated (found by review)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"experiment_id": job_id, "worker_id": worker_id, "status": status.value,
+                                   "fields": fields}, default=str), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as exc:  # the disk is as unhappy as the database: the retries go on all the same
+        log.warning("experiment %s: could not keep the result on disk: %s", job_id, exc)
+
+
+def replay_pending(ctx: WorkerContext) -> list[tuple[int, bool]]:
+    """At start-up: record the results this worker kept on disk while the database was out (_record). Returns
+    (experiment id, recorded) for each file read; False: its claim is gone (reaped and re-queued meanwhile). A file
+    stays while the database still cannot be reached."""
+    out: list[tuple[int, bool]] = []
+    for path in sorted((ctx.settings.home / "pending").glob(f"{ctx.slug}-e*-r*.json")):
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            job_id, status, fields = int(data["experiment_id"]), ExperimentStatus(data["status"]), dict(data["fields"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.error("pending result %s cannot be read (%s): removed", path.name, exc)
+            path.unlink(missing_ok=True)
+            continue
+        try:
+            with session_scope() as s:
+                recorded = states.record_result(s, job_id, ctx.worker_id, status, **fields)
+        except OperationalError as exc:
+            log.warning("pending result of experiment %s: the database is still unreachable (%s)", job_id,
+                        _first_line(exc))
+            continue
+        path.unlink(missing_ok=True)
+        log.warning("experiment %s: the result kept on disk during a database outage %s", job_id,
+                    "is recorded" if recorded else "came too late (the run was re-queued)")
+        out.append((job_id, recorded))
+    return out
+
+
 def _record(ctx: WorkerContext, job: Job, ex: Execution) -> bool:
+    pending = pending_path(ctx, job.id, job.retry)
+    recorded = _record_retrying(ctx, job, ex, pending)  # raised (or the worker killed meanwhile): the file stays
+    pending.unlink(missing_ok=True)
+    return recorded
+
+
+def _record_retrying(ctx: WorkerContext, job: Job, ex: Execution, pending: Path) -> bool:
     o = ex.outcome
     tail = "\n".join((ex.child.tail if ex.child else [])[-TAIL_LINES:])
     fields: dict[str, Any] = dict(o.metrics)
@@ -625,6 +679,8 @@ def _record(ctx: WorkerContext, job: Job, ex: Execution) -> bool:
             with session_scope() as s:
                 return states.record_result(s, job.id, ctx.worker_id, status, **fields)
         except OperationalError as exc:
+            if attempt == 0:
+                _keep_pending(pending, job.id, ctx.worker_id, status, fields)
             if time.monotonic() >= deadline:
                 raise
             log.warning("recording experiment %s failed (%s); retrying", job.id, _first_line(exc))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from farm import migrate
 from farm.db import session_scope
 from farm.models import Worker
@@ -260,3 +262,52 @@ def test_start_says_which_template_settings_runs_do_not_see_and_records_its_hear
     assert len(said) == 1 and "FARM_EVAL_TOKENS, FARM_KERNELS set in" in said[0], said
     with session_scope() as s:
         assert s.get(Worker, "t:none").heartbeat_interval == 7.0
+
+
+def test_a_result_the_database_could_not_take_before_a_shutdown_is_recorded_at_the_next_start(
+        farm_env, monkeypatch):
+    """Found by review: a worker told to stop while it retried a result write through a database outage was killed
+    by its container 60 s later, and the finished run's result was lost (the run repeated). The result waits on
+    disk (FARM_HOME/pending) from the first failed write and is recorded when the worker starts again."""
+    from types import SimpleNamespace
+
+    from sqlalchemy.exc import OperationalError
+
+    from farm import states
+    from farm.models import Experiment, ExperimentStatus, Result
+    from tests.factories import make_experiment, make_program
+    from worker import runner
+    from worker.outcome import Outcome
+
+    monkeypatch.setenv("FARM_RECORD_PATIENCE", "0.3")
+    _start(monkeypatch, "none")
+    ctx = lifecycle.context()
+    with session_scope() as s:
+        exp_id = make_experiment(s, make_program(s)).id
+        assert states.claim(s, exp_id, ctx.worker_id)
+
+    def outage(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise OperationalError("INSERT INTO results", {}, Exception("could not connect to server"))
+
+    job = SimpleNamespace(id=exp_id, retry=0, hw_class="cpu")
+    ex = runner.Execution(Outcome(ExperimentStatus.succeeded, None, {"val_bpb": 1.23}),
+                          timings={"child_seconds": 3.5, "sandbox": "none"})
+    with monkeypatch.context() as m:
+        m.setattr(runner.states, "record_result", outage)
+        with pytest.raises(OperationalError):
+            runner._record(ctx, job, ex)  # type: ignore[arg-type]
+    pending = runner.pending_path(ctx, exp_id, 0)
+    assert pending.is_file()
+    lifecycle.start(prepare=False, reaper=False)  # the worker again, the database back
+    assert not pending.exists()
+    with session_scope() as s:
+        exp = s.get(Experiment, exp_id)
+        res = s.query(Result).filter_by(experiment_id=exp_id).one()
+        assert exp is not None and exp.status == ExperimentStatus.succeeded
+        assert res.val_bpb == 1.23 and res.timings["child_seconds"] == 3.5
+    # a result recorded at once leaves nothing behind
+    with session_scope() as s:
+        other = make_experiment(s, make_program(s, slug="other")).id
+        assert states.claim(s, other, ctx.worker_id)
+    assert runner._record(ctx, SimpleNamespace(id=other, retry=0, hw_class="cpu"), ex)  # type: ignore[arg-type]
+    assert not runner.pending_path(ctx, other, 0).exists()

@@ -356,8 +356,8 @@ def test_a_result_write_waits_out_a_long_database_outage(tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "session_scope", scope)
     monkeypatch.setattr(runner.states, "record_result", lambda s, exp_id, *a, **k: written.append(exp_id) or True)
     ctx = SimpleNamespace(settings=Settings(home=tmp_path, heartbeat_interval=5.0),
-                          identity=SimpleNamespace(gpu_name=None), worker_id="w1")
-    job = SimpleNamespace(id=7, hw_class="cpu")
+                          identity=SimpleNamespace(gpu_name=None), worker_id="w1", slug="w1")
+    job = SimpleNamespace(id=7, hw_class="cpu", retry=0)
     ex = runner.Execution(Outcome(ExperimentStatus.succeeded, None, {"val_bpb": 1.0}))
     assert runner._record(ctx, job, ex) and written == [7]  # type: ignore[arg-type]
     assert up_at <= clock[0] <= up_at + 2.5  # retried every 2.5 s (half the interval): it lands at once
@@ -396,8 +396,8 @@ def test_a_result_the_database_refuses_is_recorded_without_its_figures(tmp_path,
     monkeypatch.setattr(runner, "session_scope", scope)
     monkeypatch.setattr(runner.states, "record_result", record)
     ctx = SimpleNamespace(settings=Settings(home=tmp_path, heartbeat_interval=5.0),
-                          identity=SimpleNamespace(gpu_name=None), worker_id="w1")
-    job = SimpleNamespace(id=7, hw_class="cpu")
+                          identity=SimpleNamespace(gpu_name=None), worker_id="w1", slug="w1")
+    job = SimpleNamespace(id=7, hw_class="cpu", retry=0)
     ex = runner.Execution(Outcome(ExperimentStatus.succeeded, None, {"val_bpb": 1.0}),
                           timings={"child_seconds": 3.0, "training_seconds": float("nan"), "sandbox": "bwrap"})
     refuse_all = False
