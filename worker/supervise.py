@@ -291,12 +291,21 @@ def kill_tree(proc: subprocess.Popen[bytes]) -> None:
     signal_tree(proc, signal.SIGKILL)
 
 
+# RLIMIT_NPROC for a worker that is not root (the image's user): processes and threads of that user, all its runs
+# together. A fork bomb in a candidate otherwise took every pid of the host before the watchdogs could act (the
+# kernel ignores the limit for root). Torch's threads and Inductor's compile workers stay far below it.
+NPROC_LIMIT = 16384
+
+
 def rlimit_prefix(memory_mb: float, *, address_space: bool, file_size_mb: float) -> list[str]:
     """prlimit(1) in front of the command: a file-size cap always, an address-space cap on CPU
-    (CUDA maps huge virtual ranges, so GPU runs rely on the resident-memory watchdog alone)."""
+    (CUDA maps huge virtual ranges, so GPU runs rely on the resident-memory watchdog alone), a process cap when the
+    worker is not root."""
     if not shutil.which("prlimit"):
         return []
     cmd = ["prlimit", f"--fsize={int(file_size_mb * 2**20)}"]
+    if os.geteuid() != 0:
+        cmd.append(f"--nproc={NPROC_LIMIT}")
     if address_space and memory_mb > 0:
         # headroom: torch reserves far more address space than it touches; the RSS watchdog is
         # the real limit, this one only stops an allocation burst between two samples

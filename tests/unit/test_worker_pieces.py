@@ -618,3 +618,23 @@ def test_the_climbmix_settings_reach_prepare_and_runs_and_a_mirrors_url_reaches_
     env = runner.child_env_base(ctx, profile="cpu", workdir=tmp_path / "w")  # type: ignore[arg-type]
     assert env["FARM_CLIMBMIX_SHARDS"] == "3" and "FARM_CLIMBMIX_URL" not in env
 
+
+
+def test_a_worker_that_is_not_root_caps_the_processes_of_its_runs(tmp_path, monkeypatch):
+    """Found by review: nothing limited how many processes a run starts, so a fork bomb could take every pid of the
+    host before the watchdogs acted. prlimit sets RLIMIT_NPROC where the kernel applies it (not for root)."""
+    import shutil
+    import subprocess
+
+    import worker.supervise as sv
+
+    if not shutil.which("prlimit"):
+        pytest.skip("no prlimit on this machine")
+    monkeypatch.setattr(sv.os, "geteuid", lambda: 1000)
+    argv = sv.rlimit_prefix(0, address_space=False, file_size_mb=64)
+    assert f"--nproc={sv.NPROC_LIMIT}" in argv
+    probe = "import resource; print(resource.getrlimit(resource.RLIMIT_NPROC)[0])"
+    out = subprocess.run([*argv, sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == str(sv.NPROC_LIMIT)
+    monkeypatch.setattr(sv.os, "geteuid", lambda: 0)
+    assert not any(a.startswith("--nproc") for a in sv.rlimit_prefix(0, address_space=False, file_size_mb=64))
