@@ -17,10 +17,12 @@ A candidate is code an LLM wrote; it must not reach the farm's state. Methods, b
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,11 +81,25 @@ def _covered(p: Path, roots: Sequence[Path]) -> bool:
     return any(p == r or r in p.parents for r in roots)
 
 
+# The run's /tmp is memory the resident-memory watchdog does not see: capped where bwrap can (--size, bubblewrap 0.7+)
+TMP_SIZE_MB = 2048
+
+
+@functools.lru_cache(maxsize=1)
+def bwrap_takes_size() -> bool:
+    try:
+        out = subprocess.run(["bwrap", "--help"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return "--size" in out.stdout + out.stderr
+
+
 def bwrap_argv(argv: Sequence[str], m: Mounts, dev: Path = Path("/dev")) -> list[str]:
     cmd = ["bwrap", "--die-with-parent", "--new-session",
            "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
            "--cap-drop", "ALL",
-           "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
+           "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
+           *(["--size", str(TMP_SIZE_MB << 20)] if bwrap_takes_size() else []), "--tmpfs", "/tmp"]
     for node in gpu_device_nodes(dev):
         cmd += ["--dev-bind", str(node), f"/dev/{node.name}"]
     # parents before children, so a later mount is never hidden by an earlier tmpfs
@@ -110,6 +126,10 @@ def bwrap_argv(argv: Sequence[str], m: Mounts, dev: Path = Path("/dev")) -> list
     for p in m.masked:
         if p.is_file():
             cmd += ["--ro-bind", "/dev/null", str(p)]
+    # the empty tmpfs over a hidden folder was writable, without a size: memory a run could fill unseen (found by
+    # review). Read-only once everything is bound inside it (not recursive: a workdir bound below stays writable)
+    for p in sorted({Path(p) for p in m.hidden if Path(p).is_dir()}, key=lambda p: len(p.parts)):
+        cmd += ["--remount-ro", str(p)]
     cmd += ["--chdir", str(m.workdir), "--", *argv]
     return cmd
 
@@ -129,8 +149,12 @@ def probe(requested: str = "auto", scratch: Path | None = None) -> Sandbox:
     tried: list[str] = []
     if requested in ("auto", "bwrap"):
         if shutil.which("bwrap"):
-            base = Path(scratch or "/tmp")
-            ok, why = _try(bwrap_argv(["true"], Mounts(workdir=base)))
+            # as runs use it: a workdir bound inside a hidden folder (the farm home), made read-only after
+            with tempfile.TemporaryDirectory(prefix="farm-probe-", dir=scratch) as tmp:
+                work = Path(tmp) / "home" / "work"
+                work.mkdir(parents=True)
+                ok, why = _try(bwrap_argv(["sh", "-c", "touch x && ! touch ../y 2>/dev/null"],
+                                          Mounts(workdir=work, hidden=(work.parent,))))
             if ok:
                 who = "root without capabilities" if os.geteuid() == 0 else f"uid {os.geteuid()}"
                 return Sandbox("bwrap", True, f"bubblewrap: no network, own PID namespace, farm home "

@@ -638,3 +638,28 @@ def test_a_worker_that_is_not_root_caps_the_processes_of_its_runs(tmp_path, monk
     assert out.strip() == str(sv.NPROC_LIMIT)
     monkeypatch.setattr(sv.os, "geteuid", lambda: 0)
     assert not any(a.startswith("--nproc") for a in sv.rlimit_prefix(0, address_space=False, file_size_mb=64))
+
+
+def test_the_sandboxs_own_folders_are_not_unbounded_memory(tmp_path, monkeypatch):
+    """Found by review: the empty tmpfs over each hidden folder (the farm home) was writable and unsized, and so was
+    /tmp: memory a run could fill without the resident-memory watchdog seeing it. Hidden folders are now read-only
+    (a workdir bound inside one stays writable) and /tmp has a size where bwrap can set one."""
+    import shutil
+    import subprocess
+
+    import worker.sandbox as sb
+
+    if not shutil.which("bwrap") or not sb.probe("bwrap").ok:
+        pytest.skip("bubblewrap cannot run here")
+    monkeypatch.setattr(sb, "TMP_SIZE_MB", 1)
+    home = tmp_path / "home"
+    work = home / "work" / "w"
+    work.mkdir(parents=True)
+    script = ("echo ok > here && cat here; "
+              "touch ../elsewhere 2>/dev/null && echo HIDDEN-WRITABLE; "
+              "dd if=/dev/zero of=/tmp/big bs=1M count=4 2>/dev/null; ls -s /tmp/big")
+    argv = sb.bwrap_argv(["sh", "-c", script], sb.Mounts(workdir=work, hidden=(home,)))
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=60).stdout
+    assert out.splitlines()[0] == "ok" and "HIDDEN-WRITABLE" not in out, out
+    if sb.bwrap_takes_size():
+        assert int(out.split()[-2]) <= 1024, out  # KiB: at most the 1 MiB /tmp
