@@ -213,13 +213,13 @@ def test_a_result_postgres_cannot_store_as_it_is_is_still_recorded(pg_env):
         crashed, nan = make_experiment(s, prog).id, make_experiment(s, prog).id
     with session_scope(engine) as s:
         assert states.claim(s, crashed, "w1") and states.claim(s, nan, "w1")
-    ctx = SimpleNamespace(settings=get_settings(), identity=SimpleNamespace(gpu_name=None), worker_id="w1")
+    ctx = SimpleNamespace(settings=get_settings(), identity=SimpleNamespace(gpu_name=None), worker_id="w1", slug="w1")
     ex = runner.Execution(Outcome(S.crashed, "ValueError: bad \x00 byte"),
                           ChildRun(exit_code=1, tail=["step 1 loss 2.0 \x00", "ValueError: bad \x00 byte"]))
-    assert runner._record(ctx, SimpleNamespace(id=crashed, hw_class="cpu"), ex)  # type: ignore[arg-type]
+    assert runner._record(ctx, SimpleNamespace(id=crashed, hw_class="cpu", retry=0), ex)  # type: ignore[arg-type]
     ex = runner.Execution(Outcome(S.succeeded, None, {"val_bpb": 1.2}),
                           timings={"child_seconds": 3.0, "training_seconds": float("nan")})
-    assert runner._record(ctx, SimpleNamespace(id=nan, hw_class="cpu"), ex)  # type: ignore[arg-type]
+    assert runner._record(ctx, SimpleNamespace(id=nan, hw_class="cpu", retry=0), ex)  # type: ignore[arg-type]
     with session_scope(engine) as s:
         first = s.scalars(select(Result).where(Result.experiment_id == crashed)).one()
         assert first.outcome == S.crashed and first.reason == "ValueError: bad  byte"

@@ -98,13 +98,13 @@ def test_the_progress_chart_renders_once_per_version_and_a_versioned_url_is_immu
         pid = make_program(s, "chart").id
     _finished_runs(pid, 3, keep_every=2)
     renders: list[str] = []
-    real = reports.progress_image
+    real = reports.render_progress
 
-    def counting(session, program, fmt="png"):  # type: ignore[no-untyped-def]
+    def counting(rows, name, fmt="png"):  # type: ignore[no-untyped-def]
         renders.append(fmt)
-        return real(session, program, fmt)
+        return real(rows, name, fmt)
 
-    monkeypatch.setattr(reports, "progress_image", counting)
+    monkeypatch.setattr(reports, "render_progress", counting)
 
     def page_version() -> str:  # the version the dashboard page puts in the image's URL
         m = re.search(r'progress\.svg\?v=([^"&]+)"', api.get(f"/ui/programs/{pid}").text)
